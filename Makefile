@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make demo` (the main job on the built-in offline stand-in) and `make test`.
+# Both create .venv on first use and install the project into it; later runs reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.askexpert-installed
+
+.PHONY: install demo test test-slow lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -qq -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m askexpert fit --config configs/generalist_demo.yaml --trainer.default_root_dir runs/demo/generalist
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf runs

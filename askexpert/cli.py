@@ -1,0 +1,193 @@
+"""`python -m askexpert`: one entry point for every command.
+
+`fit`, `validate`, `test` and `predict` are LightningCLI subcommands (built from the Trainer's methods).
+Commands that are not a Trainer method (later: `pipeline`, `evaluate`, `ablate`, `profile`, `route`) register
+in `EXTRA_COMMANDS` with their own jsonargparse parser; this module's dispatcher hands each its arguments.
+`main()` turns a `UserError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from askexpert.callbacks import PredictionCSVWriter, atomic_write_text
+from askexpert.checkpoints import LIGHTNING_CKPT_ALIASES, check_checkpoint_file
+from askexpert.errors import UserError
+from askexpert.modules import ClassifierModule
+from askexpert.run_folder import (
+    CSV_LOGGER,
+    WANDB_LOGGERS,
+    checkpoint_dir,
+    last_checkpoint,
+    save_wandb_run_id,
+    wandb_run_id,
+    wandb_should_be_offline,
+)
+from datamodules.datamodule import ImageDataModule
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (generalist, base model or expert) from a config",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split",
+    "predict": "write a checkpoint's predictions on the test split to CSV",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[list[str]], object]
+
+
+# Commands that are not Trainer methods; later modules add theirs here.
+EXTRA_COMMANDS: dict[str, Command] = {}
+
+DEFAULT_ROOT_DIR = "runs/default"
+
+
+class AskExpertCLI(LightningCLI):
+    """LightningCLI with askexpert's defaults: fixed run folders, linked data/model sizes, clear errors."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self._new_wandb_id: tuple[str, str] | None = None
+        super().__init__(
+            model_class=ClassifierModule,
+            subclass_mode_model=True,
+            datamodule_class=ImageDataModule,
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+            trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR, "log_every_n_steps": 10},
+            seed_everything_default=0,
+            parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} interpolation across all --config files
+            auto_configure_optimizers=False,  # modules configure their own AdamW + schedule
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": "askexpert.modules.GeneralistModule"}})
+        # Always-present callback slots: `trainer.callbacks` lists are replaced, not merged, across configs.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
+        parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
+        for key in ("num_classes", "class_to_superclass", "superclass_names"):
+            parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
+
+    # -- before anything is built ------------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint file before LightningCLI unpickles it (a broken file gets one clear line)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            ckpt_path = config.get("ckpt_path")
+            if ckpt_path == "last":
+                found = last_checkpoint(config.trainer.default_root_dir)
+                if found:
+                    check_checkpoint_file(found)
+                elif subcommand != "fit":
+                    raise UserError(f"--ckpt_path last: no last.ckpt in {checkpoint_dir(config.trainer.default_root_dir)}")
+            elif ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES:
+                check_checkpoint_file(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._configure_loggers(config.trainer)
+
+    def _configure_loggers(self, trainer: Namespace) -> None:
+        """Default to a CSV logger writing into the run folder; point W&B loggers at the run's fixed id."""
+        root = trainer.default_root_dir
+        if trainer.logger is None or trainer.logger is True:
+            trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=root, name="", version=""))
+            return
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in loggers:
+            if not isinstance(logger, Namespace) or logger.get("class_path") not in WANDB_LOGGERS:
+                continue
+            init = logger.init_args
+            init.save_dir = init.get("save_dir") or root
+            if not init.get("id") and not init.get("version"):
+                run_id, new = wandb_run_id(root)
+                init.id = run_id
+                if new:
+                    self._new_wandb_id = (root, run_id)
+            if wandb_should_be_offline():
+                init.offline = True
+                init.log_model = False  # W&B cannot upload checkpoints offline
+
+    # -- running -----------------------------------------------------------------------------------
+    def _run_subcommand(self, subcommand: str) -> None:
+        # Load and check all data before the run writes anything into its folder.
+        self.datamodule.prepare_data()
+        self.datamodule.setup()
+        if self._new_wandb_id:
+            save_wandb_run_id(*self._new_wandb_id)
+        super()._run_subcommand(subcommand)
+
+    def after_validate(self) -> None:
+        self._report("val")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, stage: str) -> None:
+        """Print the headline metric (labelled stand-in where it is) and save all metrics as JSON."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        data = self.datamodule.describe()
+        result = {"stage": stage, "metrics": metrics, "data": data, "ckpt_path": self.trainer.ckpt_path}
+        root = self.trainer.default_root_dir
+        atomic_write_text(os.path.join(root, f"{stage}_results.json"), json.dumps(result, indent=2) + "\n")
+        label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
+        acc = metrics.get(f"{stage}/acc")
+        if acc is not None:
+            name = type(self.model).__name__
+            print(f"\n{name} {stage} accuracy: {100 * acc:.2f} % on {data[f'{stage}_size']} images ({label})")
+
+
+def print_overview() -> None:
+    print("usage: python -m askexpert COMMAND [--config FILE ...] [options]\n")
+    print("commands:")
+    for name, text in {**LIGHTNING_COMMANDS, **{k: c.help for k, c in EXTRA_COMMANDS.items()}}.items():
+        print(f"  {name:<10} {text}")
+    print("\n`python -m askexpert COMMAND --help` lists a command's options; `--print_config` shows the resolved config.")
+
+
+def cli_main(args: list[str] | None = None):
+    """Dispatch to a command; returns the LightningCLI (or the command's result) for tests."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print_overview()
+        return None
+    command = argv[0]
+    if command in EXTRA_COMMANDS:
+        return EXTRA_COMMANDS[command].run(argv[1:])
+    if command not in LIGHTNING_COMMANDS:
+        known = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
+        raise UserError(f"unknown command {command!r}; commands: {known}")
+    return AskExpertCLI(args=None if args is None else argv)
+
+
+def main() -> None:
+    try:
+        cli_main()
+    except UserError as err:
+        print(f"askexpert: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,206 @@
+"""The LightningModule shared by every image classifier in askexpert (generalist, base model, experts).
+
+It takes plain typed arguments only, so `save_hyperparameters()` records everything needed to rebuild it
+and `load_from_checkpoint(path)` works without a config. The network itself comes from timm's registry
+(our 32-px ViTs live in `askexpert.models`). The module owns its input normalisation: it accepts uint8
+images (or floats in [0, 1]) exactly as the DataModule or a user's own pipeline produces them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
+from torchmetrics.classification import MulticlassAccuracy
+
+import askexpert.models  # noqa: F401  (registers the 32-px ViTs with timm)
+from askexpert.errors import UserError
+from askexpert.modules.metrics import ClassificationMetrics
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+SCHEDULES = ("cosine", "constant")
+
+
+def create_network(
+    model_name: str, num_classes: int, pretrained: bool, pretrained_path: str | None, drop_path_rate: float
+) -> torch.nn.Module:
+    """A timm model by registry name, with one clear error for unknown names or unreachable weights."""
+    if not timm.is_model(model_name):
+        known = ", ".join(askexpert.models.model_names())
+        raise UserError(f"unknown model {model_name!r}; askexpert models: {known} (or any timm model name)")
+    kwargs: dict = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
+    if pretrained and pretrained_path:
+        if not os.path.isfile(pretrained_path):
+            raise UserError(f"pretrained weights file not found: {pretrained_path}")
+        kwargs["pretrained_cfg_overlay"] = {"file": pretrained_path, "num_classes": num_classes}
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:
+        if not pretrained:
+            raise
+        hint = "" if pretrained_path else "; give a local state-dict file with --model.pretrained_path FILE"
+        raise UserError(f"cannot load pretrained weights for {model_name!r}: {err}{hint}") from None
+
+
+class ClassifierModule(pl.LightningModule):
+    """Image classifier with AdamW + warmup/cosine, label smoothing, optional Mixup/CutMix, and metrics.
+
+    Args:
+        model_name: timm registry name (`vit_edge_patch4_32`, `vit_medium_patch4_32`, ... see
+            `askexpert.models`).
+        num_classes: number of output classes (linked from the DataModule by the CLI).
+        class_to_superclass: superclass index of every class, for superclass metrics (linked from the data).
+        superclass_names: names for the per-superclass metrics (linked from the data).
+        pretrained: start from pretrained weights (needs `pretrained_path`: our models have none online).
+        pretrained_path: local state-dict file for `pretrained`.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to norms, biases and position embeddings).
+        warmup_epochs: linear warm-up length, in (possibly fractional) epochs.
+        schedule: `cosine` (decay to `min_lr_ratio * lr` by the last step) or `constant` after warm-up.
+        min_lr_ratio: final learning rate as a fraction of `lr` for the cosine schedule.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        drop_path_rate: stochastic depth of the ViT blocks.
+        mixup_alpha: Mixup strength (0 disables).
+        cutmix_alpha: CutMix strength (0 disables).
+        mean: per-channel input mean, for images scaled to [0, 1].
+        std: per-channel input standard deviation.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_edge_patch4_32",
+        num_classes: int = 100,
+        class_to_superclass: list[int] | None = None,
+        superclass_names: list[str] | None = None,
+        pretrained: bool = False,
+        pretrained_path: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        schedule: str = "cosine",
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        drop_path_rate: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mean: tuple[float, float, float] = CIFAR100_MEAN,
+        std: tuple[float, float, float] = CIFAR100_STD,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {schedule!r}; schedules: {', '.join(SCHEDULES)}")
+        if num_classes < 2:
+            raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+        if lr <= 0 or warmup_epochs < 0 or not 0 <= label_smoothing < 1:
+            raise UserError("lr must be positive, warmup_epochs non-negative and label_smoothing in [0, 1)")
+        self.save_hyperparameters()
+        self.net = create_network(model_name, num_classes, pretrained, pretrained_path, drop_path_rate)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            self.soft_loss = SoftTargetCrossEntropy()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
+        self.test_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
+
+    # -- inference -----------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> normalised float input of the network."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) for uint8 or [0, 1] float images (N, 3, H, W)."""
+        return self.net(self.preprocess(images))
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of one training batch; `targets` are class ids, or soft targets after Mixup/CutMix."""
+        if targets.ndim == 2:
+            return self.soft_loss(logits, targets)
+        return F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        inputs, targets = self.preprocess(images), labels
+        if self.mixup is not None and len(labels) % 2 == 0:  # timm's Mixup pairs samples: needs even batches
+            inputs, targets = self.mixup(inputs, labels)
+        logits = self.net(inputs)
+        loss = self.training_loss(logits, targets)
+        self.train_acc(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels))
+        metrics.update(logits, labels)
+
+    def _log_metrics(self, metrics: ClassificationMetrics, prefix: str) -> None:
+        results = metrics.compute()
+        main = {"acc", "superclass_acc"}
+        for name, value in results.items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name in main)
+        metrics.reset()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(images).softmax(-1)
+        confidence, prediction = probs.max(-1)
+        out = {"prediction": prediction, "confidence": confidence, "probs": probs}
+        if isinstance(batch, (tuple, list)) and len(batch) > 1:
+            out["label"] = batch[1]
+        return out
+
+    # -- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        fused = self.device.type == "cuda"  # fused AdamW kernels exist for CUDA tensors only
+        optimizer = create_optimizer_v2(self.net, opt="adamw", lr=h.lr, weight_decay=h.weight_decay, fused=fused)
+        total_steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise UserError("the learning-rate schedule needs a finite run: set --trainer.max_epochs or max_steps")
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = min(int(h.warmup_epochs * total_steps / epochs), max(0, int(total_steps) - 1))
+        if h.schedule == "cosine":
+            after = CosineAnnealingLR(optimizer, T_max=max(1, int(total_steps) - warmup), eta_min=h.lr * h.min_lr_ratio)
+        else:
+            after = LambdaLR(optimizer, lambda step: 1.0)
+        scheduler = after
+        if warmup > 0:
+            start = LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
+            scheduler = SequentialLR(optimizer, [start, after], milestones=[warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lets `askexpert.checkpoints.load_classifier` rebuild the right class from the file alone.
+        checkpoint["askexpert_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
