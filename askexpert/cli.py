@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -51,6 +51,10 @@ class Command:
 EXTRA_COMMANDS: dict[str, Command] = {}
 
 DEFAULT_ROOT_DIR = "runs/default"
+
+# LightningCLI nests every config under its subcommand (`fit.trainer...`); with this setting a config file
+# can still write `${trainer.default_root_dir}` and mean the key of its own subcommand.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
 class AskExpertCLI(LightningCLI):
@@ -123,7 +127,8 @@ class AskExpertCLI(LightningCLI):
             if not isinstance(logger, Namespace) or logger.get("class_path") not in WANDB_LOGGERS:
                 continue
             init = logger.init_args
-            init.save_dir = init.get("save_dir") or root
+            if init.get("save_dir") in (None, "", "."):  # WandbLogger's own default is "."
+                init.save_dir = root
             if not init.get("id") and not init.get("version"):
                 run_id, new = wandb_run_id(root)
                 init.id = run_id

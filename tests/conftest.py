@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny CPU configuration (micro ViT, a few stand-in images per class, one epoch)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+# W&B must never reach the network from a test.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TINY_ARGS = [
+    "--seed_everything", "0",
+    "--model.model_name", "vit_micro_patch8_32",
+    "--model.warmup_epochs", "0",
+    "--data.synthetic_train_per_class", "4",
+    "--data.synthetic_test_per_class", "2",
+    "--data.batch_size", "64",
+    "--data.eval_batch_size", "256",
+    "--trainer.accelerator", "cpu",
+    "--trainer.devices", "1",
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.log_every_n_steps", "1",
+]
+
+
+@pytest.fixture
+def tiny_args():
+    """Arguments that make any `fit`/`test` run take about a second on CPU."""
+    return list(TINY_ARGS)
+
+
+def run_subprocess_env() -> dict:
+    """Environment for running `python -m askexpert` as a user would, plus the test helpers on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HELPERS), env.get("PYTHONPATH", "")])
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+@pytest.fixture
+def cli_env():
+    return run_subprocess_env()
+
+
+@pytest.fixture
+def python():
+    return sys.executable
