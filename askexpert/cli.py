@@ -84,7 +84,7 @@ class AskExpertCLI(LightningCLI):
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # last.ckpt has its own callback, see `_instantiate_trainer`
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.enable_version_counter": False,
@@ -115,16 +115,23 @@ class AskExpertCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._configure_loggers(config.trainer)
+        if config.data.val_fraction == 0:  # nothing to validate on: keep the newest weights as "best"
+            config.checkpoint.monitor = None
+            config.trainer.limit_val_batches = 0
 
     def _configure_loggers(self, trainer: Namespace) -> None:
         """Default to a CSV logger writing into the run folder; point W&B loggers at the run's fixed id."""
         root = trainer.default_root_dir
         if trainer.logger is None or trainer.logger is True:
-            trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=root, name="", version=""))
+            trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=root))
             return
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
-            if not isinstance(logger, Namespace) or logger.get("class_path") not in WANDB_LOGGERS:
+            if not isinstance(logger, Namespace):
+                continue
+            if logger.get("class_path") == CSV_LOGGER and logger.init_args.get("save_dir") in (None, "", "."):
+                logger.init_args.save_dir = root
+            if logger.get("class_path") not in WANDB_LOGGERS:
                 continue
             init = logger.init_args
             if init.get("save_dir") in (None, "", "."):  # WandbLogger's own default is "."
@@ -137,6 +144,19 @@ class AskExpertCLI(LightningCLI):
             if wandb_should_be_offline():
                 init.offline = True
                 init.log_model = False  # W&B cannot upload checkpoints offline
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+        # Lightning 2.6 writes `save_last` only when the monitored checkpoint was also saved, so a run whose
+        # val/acc did not improve would resume from an older epoch. A second, unmonitored callback keeps
+        # `checkpoints/last.ckpt` current after every epoch; `--ckpt_path last` finds it by name.
+        last = ModelCheckpoint(
+            dirpath=checkpoint_dir(config.get("default_root_dir") or DEFAULT_ROOT_DIR),
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+        )
+        return super()._instantiate_trainer(config, [*callbacks, last])
 
     # -- running -----------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:

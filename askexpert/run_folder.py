@@ -8,12 +8,14 @@ W&B run instead of starting a new version.
 from __future__ import annotations
 
 import os
+import secrets
+import string
 
 from askexpert.callbacks import atomic_write_text
 
 WANDB_ID_FILE = "wandb_id.txt"
 CHECKPOINT_SUBDIR = "checkpoints"
-CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+CSV_LOGGER = "askexpert.loggers.RunCSVLogger"
 WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
 
 
@@ -34,9 +36,9 @@ def wandb_run_id(root: str) -> tuple[str, bool]:
             run_id = handle.read().strip()
         if run_id:
             return run_id, False
-    from wandb.util import generate_id
-
-    return generate_id(), True
+    # Same shape as W&B's own ids (8 lowercase letters and digits); no wandb import needed to make one.
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8)), True
 
 
 def save_wandb_run_id(root: str, run_id: str) -> None:

@@ -57,7 +57,9 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tupl
     held_out = []
     for cls in labels.unique():
         members = order[labels[order] == cls]
-        held_out.append(members[: int(round(fraction * len(members)))])
+        # at least one per class when anything is held out, so small classes are still validated
+        count = max(1, round(fraction * len(members))) if fraction > 0 and len(members) > 1 else 0
+        held_out.append(members[:count])
     held = torch.cat(held_out) if held_out else torch.empty(0, dtype=torch.long)
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[held] = False

@@ -19,7 +19,7 @@ TINY_ARGS = [
     "--seed_everything", "0",
     "--model.model_name", "vit_micro_patch8_32",
     "--model.warmup_epochs", "0",
-    "--data.synthetic_train_per_class", "4",
+    "--data.synthetic_train_per_class", "10",
     "--data.synthetic_test_per_class", "2",
     "--data.batch_size", "64",
     "--data.eval_batch_size", "256",
