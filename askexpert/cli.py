@@ -57,6 +57,28 @@ DEFAULT_ROOT_DIR = "runs/default"
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
+def _find_user_error(ex: BaseException | None) -> UserError | None:
+    """The UserError behind a jsonargparse error, if a class raised one while being built."""
+    seen = set()
+    while ex is not None and id(ex) not in seen:
+        if isinstance(ex, UserError):
+            return ex
+        seen.add(id(ex))
+        ex = ex.__cause__ or ex.__context__
+    return None
+
+
+class AskExpertArgumentParser(LightningArgumentParser):
+    """Reports a bad argument as one short error (not the full usage), and lets UserErrors through."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        user_error = _find_user_error(ex)
+        if user_error is not None:
+            raise user_error
+        first_line = " ".join(line.strip() for line in message.strip().splitlines()[:2])
+        raise UserError(f"{first_line} (see `python -m askexpert {self.prog.split()[-1]} --help`)") from None
+
+
 class AskExpertCLI(LightningCLI):
     """LightningCLI with askexpert's defaults: fixed run folders, linked data/model sizes, clear errors."""
 
@@ -70,6 +92,7 @@ class AskExpertCLI(LightningCLI):
             trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR, "log_every_n_steps": 10},
             seed_everything_default=0,
             parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} interpolation across all --config files
+            parser_class=AskExpertArgumentParser,
             auto_configure_optimizers=False,  # modules configure their own AdamW + schedule
             args=args,
             run=run,
@@ -213,6 +236,10 @@ def cli_main(args: list[str] | None = None):
 def main() -> None:
     try:
         cli_main()
-    except UserError as err:
-        print(f"askexpert: error: {err}", file=sys.stderr)
+    except Exception as err:
+        # jsonargparse wraps what a class raised while being built; the user's problem is the UserError inside.
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"askexpert: error: {user_error}", file=sys.stderr)
         sys.exit(2)

@@ -47,8 +47,9 @@ def create_network(
     except (RuntimeError, OSError, ValueError) as err:
         if not pretrained:
             raise
+        reason = str(err).split(". ")[0].rstrip(".")
         hint = "" if pretrained_path else "; give a local state-dict file with --model.pretrained_path FILE"
-        raise UserError(f"cannot load pretrained weights for {model_name!r}: {err}{hint}") from None
+        raise UserError(f"cannot load pretrained weights for {model_name!r} ({reason}){hint}") from None
 
 
 class ClassifierModule(pl.LightningModule):

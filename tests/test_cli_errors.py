@@ -1,0 +1,128 @@
+"""Every bad input of the foundation: one clear line on stderr, exit status 2, nothing written to disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cifar100_reader import write_cifar
+from test_cli import run_main
+from test_imagefolder import make_folder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def assert_clean_failure(code: int, err: str, run_dir: Path, *fragments: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("askexpert: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not run_dir.exists(), f"the failed run wrote {sorted(p.name for p in run_dir.rglob('*'))}"
+
+
+@pytest.fixture
+def fail(tmp_path, capsys, tiny_args):
+    """Run `fit` with extra arguments into a fresh run folder and check it fails cleanly."""
+
+    def check(extra: list[str], *fragments: str, command: str = "fit") -> None:
+        run_dir = tmp_path / "run"
+        code, _, err = run_main([command, *tiny_args, "--trainer.default_root_dir", str(run_dir), *extra], capsys)
+        assert_clean_failure(code, err, run_dir, *fragments)
+
+    return check
+
+
+def test_missing_root(fail, tmp_path):
+    fail(["--data.source", "cifar100", "--data.root", str(tmp_path / "nowhere")], "nowhere", "does not exist")
+    fail(["--data.source", "imagefolder", "--data.root", str(tmp_path / "nowhere")], "nowhere")
+
+
+def test_source_that_needs_a_root_without_one(fail):
+    fail(["--data.source", "imagefolder"], "needs --data.root")
+
+
+def test_cifar100_checksum_failure(fail, tmp_path):
+    write_cifar(tmp_path / "cifar")
+    fail(["--data.source", "cifar100", "--data.root", str(tmp_path / "cifar")], "checksum mismatch", "verify_checksums")
+
+
+def test_imagefolder_class_missing_from_test(fail, tmp_path):
+    root = make_folder(tmp_path / "images")
+    for image in (root / "test" / "zebra").iterdir():
+        image.unlink()
+    (root / "test" / "zebra").rmdir()
+    fail(["--data.source", "imagefolder", "--data.root", str(root)], "zebra", "not in test")
+
+
+def test_imagefolder_without_images(fail, tmp_path):
+    root = tmp_path / "images"
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "test" / "cat").mkdir(parents=True)
+    fail(["--data.source", "imagefolder", "--data.root", str(root)], "no .png/.jpg/.jpeg images")
+
+
+def test_imagefolder_unreadable_image_is_named(fail, tmp_path):
+    root = make_folder(tmp_path / "images")
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    fail(["--data.source", "imagefolder", "--data.root", str(root)], "broken.png")
+
+
+def test_unknown_model_lists_known_ones(fail):
+    fail(["--model.model_name", "vit_gigantic"], "unknown model 'vit_gigantic'", "vit_edge_patch4_32")
+
+
+def test_unknown_source_lists_known_ones(fail):
+    fail(["--data.source", "mnist"], "data.source", "cifar100", "imagefolder", "synthetic")
+
+
+def test_pretrained_without_weights(fail):
+    fail(["--model.pretrained", "true"], "cannot load pretrained weights", "--model.pretrained_path")
+
+
+def test_unknown_option_and_missing_config(fail, tmp_path):
+    fail(["--data.colour", "red"], "--data.colour")
+    fail(["--config", str(tmp_path / "missing.yaml")], "missing.yaml")
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(tmp_path_factory):
+    """A truncated and a bit-flipped copy of a real checkpoint."""
+    from conftest import TINY_ARGS
+
+    from askexpert.cli import cli_main
+
+    root = tmp_path_factory.mktemp("good")
+    cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)])
+    data = (root / "checkpoints" / "last.ckpt").read_bytes()
+    truncated, corrupt = root / "truncated.ckpt", root / "corrupt.ckpt"
+    truncated.write_bytes(data[: len(data) // 3])
+    middle = len(data) // 2
+    corrupt.write_bytes(data[:middle] + bytes(b ^ 0x5A for b in data[middle : middle + 256]) + data[middle + 256 :])
+    return {"truncated": truncated, "corrupt": corrupt}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+@pytest.mark.parametrize("command", ["fit", "test", "predict"])
+def test_broken_checkpoint(fail, broken_checkpoints, damage, command):
+    path = broken_checkpoints[damage]
+    fail(["--ckpt_path", str(path)], f"checkpoint {path} is {damage}", command=command)
+
+
+def test_missing_checkpoint_and_missing_last(fail, tmp_path):
+    fail(["--ckpt_path", str(tmp_path / "nope.ckpt")], "checkpoint not found", command="test")
+    fail(["--ckpt_path", "last"], "no last.ckpt", command="test")
+
+
+def test_console_entry_point_prints_no_traceback(tmp_path, cli_env):
+    """The real process, as a user runs it: status 2, one line, no traceback."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "askexpert", "fit", "--model.model_name", "nope", "--trainer.default_root_dir", str(run_dir)],
+        capture_output=True, text=True, env=cli_env, cwd=REPO,
+    )
+    assert_clean_failure(result.returncode, result.stderr, run_dir, "unknown model 'nope'")
+    assert "Traceback" not in result.stderr
