@@ -40,7 +40,9 @@ class PredictionCSVWriter(BasePredictionWriter):
             return
         if isinstance(predictions[0], list):  # several predict dataloaders: take them in order
             predictions = [batch for loader in predictions for batch in loader]
-        columns = {key: torch.cat([batch[key] for batch in predictions]).cpu() for key in predictions[0] if key != "probs"}
+        columns = {
+            key: torch.cat([batch[key] for batch in predictions]).cpu() for key in predictions[0] if key != "probs"
+        }
         names = getattr(trainer.datamodule, "class_names", None)
         rows = [["index", *columns, *(["class_name"] if names else [])]]
         for i in range(len(columns["prediction"])):

@@ -130,7 +130,9 @@ class AskExpertCLI(LightningCLI):
                 if found:
                     check_checkpoint_file(found)
                 elif subcommand != "fit":
-                    raise UserError(f"--ckpt_path last: no last.ckpt in {checkpoint_dir(config.trainer.default_root_dir)}")
+                    raise UserError(
+                        f"--ckpt_path last: no last.ckpt in {checkpoint_dir(config.trainer.default_root_dir)}"
+                    )
             elif ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES:
                 check_checkpoint_file(ckpt_path)
         super()._parse_ckpt_path()
@@ -215,7 +217,9 @@ def print_overview() -> None:
     print("commands:")
     for name, text in {**LIGHTNING_COMMANDS, **{k: c.help for k, c in EXTRA_COMMANDS.items()}}.items():
         print(f"  {name:<10} {text}")
-    print("\n`python -m askexpert COMMAND --help` lists a command's options; `--print_config` shows the resolved config.")
+    print(
+        "\n`python -m askexpert COMMAND --help` lists a command's options; `--print_config` shows the resolved config."
+    )
 
 
 def cli_main(args: list[str] | None = None):

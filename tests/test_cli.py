@@ -64,7 +64,9 @@ def test_every_fit_config_resolves(config, capsys):
 
 def test_interpolation_across_config_files(tmp_path, capsys):
     (tmp_path / "a.yaml").write_text("data:\n  seed: 7\n")
-    (tmp_path / "b.yaml").write_text("seed_everything: ${data.seed}\ntrainer:\n  default_root_dir: runs/s${data.seed}\n")
+    (tmp_path / "b.yaml").write_text(
+        "seed_everything: ${data.seed}\ntrainer:\n  default_root_dir: runs/s${data.seed}\n"
+    )
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml"), "--print_config"])
     out = capsys.readouterr().out
@@ -97,11 +99,15 @@ def test_test_command_reports_stand_in_accuracy(trained_run, capsys):
     from conftest import TINY_ARGS
 
     best = str(trained_run / "checkpoints" / "best.ckpt")
-    code, out, _ = run_main(["test", *TINY_ARGS, "--trainer.default_root_dir", str(trained_run), "--ckpt_path", best], capsys)
+    code, out, _ = run_main(
+        ["test", *TINY_ARGS, "--trainer.default_root_dir", str(trained_run), "--ckpt_path", best], capsys
+    )
     assert code == 0
     assert "GeneralistModule test accuracy:" in out and "STAND-IN synthetic data, not CIFAR-100" in out
     result = json.loads((trained_run / "test_results.json").read_text())
-    assert result["data"]["stand_in"] is True and result["data"]["test_size"] == 200 and result["data"]["val_size"] == 100
+    assert (
+        result["data"]["stand_in"] is True and result["data"]["test_size"] == 200 and result["data"]["val_size"] == 100
+    )
     assert 0 <= result["metrics"]["test/acc"] <= 1 and "test/superclass_acc" in result["metrics"]
 
 
@@ -132,16 +138,28 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, cli_env):
     from conftest import TINY_ARGS
 
     killer = tmp_path / "killer.yaml"
-    killer.write_text("trainer:\n  callbacks:\n    - class_path: killer.KillAtEpoch\n      init_args:\n        epoch: 2\n")
+    killer.write_text(
+        "trainer:\n  callbacks:\n    - class_path: killer.KillAtEpoch\n      init_args:\n        epoch: 2\n"
+    )
     root = tmp_path / "run"
     base = [sys.executable, "-m", "askexpert", "fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)]
-    first = subprocess.run([*base, "--config", str(killer), "--trainer.max_epochs", "4"], env=cli_env,
-                           capture_output=True, text=True, cwd=REPO)
+    first = subprocess.run(
+        [*base, "--config", str(killer), "--trainer.max_epochs", "4"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert first.returncode == -9, first.stderr[-2000:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
 
-    second = subprocess.run([*base, "--trainer.max_epochs", "4", "--ckpt_path", "last"], env=cli_env,
-                            capture_output=True, text=True, cwd=REPO)
+    second = subprocess.run(
+        [*base, "--trainer.max_epochs", "4", "--ckpt_path", "last"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 3
     epochs = [row["epoch"] for row in csv.DictReader(open(root / "metrics.csv")) if row.get("val/acc")]
@@ -154,7 +172,14 @@ def test_resumed_run_keeps_its_wandb_id(tmp_path, capsys, monkeypatch):
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must be the framework's default, not the test's
     root = tmp_path / "run"
-    args = ["fit", *TINY_ARGS, "--config", str(REPO / "configs/logger/wandb.yaml"), "--trainer.default_root_dir", str(root)]
+    args = [
+        "fit",
+        *TINY_ARGS,
+        "--config",
+        str(REPO / "configs/logger/wandb.yaml"),
+        "--trainer.default_root_dir",
+        str(root),
+    ]
     assert run_main(args, capsys)[0] == 0
     run_id = (root / "wandb_id.txt").read_text().strip()
     import wandb

@@ -121,8 +121,20 @@ def test_console_entry_point_prints_no_traceback(tmp_path, cli_env):
     """The real process, as a user runs it: status 2, one line, no traceback."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "askexpert", "fit", "--model.model_name", "nope", "--trainer.default_root_dir", str(run_dir)],
-        capture_output=True, text=True, env=cli_env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "askexpert",
+            "fit",
+            "--model.model_name",
+            "nope",
+            "--trainer.default_root_dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env,
+        cwd=REPO,
     )
     assert_clean_failure(result.returncode, result.stderr, run_dir, "unknown model 'nope'")
     assert "Traceback" not in result.stderr

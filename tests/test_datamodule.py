@@ -109,7 +109,7 @@ def test_crop_offsets_stay_within_the_padding():
     centre = out[:, 0, 4, 4]
     dy, dx = (centre // 100).long() - 4, (centre % 100).long() - 1 - 4
     assert dy.abs().max() <= 2 and dx.abs().max() <= 2
-    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25  # every offset occurs
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) == 25  # every offset occurs
     # padding is zeros: a crop shifted by the full padding shows zero rows
     assert (out == 0).any()
 

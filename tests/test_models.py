@@ -41,7 +41,7 @@ def test_pretrained_loads_a_local_weights_file(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(source.state_dict(), path)
     loaded = create_network("vit_micro_patch8_32", 5, pretrained=True, pretrained_path=str(path), drop_path_rate=0)
-    for (key, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+    for (key, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
 
 

@@ -110,7 +110,9 @@ class ClassifierModule(pl.LightningModule):
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
-                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                label_smoothing=label_smoothing,
                 num_classes=num_classes,
             )
             self.soft_loss = SoftTargetCrossEntropy()
