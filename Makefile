@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+DEMO_DIR := runs/demo/generalist
+
 demo: install
-	$(PY) -m askexpert fit --config configs/generalist_demo.yaml --trainer.default_root_dir runs/demo/generalist
+	$(PY) -m askexpert fit --config configs/generalist_demo.yaml --trainer.default_root_dir $(DEMO_DIR)
+	$(PY) -m askexpert test --config configs/generalist_demo.yaml --trainer.default_root_dir $(DEMO_DIR) \
+		--ckpt_path $(DEMO_DIR)/checkpoints/best.ckpt
 
 test: install
 	$(PY) -m pytest -q
