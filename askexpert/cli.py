@@ -139,30 +139,35 @@ class AskExpertCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._configure_loggers(config.trainer)
+        # A fresh `fit` starts a new metrics.csv and W&B run; a resumed one (or an evaluation) continues them.
+        fresh_fit = self.subcommand == "fit" and not config.get("ckpt_path")
+        self._configure_loggers(config.trainer, append_metrics=not fresh_fit)
         if config.data.val_fraction == 0:  # nothing to validate on: keep the newest weights as "best"
             config.checkpoint.monitor = None
             config.trainer.limit_val_batches = 0
 
-    def _configure_loggers(self, trainer: Namespace) -> None:
+    def _configure_loggers(self, trainer: Namespace, append_metrics: bool) -> None:
         """Default to a CSV logger writing into the run folder; point W&B loggers at the run's fixed id."""
         root = trainer.default_root_dir
         if trainer.logger is None or trainer.logger is True:
             trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=root))
+        if trainer.logger is False:
             return
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             if not isinstance(logger, Namespace):
                 continue
-            if logger.get("class_path") == CSV_LOGGER and logger.init_args.get("save_dir") in (None, "", "."):
-                logger.init_args.save_dir = root
+            if logger.get("class_path") == CSV_LOGGER:
+                if logger.init_args.get("save_dir") in (None, "", "."):
+                    logger.init_args.save_dir = root
+                logger.init_args.append = append_metrics
             if logger.get("class_path") not in WANDB_LOGGERS:
                 continue
             init = logger.init_args
             if init.get("save_dir") in (None, "", "."):  # WandbLogger's own default is "."
                 init.save_dir = root
             if not init.get("id") and not init.get("version"):
-                run_id, new = wandb_run_id(root)
+                run_id, new = wandb_run_id(root, reuse=append_metrics)
                 init.id = run_id
                 if new:
                     self._new_wandb_id = (root, run_id)

@@ -15,9 +15,11 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, append: bool) -> None:
         super().__init__(log_dir)
-        if self._fs.isfile(self.metrics_file_path):
+        if not append and self._fs.isfile(self.metrics_file_path):
+            self._fs.rm(self.metrics_file_path)  # a fresh run in an old folder starts a fresh file
+        elif self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = sorted(next(csv.reader(handle), []))
 
@@ -30,14 +32,17 @@ class RunCSVLogger(CSVLogger):
 
     Args:
         save_dir: the run folder (the CLI fills in `--trainer.default_root_dir`).
+        append: continue an existing `metrics.csv` (the CLI sets it when `fit` resumes from a checkpoint);
+            otherwise a fresh run replaces it.
     """
 
-    def __init__(self, save_dir: str = ".", flush_logs_every_n_steps: int = 100) -> None:
+    def __init__(self, save_dir: str = ".", append: bool = True, flush_logs_every_n_steps: int = 100) -> None:
         super().__init__(save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self.append = append
 
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir, append=self.append)
         return self._experiment

@@ -28,10 +28,10 @@ def last_checkpoint(root: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def wandb_run_id(root: str) -> tuple[str, bool]:
-    """The run's W&B id, read from the run folder, or a fresh one; the flag says whether it is new."""
+def wandb_run_id(root: str, reuse: bool = True) -> tuple[str, bool]:
+    """The run's W&B id from the run folder (when `reuse`), or a fresh one; the flag says whether it is new."""
     path = os.path.join(root, WANDB_ID_FILE)
-    if os.path.isfile(path):
+    if reuse and os.path.isfile(path):
         with open(path) as handle:
             run_id = handle.read().strip()
         if run_id:

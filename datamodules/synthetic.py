@@ -150,7 +150,7 @@ def _world() -> _World:
     radii[:, _LIMB] = torch.stack([uniform(0.28, 0.45, num_super), uniform(0.05, 0.08, num_super)], -1)
     angle[:, _LIMB] = limb_dir + uniform(-0.6, 0.6, num_super)
     offset[:, _ACCENT] = _polar(uniform(0.0, 2 * math.pi, num_super), uniform(0.0, 0.25, num_super))
-    radii[:, _ACCENT] = uniform(0.08, 0.12, num_super, 2)
+    radii[:, _ACCENT] = uniform(0.1, 0.15, num_super, 2)
 
     part_colour = _hsv_to_rgb(uniform(0, 1, num_super, _NUM_PARTS), uniform(0.35, 0.9, num_super, _NUM_PARTS),
                               uniform(0.35, 0.95, num_super, _NUM_PARTS))
@@ -263,7 +263,7 @@ def _render(draw: dict[str, torch.Tensor], labels: torch.Tensor, image_size: int
     canvas = _draw_distractor(canvas, u, grid_x, grid_y, px)
 
     # Object frame: translate, rotate, scale, mirror. Shapes are defined in these object units.
-    scale = torch.exp(0.4 * u[:, _U["scale"]] - 0.2)
+    scale = 1.15 * torch.exp(0.4 * u[:, _U["scale"]] - 0.2)
     rot = 0.55 * (2 * u[:, _U["rot"]] - 1)
     mirror = torch.where(u[:, _U["mirror"]] < 0.5, -1.0, 1.0)
     dx = grid_x - (0.44 * u[:, _U["cx"]] - 0.22).view(-1, 1, 1)
@@ -274,9 +274,9 @@ def _render(draw: dict[str, torch.Tensor], labels: torch.Tensor, image_size: int
     obj_px = px / scale  # one pixel in object units, per image
 
     colours = world.part_colour[sup] + 0.04 * n[:, -_NUM_PARTS * 3:].view(-1, _NUM_PARTS, 3)
-    colours[:, _ACCENT] += 0.22 * cues[:, 3:4] * world.accent_dir[sup]
+    colours[:, _ACCENT] += 0.25 * cues[:, 3:4] * world.accent_dir[sup]
     radii = world.part_radii[sup].clone()
-    aspect = torch.exp2(0.25 * cues[:, 2])  # head aspect cue: stretch one axis, squeeze the other
+    aspect = torch.exp2(0.35 * cues[:, 2])  # head aspect cue: stretch one axis, squeeze the other
     radii[:, _HEAD] *= torch.stack([aspect, 1 / aspect], -1)
 
     for part in range(_NUM_PARTS):
@@ -349,8 +349,8 @@ def _part_alpha(x: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, radii: t
 def _stripes(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, cues: torch.Tensor, base_freq: torch.Tensor,
              base_angle: torch.Tensor) -> torch.Tensor:
     """Brightness modulation (B, 1, H, W) of the body: frequency and angle carry two of the fine cues."""
-    freq = (base_freq * torch.exp2(0.3 * cues[:, 0])).view(-1, 1, 1)
-    angle = (base_angle + 0.32 * cues[:, 1]).view(-1, 1, 1)
+    freq = (base_freq * torch.exp2(0.35 * cues[:, 0])).view(-1, 1, 1)
+    angle = (base_angle + 0.4 * cues[:, 1]).view(-1, 1, 1)
     phase = (2 * math.pi * u[:, _U["phase"]]).view(-1, 1, 1)
     wave = torch.sin(2 * math.pi * freq * (torch.cos(angle) * x + torch.sin(angle) * y) + phase)
     contrast = (0.18 + 0.17 * u[:, _U["contrast"]]).view(-1, 1, 1)

@@ -191,3 +191,8 @@ def test_resumed_run_keeps_its_wandb_id(tmp_path, capsys, monkeypatch):
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)
     assert (root / "metrics.csv").is_file()
     wandb.finish()
+    # a fresh fit (no --ckpt_path) in the same folder is a new run: new id, new metrics file
+    assert run_main(args, capsys)[0] == 0
+    assert (root / "wandb_id.txt").read_text().strip() != run_id
+    assert {row["epoch"] for row in csv.DictReader(open(root / "metrics.csv"))} == {"0"}
+    wandb.finish()
