@@ -6,7 +6,7 @@ import torch
 from askexpert.checkpoints import load_classifier
 from askexpert.errors import UserError
 from askexpert.modules import GeneralistModule
-from askexpert.modules.metrics import ClassificationMetrics, superclass_probs
+from askexpert.modules.metrics import ClassificationMetrics
 
 
 def one_hot_logits(preds, num_classes):
@@ -27,11 +27,6 @@ def test_metrics_on_hand_made_predictions():
     assert out["superclass/low"] == pytest.approx(2 / 3)
     assert out["superclass/high"] == pytest.approx(0.5)
     assert out["acc5"] >= out["acc"]  # ties among the other logits make top-5 membership arbitrary
-
-
-def test_superclass_probs_sum_members():
-    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
-    assert torch.allclose(superclass_probs(probs, torch.tensor([1, 0, 1, 0]), 2), torch.tensor([[0.6, 0.4]]))
 
 
 def test_metrics_without_hierarchy_or_with_few_classes():
