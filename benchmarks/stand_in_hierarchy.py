@@ -12,8 +12,9 @@ Epoch counts are checkpoints of one cosine run per (model, size) that lasts the 
 epochs costs no more than its longest run. This is a benchmark, not the framework: plain PyTorch loops
 (AdamW, warm-up + cosine, label smoothing 0.1, batched random-crop-with-padding + flip augmentation).
 
-CPU defaults (patch-8 models, 5 superclasses = 25 classes, small sizes) finish in about 6 minutes on 2 cores;
-`--device cuda` defaults to the patch-4 models on all 100 classes at larger sizes.
+CPU defaults (patch-8 models, 5 superclasses = 25 classes, small sizes, one thread) took 347 s on a 2-core
+machine; `--device cuda` defaults to the patch-4 models on all 100 classes at larger sizes (sized for a few
+minutes on one H100, not yet measured). Results go to `benchmarks/results/stand_in_hierarchy_<device>.json`.
 
     python benchmarks/stand_in_hierarchy.py [--device cpu|cuda] [--out PATH]
 """
@@ -40,11 +41,15 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
 import askexpert.models  # noqa: E402,F401  (registers the ViT variants with timm)
 from datamodules.synthetic import fine_accuracy_ceiling, make_synthetic  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "stand_in_hierarchy_cpu.json"
+RESULTS = ROOT / "benchmarks" / "results"
+# One intra-op thread on CPU: on a 2-core machine shared with other jobs, 2-thread OpenMP ops were measured
+# ~15x slower (10 vs 169 images/s for the edge ViT) whenever another process held a core. On an idle
+# machine `--threads 2` is faster.
+DEFAULT_THREADS = {"cpu": 1, "cuda": None}
 MEAN = (0.5071, 0.4865, 0.4409)
 STD = (0.2673, 0.2564, 0.2762)
 # Per device: (small model, medium model, superclasses used, images per class, epoch checkpoints, test/class,
-# batch size). CPU sizes are what fits ~6 minutes on 2 cores (the medium ViT trains at ~35 images/s there).
+# batch size). CPU sizes are what fits ~6 minutes: the medium patch-8 ViT trains at only ~30-40 images/s there.
 DEFAULTS = {
     "cpu": ("vit_edge_patch8_32", "vit_medium_patch8_32", 5, [30, 90], [1, 3], 40, 32),
     "cuda": ("vit_edge_patch4_32", "vit_medium_patch4_32", 20, [100, 500], [15, 40], 200, 128),
@@ -65,7 +70,7 @@ class Data:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result path")
+    parser.add_argument("--out", type=Path, help="JSON result path (default: results/stand_in_hierarchy_<device>.json)")
     parser.add_argument("--models", nargs="+", help="timm names, smallest first (default: edge and medium)")
     parser.add_argument("--superclasses", type=int, help="use the first N superclasses (5 classes each)")
     parser.add_argument("--sizes", type=int, nargs="+", help="training images per class")
@@ -75,15 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (scaled by batch/128)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU, see DEFAULT_THREADS)")
     args = parser.parse_args(argv)
     small, medium, supers, sizes, epochs, test_per_class, batch = DEFAULTS[args.device]
+    args.out = args.out or RESULTS / f"stand_in_hierarchy_{args.device}.json"
     args.models = args.models or [small, medium]
     args.superclasses = args.superclasses or supers
     args.sizes = sorted(args.sizes or sizes)
     args.epochs = sorted(args.epochs or epochs)
     args.test_per_class = args.test_per_class or test_per_class
     args.batch_size = args.batch_size or batch
+    args.threads = args.threads or DEFAULT_THREADS[args.device]
     if not 1 <= args.superclasses <= 20:
         parser.error("--superclasses must be between 1 and 20")
     return args
@@ -130,20 +137,27 @@ def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.T
 def evaluate(model: torch.nn.Module, data: Data, batch_size: int = 500) -> dict[str, float]:
     """Fine accuracy, superclass accuracy and the share of wrong predictions inside the true superclass."""
     model.eval()
-    preds = torch.cat([model(normalise(data.test_images[i:i + batch_size])).argmax(1)
-                       for i in range(0, len(data.test_images), batch_size)])
+    preds = torch.cat(
+        [
+            model(normalise(data.test_images[i : i + batch_size])).argmax(1)
+            for i in range(0, len(data.test_images), batch_size)
+        ]
+    )
     model.train()
     truth = data.test_labels
     same_super = data.class_to_superclass[preds] == data.class_to_superclass[truth]
     wrong = preds != truth
-    return {"fine_acc": (~wrong).float().mean().item(), "superclass_acc": same_super.float().mean().item(),
-            "within_superclass_error_share": same_super[wrong].float().mean().item() if wrong.any() else 1.0}
+    return {
+        "fine_acc": (~wrong).float().mean().item(),
+        "superclass_acc": same_super.float().mean().item(),
+        "within_superclass_error_share": same_super[wrong].float().mean().item() if wrong.any() else 1.0,
+    }
 
 
 def train(model_name: str, data: Data, size: int, args: argparse.Namespace) -> list[dict]:
     """Train one model on the first `size` images per class; evaluate at every epoch checkpoint."""
     num_classes = len(data.class_to_superclass)
-    images, labels = data.train_images[:size * num_classes], data.train_labels[:size * num_classes]
+    images, labels = data.train_images[: size * num_classes], data.train_labels[: size * num_classes]
     torch.manual_seed(args.seed)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     model = timm.create_model(model_name, num_classes=num_classes).to(args.device)
@@ -152,13 +166,14 @@ def train(model_name: str, data: Data, size: int, args: argparse.Namespace) -> l
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr * args.batch_size / 128, weight_decay=args.weight_decay)
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device == "cuda")
     results, start = [], time.perf_counter()
     for epoch in range(1, args.epochs[-1] + 1):
         order = torch.randperm(len(images), generator=gen, device=args.device)
         for i in range(0, len(images), args.batch_size):
-            idx = order[i:i + args.batch_size]
+            idx = order[i : i + args.batch_size]
             with autocast:
                 logits = model(normalise(augment(images[idx], gen)))
             loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=0.1)
@@ -170,12 +185,20 @@ def train(model_name: str, data: Data, size: int, args: argparse.Namespace) -> l
         if epoch in args.epochs:
             with autocast:
                 metrics = evaluate(model, data)
-            row = {"model": model_name, "per_class": size, "epochs": epoch,
-                   "train_seconds": round(time.perf_counter() - start, 1), "final_loss": round(loss.item(), 3),
-                   **{k: round(v, 4) for k, v in metrics.items()}}
-            print(f"  {model_name:22s} size {size:4d} epoch {epoch:3d}: fine {row['fine_acc']:.3f} "
-                  f"super {row['superclass_acc']:.3f} within {row['within_superclass_error_share']:.3f} "
-                  f"({row['train_seconds']:.0f}s)", flush=True)
+            row = {
+                "model": model_name,
+                "per_class": size,
+                "epochs": epoch,
+                "train_seconds": round(time.perf_counter() - start, 1),
+                "final_loss": round(loss.item(), 3),
+                **{k: round(v, 4) for k, v in metrics.items()},
+            }
+            print(
+                f"  {model_name:22s} size {size:4d} epoch {epoch:3d}: fine {row['fine_acc']:.3f} "
+                f"super {row['superclass_acc']:.3f} within {row['within_superclass_error_share']:.3f} "
+                f"({row['train_seconds']:.0f}s)",
+                flush=True,
+            )
             results.append(row)
     return results
 
@@ -195,8 +218,22 @@ def summarise(results: list[dict], models: list[str], test_images: int) -> dict:
         cells.append({"per_class": size, "epochs": epochs, "gain": round(gain, 4), "margin": round(margin, 4)})
         if gain > margin:
             overtakes.append({"per_class": size, "epochs": epochs})
-    return {"small": small, "large": large, "cells": cells, "large_overtakes_small": bool(overtakes),
-            "overtakes_at": overtakes, "first_overtake": overtakes[0] if overtakes else None}
+    return {
+        "small": small,
+        "large": large,
+        "cells": cells,
+        "large_overtakes_small": bool(overtakes),
+        "overtakes_at": overtakes,
+        "first_overtake": overtakes[0] if overtakes else None,
+    }
+
+
+def _display_path(path: Path) -> str:
+    """Repository-relative where possible, so the committed JSON does not record one machine's checkout."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -208,8 +245,11 @@ def run(argv: list[str] | None = None) -> dict:
     data = load_data(args.sizes[-1], args.test_per_class, args.superclasses, args.seed, args.device)
     gen_seconds = time.perf_counter() - t0
     num_classes = len(data.class_to_superclass)
-    print(f"stand-in: {num_classes} classes, sizes {args.sizes}/class, test {len(data.test_images)} images, "
-          f"generated in {gen_seconds:.1f}s; models {args.models}; epochs {args.epochs}", flush=True)
+    print(
+        f"stand-in: {num_classes} classes, sizes {args.sizes}/class, test {len(data.test_images)} images, "
+        f"generated in {gen_seconds:.1f}s; models {args.models}; epochs {args.epochs}",
+        flush=True,
+    )
     results = []
     for size in args.sizes:
         for model_name in args.models:
@@ -217,12 +257,20 @@ def run(argv: list[str] | None = None) -> dict:
     summary = summarise(results, args.models, len(data.test_images))
     out = {
         "benchmark": "stand_in_hierarchy",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "machine": platform.machine()},
+        "config": {k: (_display_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": {
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
         "classes": num_classes,
-        "chance": {"fine_acc": 1 / num_classes, "superclass_acc": 1 / args.superclasses,
-                   "within_superclass_error_share": 4 / (num_classes - 1) if num_classes > 1 else 0.0},
+        "chance": {
+            "fine_acc": 1 / num_classes,
+            "superclass_acc": 1 / args.superclasses,
+            "within_superclass_error_share": 4 / (num_classes - 1) if num_classes > 1 else 0.0,
+        },
         "fine_accuracy_ceiling": round(fine_accuracy_ceiling(), 4),
         "generation_seconds": round(gen_seconds, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -233,10 +281,12 @@ def run(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     best = max(results, key=lambda r: r["fine_acc"])
     where = summary["first_overtake"]
-    print(f"SUMMARY classes={num_classes} best fine={best['fine_acc']:.3f} ({best['model']}, "
-          f"{best['per_class']}/class, {best['epochs']} ep) super={best['superclass_acc']:.3f} "
-          f"within={best['within_superclass_error_share']:.3f} ceiling={out['fine_accuracy_ceiling']:.3f} "
-          f"overtake={'at ' + str(where) if where else 'no'} total={out['total_seconds']:.0f}s -> {args.out}")
+    print(
+        f"SUMMARY classes={num_classes} best fine={best['fine_acc']:.3f} ({best['model']}, "
+        f"{best['per_class']}/class, {best['epochs']} ep) super={best['superclass_acc']:.3f} "
+        f"within={best['within_superclass_error_share']:.3f} ceiling={out['fine_accuracy_ceiling']:.3f} "
+        f"overtake={'at ' + str(where) if where else 'no'} total={out['total_seconds']:.0f}s -> {args.out}"
+    )
     return out
 
 

@@ -8,9 +8,18 @@ import torch.nn.functional as F
 
 from askexpert.errors import UserError
 from datamodules.labels import CIFAR100_COARSE_NAMES, CIFAR100_FINE_NAMES, CIFAR100_FINE_TO_COARSE
-from datamodules.synthetic import fine_accuracy_ceiling, make_synthetic, synthetic_metadata
+from datamodules.synthetic import _CHUNK, fine_accuracy_ceiling, make_synthetic, synthetic_metadata
 
 COARSE = torch.tensor(CIFAR100_FINE_TO_COARSE)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """The probes' tiny matmuls gain nothing from 2 threads and slow down badly when another process holds a core."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +60,13 @@ def test_other_image_sizes(size: int) -> None:
     assert splits.train_images.shape == (100, 3, size, size)
 
 
+def test_image_size_changes_the_resolution_not_the_instances() -> None:
+    small = make_synthetic(train_per_class=1, test_per_class=1, image_size=32).train_images.float()
+    pooled = F.avg_pool2d(make_synthetic(train_per_class=1, test_per_class=1, image_size=64).train_images.float(), 2)
+    same = (pooled - small).abs().mean()
+    assert same < 0.3 * (pooled - small.roll(1, 0)).abs().mean(), f"mean |difference| {same:.1f}"
+
+
 def test_pixels_use_the_range() -> None:
     images = make_synthetic(train_per_class=5, test_per_class=1).train_images.float()
     assert images.min() <= 5 and images.max() >= 250
@@ -80,20 +96,23 @@ def test_splits_are_independent_and_grow_by_appending(small) -> None:
 
 
 def test_growing_across_a_chunk_boundary_keeps_the_prefix() -> None:
-    short = make_synthetic(train_per_class=1, test_per_class=49, seed=3).test_images
-    long = make_synthetic(train_per_class=1, test_per_class=53, seed=3).test_images
-    assert torch.equal(long[:len(short)], short)
+    short = make_synthetic(train_per_class=1, test_per_class=_CHUNK - 1, seed=3).test_images
+    long = make_synthetic(train_per_class=1, test_per_class=_CHUNK + 2, seed=3).test_images
+    assert torch.equal(long[: len(short)], short)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"train_per_class": 0}, "train_per_class must be a positive int"),
-    ({"test_per_class": -3}, "test_per_class must be a positive int"),
-    ({"train_per_class": 2.5}, "train_per_class must be an int"),
-    ({"test_per_class": True}, "test_per_class must be an int"),
-    ({"seed": -1}, "seed must be a non-negative int"),
-    ({"seed": "0"}, "seed must be an int"),
-    ({"image_size": 8}, "image_size must be at least 16"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"train_per_class": 0}, "train_per_class must be a positive int"),
+        ({"test_per_class": -3}, "test_per_class must be a positive int"),
+        ({"train_per_class": 2.5}, "train_per_class must be an int"),
+        ({"test_per_class": True}, "test_per_class must be an int"),
+        ({"seed": -1}, "seed must be a non-negative int"),
+        ({"seed": "0"}, "seed must be an int"),
+        ({"image_size": 8}, "image_size must be at least 16"),
+    ],
+)
 def test_argument_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         make_synthetic(**kwargs)
@@ -101,14 +120,16 @@ def test_argument_validation(kwargs: dict, message: str) -> None:
 
 def test_every_image_is_a_new_instance(probe_data) -> None:
     images, labels = probe_data.train_images.float(), probe_data.train_labels
-    for c in range(0, 100, 7):
+    ratios = []
+    for c in range(100):
         members = images[labels == c].flatten(1)
         distances = torch.cdist(members, members)
-        assert distances[~torch.eye(len(members), dtype=torch.bool)].min() > 0  # no duplicates
-        # Nuisances dominate: images spread around their class mean far more than the mean has structure.
-        mean = members.mean(0)
-        within = members.var(0).mean()
-        assert within > 2 * mean.var(), f"class {c}: within-class variance {within:.0f} vs mean {mean.var():.0f}"
+        assert distances[~torch.eye(len(members), dtype=torch.bool)].min() > 0, f"class {c} repeats an image"
+        # Spread of the images around their class mean, against the structure of the mean image itself:
+        # a template-plus-noise generator has a ratio well below 1; here nuisances dominate.
+        ratios.append((members.var(0).mean() / members.mean(0).var()).item())
+    ratios = torch.tensor(ratios)
+    assert ratios.min() > 0.8 and ratios.median() > 2.5, f"min {ratios.min():.2f}, median {ratios.median():.2f}"
 
 
 def test_design_ceiling_leaves_siblings_overlapping() -> None:
@@ -137,11 +158,13 @@ def _linear_probe(splits, seed: int, steps: int = 300) -> tuple[float, float, fl
     truth = splits.test_labels
     same_super = COARSE[pred] == COARSE[truth]
     wrong = pred != truth
-    return (pred == truth).float().mean().item(), same_super.float().mean().item(), same_super[wrong].float().mean().item()
+    fine = (pred == truth).float().mean().item()
+    return fine, same_super.float().mean().item(), same_super[wrong].float().mean().item()
 
 
 def test_linear_probe_confuses_mostly_within_superclasses(probe_data) -> None:
+    # Measured over seeds 0-5: fine 0.18-0.19, superclass 0.77-0.79, within-superclass share 0.72-0.74.
     fine, superclass, within = _linear_probe(probe_data, seed=0)
-    assert fine > 0.07  # chance is 0.01
-    assert superclass > 0.45 and superclass > 3 * fine  # chance is 0.05
-    assert within > 0.5  # chance is 4/99 ~ 0.04
+    assert fine > 0.1  # chance 0.01
+    assert superclass > 0.6 and superclass > 3 * fine  # chance 0.05
+    assert within > 0.6  # chance 4/99 ~ 0.04
