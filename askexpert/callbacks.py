@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import tempfile
 
@@ -49,8 +50,7 @@ class PredictionCSVWriter(BasePredictionWriter):
             row = [i, *(round(float(v[i]), 6) if v.is_floating_point() else int(v[i]) for v in columns.values())]
             rows.append(row + ([names[int(columns["prediction"][i])]] if names else []))
         path = self.output or os.path.join(trainer.default_root_dir, "predictions.csv")
-        with tempfile.SpooledTemporaryFile(mode="w+", newline="") as buffer:
-            csv.writer(buffer).writerows(rows)
-            buffer.seek(0)
-            atomic_write_text(path, buffer.read())
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(rows)
+        atomic_write_text(path, buffer.getvalue())
         print(f"wrote {len(rows) - 1} predictions to {path}")
