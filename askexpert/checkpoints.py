@@ -54,3 +54,18 @@ def load_classifier(path: str, map_location: str | torch.device = "cpu"):
     cls = getattr(importlib.import_module(module_name), class_name)
     model = cls.load_from_checkpoint(path, map_location=map_location)
     return model.eval()
+
+
+def has_training_state(path: str) -> bool:
+    """Whether a checkpoint holds optimizer state (so training can resume from it)."""
+    return bool(load_checkpoint(path).get("optimizer_states"))
+
+
+def strip_training_state(path: str) -> None:
+    """Rewrite a checkpoint with weights, hyper-parameters and progress only (atomically)."""
+    checkpoint = load_checkpoint(path)
+    for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):
+        checkpoint.pop(key, None)
+    tmp = f"{path}.tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)

@@ -8,6 +8,7 @@ in `EXTRA_COMMANDS` with their own jsonargparse parser; this module's dispatcher
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -18,10 +19,16 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import strategies
 from askexpert.callbacks import PredictionCSVWriter, atomic_write_text
-from askexpert.checkpoints import LIGHTNING_CKPT_ALIASES, check_checkpoint_file
+from askexpert.checkpoints import (
+    LIGHTNING_CKPT_ALIASES,
+    check_checkpoint_file,
+    has_training_state,
+    strip_training_state,
+)
 from askexpert.errors import UserError
-from askexpert.modules import ClassifierModule
+from askexpert.modules import ClassifierModule, ExpertModule
 from askexpert.run_folder import (
     CSV_LOGGER,
     WANDB_LOGGERS,
@@ -32,6 +39,8 @@ from askexpert.run_folder import (
     wandb_should_be_offline,
 )
 from datamodules.datamodule import ImageDataModule
+from datamodules.partitions import Partition
+from strategies import SpecializationStrategy
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model (generalist, base model or expert) from a config",
@@ -47,8 +56,15 @@ class Command:
     run: Callable[[list[str]], object]
 
 
-# Commands that are not Trainer methods; later modules add theirs here.
-EXTRA_COMMANDS: dict[str, Command] = {}
+def _lazy(module: str) -> Callable[[list[str]], object]:
+    """Import a command's module only when it runs (keeps `--help` and the other commands fast)."""
+    return lambda argv: importlib.import_module(module).run(argv)
+
+
+# Commands that are not Trainer methods, each with its own parser in `askexpert.commands`.
+EXTRA_COMMANDS: dict[str, Command] = {
+    "partition": Command("split the classes into expert subsets (JSON artefact)", _lazy("askexpert.commands.partition")),
+}
 
 DEFAULT_ROOT_DIR = "runs/default"
 
@@ -113,9 +129,14 @@ class AskExpertCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
+        parser.set_defaults({"checkpoint.save_weights_only": True})  # best.ckpt: weights only; last.ckpt resumes
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=checkpoint_dir)
         parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
-        for key in ("num_classes", "class_to_superclass", "superclass_names"):
+        # Experts: which classes (from a partition file) and how to specialise (a registered strategy).
+        parser.add_argument("--partition", type=str | None, default=None, help="partition JSON (experts only)")
+        parser.add_argument("--expert_index", type=int, default=0, help="which expert of the partition to train")
+        parser.add_lightning_class_args(SpecializationStrategy, "specialization", subclass_mode=True, required=False)
+        for key in ("num_classes", "class_to_superclass", "superclass_names", "class_names"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     # -- before anything is built ------------------------------------------------------------------
@@ -135,6 +156,14 @@ class AskExpertCLI(LightningCLI):
                     )
             elif ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES:
                 check_checkpoint_file(ckpt_path)
+                found = ckpt_path
+            else:
+                found = None
+            if subcommand == "fit" and found and not has_training_state(found):
+                raise UserError(
+                    f"{found} holds weights only (its run finished), so it cannot resume training; start a "
+                    "new run from it instead (an expert: --model.init base --model.base_path FILE)"
+                )
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -142,9 +171,36 @@ class AskExpertCLI(LightningCLI):
         # A fresh `fit` starts a new metrics.csv and W&B run; a resumed one (or an evaluation) continues them.
         fresh_fit = self.subcommand == "fit" and not config.get("ckpt_path")
         self._configure_loggers(config.trainer, append_metrics=not fresh_fit)
+        self._configure_expert(config)
         if config.data.val_fraction == 0:  # nothing to validate on: keep the newest weights as "best"
             config.checkpoint.monitor = None
             config.trainer.limit_val_batches = 0
+
+    def _configure_expert(self, config: Namespace) -> None:
+        """Give an ExpertModule its subset (from --partition) and strategy; refuse expert options elsewhere."""
+        model_class = _import_class(config.model.class_path)
+        is_expert = isinstance(model_class, type) and issubclass(model_class, ExpertModule)
+        if not is_expert:
+            if config.get("partition") or config.get("specialization"):
+                raise UserError(
+                    "--partition and --specialization train experts: use an expert config "
+                    "(model class askexpert.modules.ExpertModule, e.g. configs/expert_demo.yaml)"
+                )
+            return
+        init_args = config.model.init_args
+        if config.get("partition"):
+            partition = Partition.load(config.partition)
+            init_args.subset = partition.classes_of(config.expert_index)
+            init_args.expert_index = config.expert_index
+            init_args.partition = config.partition
+        elif not init_args.get("subset"):
+            raise UserError("an expert needs its classes: --partition FILE --expert_index I")
+        if config.get("specialization") is None:
+            config.specialization = Namespace(class_path=strategies.class_path(strategies.DEFAULT_STRATEGY))
+        strategy_class = _import_class(config.specialization.class_path)
+        init_args.other_output = bool(getattr(strategy_class, "other_output", False))
+        if config.checkpoint.monitor == "val/acc":  # an expert is judged on its own classes
+            config.checkpoint.monitor = "val/subset_acc"
 
     def _configure_loggers(self, trainer: Namespace, append_metrics: bool) -> None:
         """Default to a CSV logger writing into the run folder; point W&B loggers at the run's fixed id."""
@@ -186,6 +242,8 @@ class AskExpertCLI(LightningCLI):
             save_top_k=1,
             enable_version_counter=False,
         )
+        # the specialization slot is empty (None) for generalists and base models
+        callbacks = [c for c in callbacks if c is not None]
         return super()._instantiate_trainer(config, [*callbacks, last])
 
     # -- running -----------------------------------------------------------------------------------
@@ -193,9 +251,19 @@ class AskExpertCLI(LightningCLI):
         # Load and check all data before the run writes anything into its folder.
         self.datamodule.prepare_data()
         self.datamodule.setup()
+        partition_file = self.model.hparams.get("partition") if isinstance(self.model, ExpertModule) else None
+        if partition_file and os.path.isfile(partition_file):
+            Partition.load(partition_file).check_classes(self.datamodule.class_names)
         if self._new_wandb_id:
             save_wandb_run_id(*self._new_wandb_id)
         super()._run_subcommand(subcommand)
+
+    def after_fit(self) -> None:
+        # A finished expert keeps weights only in last.ckpt too: N experts x optimizer state adds up on disk.
+        if isinstance(self.model, ExpertModule) and not self.trainer.interrupted:
+            found = last_checkpoint(self.trainer.default_root_dir)
+            if found:
+                strip_training_state(found)
 
     def after_validate(self) -> None:
         self._report("val")
@@ -215,6 +283,33 @@ class AskExpertCLI(LightningCLI):
         if acc is not None:
             name = type(self.model).__name__
             print(f"\n{name} {stage} accuracy: {100 * acc:.2f} % on {data[f'{stage}_size']} images ({label})")
+
+
+def _import_class(class_path: str | None) -> object:
+    if not class_path:
+        return None
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def map_specialization_names(argv: list[str]) -> list[str]:
+    """`--specialization NAME` -> the registered class path, before jsonargparse sees it."""
+    mapped = list(argv)
+    for i, arg in enumerate(mapped):
+        if arg == "--specialization" and i + 1 < len(mapped):
+            value, index = mapped[i + 1], i + 1
+        elif arg.startswith("--specialization="):
+            value, index = arg.split("=", 1)[1], i
+        else:
+            continue
+        if "." in value or value.startswith(("{", "[")):  # already a class path or a dict
+            continue
+        path = strategies.class_path(value)
+        mapped[index] = path if index != i else f"--specialization={path}"
+    return mapped
 
 
 def print_overview() -> None:
@@ -239,7 +334,11 @@ def cli_main(args: list[str] | None = None):
     if command not in LIGHTNING_COMMANDS:
         known = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
         raise UserError(f"unknown command {command!r}; commands: {known}")
-    return AskExpertCLI(args=None if args is None else argv)
+    mapped = map_specialization_names(argv)
+    if args is None:  # LightningCLI warns when given args while sys.argv holds others: run from sys.argv
+        sys.argv[1:] = mapped
+        return AskExpertCLI(args=None)
+    return AskExpertCLI(args=mapped)
 
 
 def main() -> None:

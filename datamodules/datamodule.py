@@ -122,6 +122,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.metadata = source_metadata(source, root)
         self._splits: ImageSplits | None = None
+        # Set by a specialization strategy for the length of a fit: draws every training batch.
+        self.train_batch_sampler: Sampler[list[int]] | None = None
         self._tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- what the models need to know before any image is loaded -------------------------------------
@@ -217,11 +219,20 @@ class ImageDataModule(pl.LightningDataModule):
         shuffle: bool = False,
         sampler: Sampler | None = None,
         batch_size: int | None = None,
+        batch_sampler: Sampler[list[int]] | None = None,
     ) -> DataLoader:
-        """A loader over `split`, optionally restricted to `indices` or driven by a custom `sampler`."""
+        """A loader over `split`, optionally restricted to `indices` or driven by a custom (batch) sampler."""
         images, labels = self.tensors(split)
         if indices is not None:
             images, labels = images[indices], labels[indices]
+        if batch_sampler is not None:
+            return DataLoader(
+                TensorImageDataset(images, labels),
+                batch_sampler=batch_sampler,
+                num_workers=self.hparams.num_workers,
+                collate_fn=keep_batch,
+                persistent_workers=self.hparams.num_workers > 0,
+            )
         training = split == "train"
         return DataLoader(
             TensorImageDataset(images, labels),
@@ -235,6 +246,8 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_batch_sampler is not None:
+            return self.dataloader("train", batch_sampler=self.train_batch_sampler)
         return self.dataloader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -6,6 +6,8 @@ model, before any image is decoded, so every source can answer it from names and
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,17 +70,18 @@ def load_source(
         from datamodules.imagefolder import load_imagefolder
 
         return load_imagefolder(root, image_size=image_size, max_memory_gb=max_memory_gb)
-    from datamodules.synthetic import make_synthetic
-
     needed_gb = 100 * (synthetic_train_per_class + synthetic_test_per_class) * 3 * image_size**2 / 1e9
     if needed_gb > max_memory_gb:
         raise UserError(
             f"the synthetic stand-in at this size needs {needed_gb:.1f} GB in memory, over "
             f"--data.max_memory_gb {max_memory_gb:g}; lower its per-class sizes or raise the cap"
         )
-    return make_synthetic(
-        train_per_class=synthetic_train_per_class,
-        test_per_class=synthetic_test_per_class,
-        seed=synthetic_seed,
-        image_size=image_size,
-    )
+    return _cached_synthetic(synthetic_train_per_class, synthetic_test_per_class, synthetic_seed, image_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_synthetic(train_per_class: int, test_per_class: int, seed: int, image_size: int) -> ImageSplits:
+    """The stand-in is deterministic, so runs in one process (tests, comparisons) generate it once."""
+    from datamodules.synthetic import make_synthetic
+
+    return make_synthetic(train_per_class=train_per_class, test_per_class=test_per_class, seed=seed, image_size=image_size)

@@ -61,6 +61,8 @@ class ClassifierModule(pl.LightningModule):
         num_classes: number of output classes (linked from the DataModule by the CLI).
         class_to_superclass: superclass index of every class, for superclass metrics (linked from the data).
         superclass_names: names for the per-superclass metrics (linked from the data).
+        class_names: the dataset's class names (linked from the data), so a checkpoint records which classes
+            it answers and models trained on different class sets are never combined.
         pretrained: start from pretrained weights (needs `pretrained_path`: our models have none online).
         pretrained_path: local state-dict file for `pretrained`.
         lr: peak learning rate of AdamW.
@@ -82,6 +84,7 @@ class ClassifierModule(pl.LightningModule):
         num_classes: int = 100,
         class_to_superclass: list[int] | None = None,
         superclass_names: list[str] | None = None,
+        class_names: list[str] | None = None,
         pretrained: bool = False,
         pretrained_path: str | None = None,
         lr: float = 1e-3,
@@ -101,10 +104,12 @@ class ClassifierModule(pl.LightningModule):
             raise UserError(f"unknown schedule {schedule!r}; schedules: {', '.join(SCHEDULES)}")
         if num_classes < 2:
             raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise UserError(f"{len(class_names)} class names given for {num_classes} classes")
         if lr <= 0 or warmup_epochs < 0 or not 0 <= label_smoothing < 1:
             raise UserError("lr must be positive, warmup_epochs non-negative and label_smoothing in [0, 1)")
         self.save_hyperparameters()
-        self.net = create_network(model_name, num_classes, pretrained, pretrained_path, drop_path_rate)
+        self.net = create_network(model_name, self.num_outputs, pretrained, pretrained_path, drop_path_rate)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.mixup = None
@@ -119,6 +124,11 @@ class ClassifierModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
         self.test_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the network's head (experts with an "other" output have one more than num_classes)."""
+        return self.hparams.num_classes
 
     # -- inference -----------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

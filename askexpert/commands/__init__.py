@@ -1,0 +1,34 @@
+"""Commands that are not Trainer methods (`partition`, later `pipeline`, `evaluate`, ...).
+
+Each builds its own jsonargparse parser with `command_parser`, which gives every command the same
+`--config FILE` handling, the DataModule's arguments under `data` and one-line errors.
+"""
+
+from __future__ import annotations
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from askexpert.errors import UserError
+
+
+class CommandParser(ArgumentParser):
+    """jsonargparse parser whose errors are one line (a UserError) instead of usage + traceback."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        cause = ex
+        while cause is not None:
+            if isinstance(cause, UserError):
+                raise cause
+            cause = cause.__cause__ or cause.__context__
+        first_line = " ".join(line.strip() for line in message.strip().splitlines()[:2])
+        raise UserError(f"{first_line} (see `{self.prog} --help`)") from None
+
+
+def command_parser(name: str, description: str, with_data: bool = True) -> CommandParser:
+    parser = CommandParser(prog=f"python -m askexpert {name}", description=description, parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file(s) with any of the options below")
+    if with_data:
+        from datamodules.datamodule import ImageDataModule
+
+        parser.add_class_arguments(ImageDataModule, "data")
+    return parser

@@ -1,0 +1,196 @@
+"""The expert: a near-edge ViT specialised on a subset of the classes, answering over all of them.
+
+It still answers over all C classes (a sample the router sent to the wrong expert can still be answered),
+and it reports metrics twice: on every test image (`val/acc`, ...) and on its own classes only
+(`val/subset_acc`, ...), which is what it is trained to improve. A `dustbin` expert has one extra output,
+"other"; an "other" answer counts as wrong in every metric here (the collaborative system replaces it with
+the generalist's answer).
+
+How it starts is its own setting, separate from the specialization strategy:
+- `scratch`: random weights;
+- `base`: the weights of an all-class checkpoint of the same architecture (`base_path`), which is also the
+  "offload everything" baseline; the check refuses another architecture or another class set;
+- `pretrained`: a local state-dict file (`pretrained_path`), e.g. ImageNet weights converted by timm.
+Initial weights are loaded when training starts (not in `__init__`), so loading a trained expert from its
+own checkpoint never needs the base file.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from askexpert.checkpoints import load_checkpoint
+from askexpert.errors import UserError
+from askexpert.modules.classifier import ClassifierModule, create_network
+from askexpert.modules.metrics import ClassificationMetrics
+
+INITS = ("scratch", "base", "pretrained")
+
+
+class ExpertModule(ClassifierModule):
+    """Expert of one class subset; `subset` and `expert_index` come from the partition file via the CLI.
+
+    Args:
+        subset: the class ids this expert is responsible for (set by `--partition FILE --expert_index I`).
+        expert_index: position of this expert in the partition.
+        partition: the partition file the subset came from (recorded for reports).
+        init: `scratch`, `base` or `pretrained` (see the module docstring).
+        base_path: all-class checkpoint of the same architecture, for `init: base` and distillation.
+        other_output: one extra "other" output (set by the CLI for the `dustbin` specialization).
+        **kwargs: everything `ClassifierModule` takes (model_name, lr, ...).
+    """
+
+    def __init__(
+        self,
+        subset: list[int] | None = None,
+        expert_index: int = 0,
+        partition: str | None = None,
+        init: str = "base",
+        base_path: str | None = None,
+        other_output: bool = False,
+        model_name: str = "vit_medium_patch4_32",
+        **kwargs,
+    ) -> None:
+        if init not in INITS:
+            raise UserError(f"unknown expert init {init!r}; inits: {', '.join(INITS)}")
+        if init == "base" and not base_path:
+            raise UserError("init: base needs the all-class base checkpoint: --model.base_path FILE")
+        if init == "pretrained" and not kwargs.get("pretrained_path"):
+            raise UserError("init: pretrained needs a local state-dict file: --model.pretrained_path FILE")
+        if kwargs.get("mixup_alpha") or kwargs.get("cutmix_alpha"):
+            raise UserError("experts do not support Mixup/CutMix (mixed labels cross the subset boundary)")
+        kwargs["pretrained"] = False  # initial weights are loaded in `setup("fit")`, see the module docstring
+        self._other_output = other_output  # read by `num_outputs` while the parent builds the network
+        # save_hyperparameters() in the parent also records this __init__'s arguments (Lightning walks the frames)
+        super().__init__(model_name=model_name, **kwargs)
+        num_classes = self.hparams.num_classes
+        if not subset:
+            raise UserError("an expert needs its class subset: --partition FILE --expert_index I")
+        bad = [c for c in subset if not 0 <= c < num_classes]
+        if bad:
+            raise UserError(f"expert {expert_index}: class id {bad[0]} is out of range for {num_classes} classes")
+        self.register_buffer("subset", torch.as_tensor(sorted(set(subset)), dtype=torch.long), persistent=False)
+        self.specialization = None  # set by the strategy callback at setup("fit")
+        h = self.hparams
+        self.val_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
+        self.test_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.hparams.num_classes + int(self._other_output)
+
+    # -- initial weights -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.trainer.ckpt_path:  # a resumed run restores its own weights
+            return
+        if self.hparams.init == "base":
+            self._load_base_weights()
+        elif self.hparams.init == "pretrained":
+            h = self.hparams
+            source = create_network(h.model_name, h.num_classes, True, h.pretrained_path, 0.0)
+            self._load_net_state(source.state_dict(), h.pretrained_path)
+
+    def _base_checkpoint(self) -> dict:
+        path = self.hparams.base_path
+        if not path:
+            raise UserError("distillation from the base model needs --model.base_path FILE")
+        checkpoint = load_checkpoint(path)
+        hp = checkpoint.get("hyper_parameters", {})
+        h = self.hparams
+        if hp.get("model_name") != h.model_name:
+            raise UserError(
+                f"base checkpoint {path} is a {hp.get('model_name')!r} model but this expert is {h.model_name!r}"
+            )
+        if hp.get("num_classes") != h.num_classes or (
+            hp.get("class_names") and h.class_names and list(hp["class_names"]) != list(h.class_names)
+        ):
+            raise UserError(f"base checkpoint {path} was trained on a different class set than this expert's data")
+        if hp.get("other_output"):
+            raise UserError(f"base checkpoint {path} is a dustbin expert, not an all-class model")
+        return checkpoint
+
+    def _load_net_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        state = dict(state)
+        head_w, head_b = state.get("head.weight"), state.get("head.bias")
+        if self.hparams.other_output and head_w is not None and head_w.shape[0] == self.hparams.num_classes:
+            # the "other" output starts at zero; the class outputs keep the base's weights
+            state["head.weight"] = torch.cat([head_w, head_w.new_zeros(1, head_w.shape[1])])
+            state["head.bias"] = torch.cat([head_b, head_b.new_zeros(1)])
+        try:
+            self.net.load_state_dict(state)
+        except RuntimeError as err:
+            raise UserError(f"{source} does not fit this expert's network: {str(err).splitlines()[0]}") from None
+
+    def _load_base_weights(self) -> None:
+        checkpoint = self._base_checkpoint()
+        state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        self._load_net_state(state, self.hparams.base_path)
+
+    def base_network(self) -> torch.nn.Module:
+        """A frozen copy of the base model's network on this module's device (the distillation teacher)."""
+        checkpoint = self._base_checkpoint()
+        teacher = copy.deepcopy(self.net)
+        if self.hparams.other_output:
+            raise UserError("distillation needs an expert without an 'other' output")
+        state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        teacher.load_state_dict(state)
+        return teacher.eval().requires_grad_(False).to(self.device)
+
+    # -- training ------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        inputs = self.preprocess(images)
+        logits = self.net(inputs)
+        in_subset = torch.isin(labels, self.subset)
+        if self.specialization is not None:
+            loss = self.specialization.loss(self, inputs, logits, labels, in_subset)
+        else:  # trained without a strategy callback: plain cross-entropy on all classes
+            loss = self.training_loss(logits, labels)
+        self.train_acc(self.answer_logits(logits.detach(), labels), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def answer_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits for the metrics; rows that answered "other" are made wrong, even in the top-k."""
+        if not self.hparams.get("other_output"):
+            return logits
+        num_classes = self.hparams.num_classes
+        other = logits.argmax(-1) == num_classes
+        scores = logits[:, :num_classes].clone()
+        if other.any():
+            rows = torch.nonzero(other).flatten()
+            scores[rows] = 0.0
+            scores[rows, labels[rows]] = -1.0  # the true class ranks last
+            scores[rows, (labels[rows] + 1) % num_classes] = 1.0  # and some other class first
+        return scores
+
+    def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
+        images, labels = batch
+        logits = self.answer_logits(self(images), labels)
+        self.log(f"{prefix}/loss", torch.nn.functional.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels))
+        metrics.update(logits, labels)
+        inside = torch.isin(labels, self.subset)
+        subset_metrics = self.val_subset_metrics if prefix == "val" else self.test_subset_metrics
+        if inside.any():
+            subset_metrics.update(logits[inside], labels[inside])
+
+    def _log_subset_metrics(self, metrics: ClassificationMetrics, prefix: str) -> None:
+        if not metrics.scalars["acc"].update_called:
+            return
+        results = metrics.compute()
+        for name in ("acc", "superclass_acc"):
+            if name in results:
+                self.log(f"{prefix}/subset_{name}", results[name], prog_bar=name == "acc")
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_subset_metrics(self.val_subset_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_subset_metrics(self.test_subset_metrics, "test")

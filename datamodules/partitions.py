@@ -1,0 +1,281 @@
+"""Expert partitions: which classes each expert is responsible for, built once and saved as JSON.
+
+A partition is a list of class-id lists, one per expert. Methods:
+- `superclass`: whole superclasses packed into N groups of (nearly) equal class counts;
+- `confusion`: spectral clustering of a generalist's validation confusion matrix, with balanced sizes, so
+  classes the generalist mixes up go to the same expert (the expert is then asked exactly the hard question);
+- `random`: a seeded balanced shuffle (the control);
+- `explicit`: lists given by the user (class ids or names).
+`overlap` adds to every expert the K outside classes the generalist confuses most with its members, so a
+sample the generalist half-recognises still reaches an expert that knows its class.
+
+The JSON artefact records class ids and names per expert plus how it was built; training, evaluation and
+deployment all read the same file, and `Partition.load` refuses a file whose classes differ from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from askexpert.errors import UserError
+
+METHODS = ("superclass", "confusion", "random", "explicit")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Class subsets of the experts, over a dataset with `class_names`."""
+
+    experts: list[list[int]]
+    class_names: list[str]
+    method: str = "explicit"
+    details: dict = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def classes_of(self, expert_index: int) -> list[int]:
+        if not 0 <= expert_index < self.num_experts:
+            raise UserError(f"expert index {expert_index} is out of range: the partition has {self.num_experts} experts")
+        return list(self.experts[expert_index])
+
+    def coverage(self) -> torch.Tensor:
+        """(num_experts, num_classes) bool: which expert covers which class (what routing scores against)."""
+        table = torch.zeros(self.num_experts, self.num_classes, dtype=torch.bool)
+        for e, classes in enumerate(self.experts):
+            table[e, classes] = True
+        return table
+
+    def check(self, allow_uncovered: bool = False) -> Partition:
+        """Raise UserError for empty subsets, out-of-range or repeated ids and (unless allowed) uncovered classes."""
+        if not self.experts:
+            raise UserError("a partition needs at least one expert")
+        for e, classes in enumerate(self.experts):
+            if not classes:
+                raise UserError(f"expert {e} has an empty class subset")
+            for c in classes:
+                if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < self.num_classes:
+                    raise UserError(f"expert {e}: class id {c!r} is out of range for {self.num_classes} classes")
+            if len(set(classes)) != len(classes):
+                raise UserError(f"expert {e} lists a class more than once")
+        uncovered = sorted(set(range(self.num_classes)) - {c for classes in self.experts for c in classes})
+        if uncovered and not allow_uncovered:
+            names = ", ".join(self.class_names[c] for c in uncovered[:5])
+            more = f" and {len(uncovered) - 5} more" if len(uncovered) > 5 else ""
+            raise UserError(
+                f"{len(uncovered)} classes belong to no expert ({names}{more}); "
+                "cover them or allow it explicitly (--allow_uncovered true)"
+            )
+        return self
+
+    def check_classes(self, class_names: Sequence[str], what: str = "the data") -> None:
+        """Refuse to use this partition with a dataset of different classes."""
+        if list(class_names) != self.class_names:
+            raise UserError(
+                f"the partition was built for {self.num_classes} classes ({', '.join(self.class_names[:3])}, ...) "
+                f"but {what} has {len(class_names)} classes ({', '.join(list(class_names)[:3])}, ...)"
+            )
+
+    # -- the artefact --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "details": self.details,
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "experts": [
+                {"index": e, "classes": list(classes), "names": [self.class_names[c] for c in classes]}
+                for e, classes in enumerate(self.experts)
+            ],
+        }
+
+    def save(self, path: str) -> None:
+        from askexpert.callbacks import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str, allow_uncovered: bool = True) -> Partition:
+        """Read a partition JSON written by `save` (or by hand, in the same layout)."""
+        if not os.path.isfile(path):
+            raise UserError(f"partition file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+            experts = [list(entry["classes"]) for entry in raw["experts"]]
+            partition = cls(experts, list(raw["class_names"]), raw.get("method", "explicit"), raw.get("details", {}))
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not a partition file ({type(err).__name__}: {err})") from None
+        return partition.check(allow_uncovered=allow_uncovered or partition.details.get("allow_uncovered", False))
+
+
+# -- builders ----------------------------------------------------------------------------------------
+def _check_num_experts(num_experts: int, num_groups: int, what: str) -> None:
+    if num_experts < 1:
+        raise UserError(f"--num_experts must be at least 1, got {num_experts}")
+    if num_experts > num_groups:
+        raise UserError(f"cannot split {num_groups} {what} into {num_experts} non-empty experts")
+
+
+def superclass_partition(class_to_superclass: Sequence[int], num_experts: int) -> list[list[int]]:
+    """Whole superclasses packed into `num_experts` groups of near-equal class counts.
+
+    Largest superclass first, each into the group with the fewest classes so far (ties: lowest index),
+    which is exact for CIFAR-100's 20 five-class superclasses (4 experts x 25 classes) and near-balanced
+    for uneven hierarchies.
+    """
+    members: dict[int, list[int]] = {}
+    for c, s in enumerate(class_to_superclass):
+        members.setdefault(int(s), []).append(c)
+    _check_num_experts(num_experts, len(members), "superclasses")
+    order = sorted(members, key=lambda s: (-len(members[s]), s))
+    groups: list[list[int]] = [[] for _ in range(num_experts)]
+    for s in order:
+        target = min(range(num_experts), key=lambda g: (len(groups[g]), g))
+        groups[target].extend(members[s])
+    return [sorted(g) for g in groups]
+
+
+def random_partition(num_classes: int, num_experts: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle of the classes cut into `num_experts` near-equal groups."""
+    _check_num_experts(num_experts, num_classes, "classes")
+    order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(order[g::num_experts]) for g in range(num_experts)]
+
+
+def explicit_partition(experts: Sequence[Sequence[int | str]], class_names: Sequence[str]) -> list[list[int]]:
+    """User-given subsets; entries may be class ids or class names."""
+    index = {name: c for c, name in enumerate(class_names)}
+    groups = []
+    for e, classes in enumerate(experts):
+        group = []
+        for c in classes:
+            if isinstance(c, str) and not c.lstrip("-").isdigit():
+                if c not in index:
+                    raise UserError(f"expert {e}: unknown class name {c!r}")
+                group.append(index[c])
+            else:
+                group.append(int(c))
+        groups.append(group)
+    return groups
+
+
+def _balanced_assignment(points: np.ndarray, centroids: np.ndarray, capacity: int) -> np.ndarray:
+    """Assign every point to a centroid, at most `capacity` points each, minimising total squared distance."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = ((points[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (n, k)
+    slots = np.repeat(cost, capacity, axis=1)  # every centroid offers `capacity` seats
+    rows, cols = linear_sum_assignment(slots)
+    assignment = np.empty(len(points), dtype=np.int64)
+    assignment[rows] = cols // capacity
+    return assignment
+
+
+def confusion_partition(confusion: torch.Tensor, num_experts: int, seed: int = 0, iterations: int = 20) -> list[list[int]]:
+    """Balanced spectral clustering of a (C, C) confusion matrix (rows: true class, columns: predicted).
+
+    Affinity = symmetrised off-diagonal confusion rates; the embedding is the first `num_experts`
+    eigenvectors of the normalised affinity; balanced k-means (capacity ceil(C / N) per expert, solved as
+    an assignment problem) clusters it, so no expert ends up with most of the classes.
+    """
+    counts = confusion.double()
+    num_classes = counts.shape[0]
+    _check_num_experts(num_experts, num_classes, "classes")
+    if counts.shape != (num_classes, num_classes):
+        raise UserError(f"a confusion matrix must be square, got shape {tuple(counts.shape)}")
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    affinity = (rates + rates.T).numpy()
+    np.fill_diagonal(affinity, 0.0)
+    affinity += 1e-6  # keeps the graph connected when some classes are never confused
+    degree = affinity.sum(1)
+    normalised = affinity / np.sqrt(np.outer(degree, degree))
+    _, vectors = np.linalg.eigh(normalised)
+    embedding = vectors[:, -num_experts:]  # largest eigenvalues
+    embedding = embedding / np.linalg.norm(embedding, axis=1, keepdims=True).clip(1e-12)
+    capacity = math.ceil(num_classes / num_experts)
+    rng = np.random.default_rng(seed)
+    centroids = embedding[rng.choice(num_classes, num_experts, replace=False)]
+    assignment = _balanced_assignment(embedding, centroids, capacity)
+    for _ in range(iterations):
+        centroids = np.stack([embedding[assignment == k].mean(0) for k in range(num_experts)])
+        new = _balanced_assignment(embedding, centroids, capacity)
+        if np.array_equal(new, assignment):
+            break
+        assignment = new
+    groups = [sorted(np.flatnonzero(assignment == k).tolist()) for k in range(num_experts)]
+    return sorted(groups, key=lambda g: g[0])  # a stable order: by smallest class id
+
+
+def add_overlap(groups: list[list[int]], confusion: torch.Tensor, per_expert: int) -> list[list[int]]:
+    """Give every expert the `per_expert` outside classes most confused with its own (both directions)."""
+    if per_expert < 0:
+        raise UserError(f"--overlap must not be negative, got {per_expert}")
+    counts = confusion.double()
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    mutual = rates + rates.T
+    result = []
+    for group in groups:
+        inside = torch.zeros(len(counts), dtype=torch.bool)
+        inside[group] = True
+        score = mutual[:, inside].sum(1)  # how much each class is confused with this expert's classes
+        score[inside] = -1.0
+        extra = score.argsort(descending=True)[: min(per_expert, int((~inside).sum()))].tolist()
+        result.append(sorted(group + extra))
+    return result
+
+
+def build_partition(
+    method: str,
+    class_names: Sequence[str],
+    num_experts: int = 4,
+    class_to_superclass: Sequence[int] | None = None,
+    confusion: torch.Tensor | None = None,
+    experts: Sequence[Sequence[int | str]] | None = None,
+    overlap: int = 0,
+    seed: int = 0,
+    allow_uncovered: bool = False,
+) -> Partition:
+    """Build and check a partition with `method` (see the module docstring for the methods)."""
+    if method not in METHODS:
+        raise UserError(f"unknown partition method {method!r}; methods: {', '.join(METHODS)}")
+    if method != "explicit" and experts:
+        raise UserError("expert class lists are only read by --method explicit")
+    details: dict = {"num_experts": num_experts, "overlap": overlap, "allow_uncovered": allow_uncovered}
+    if method == "superclass":
+        if class_to_superclass is None:
+            raise UserError("this dataset has no superclasses; use --method confusion, random or explicit")
+        groups = superclass_partition(class_to_superclass, num_experts)
+    elif method == "confusion":
+        if confusion is None:
+            raise UserError("--method confusion needs a trained generalist: --generalist CHECKPOINT")
+        groups = confusion_partition(confusion, num_experts, seed)
+        details["seed"] = seed
+    elif method == "random":
+        groups = random_partition(len(class_names), num_experts, seed)
+        details["seed"] = seed
+    else:
+        if not experts:
+            raise UserError("--method explicit needs the class lists: experts: [[...], [...]] in a --config file")
+        groups = explicit_partition(experts, class_names)
+        details["num_experts"] = len(groups)
+    partition = Partition(groups, list(class_names), method, details).check(allow_uncovered)
+    if overlap:
+        if confusion is None:
+            raise UserError("--overlap needs a trained generalist's confusion matrix: --generalist CHECKPOINT")
+        partition = Partition(add_overlap(partition.experts, confusion, overlap), list(class_names), method, details)
+    return partition.check(allow_uncovered)

@@ -1,0 +1,122 @@
+"""What every specialization strategy is: a Lightning callback that decides the data mix and the loss.
+
+A strategy answers two questions about training an expert on its class subset:
+1. which samples each step draws, as a function of training progress: `out_share(progress, natural)`, the
+   share of a batch drawn from outside the subset (`natural` is that share in the training split);
+2. how the loss treats in- and out-of-subset samples: `loss(...)`.
+How the expert's weights start (`init`), the optimizer and checkpointing belong to `ExpertModule` and
+Lightning. At `setup("fit")` the strategy hands the DataModule a `SubsetMixBatchSampler`, so every strategy
+trains for the same number of optimizer steps (the natural epoch of the whole split) whatever it draws.
+
+A subclass with a `name` registers itself: a new strategy is one file in `strategies/` (discovered by the
+package) plus its parameters in `configs/specialization/<name>.yaml`; `--specialization <name>` selects it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from askexpert.errors import UserError
+from strategies.sampler import SubsetMixBatchSampler
+
+REGISTRY: dict[str, type[SpecializationStrategy]] = {}
+
+
+def planned_steps(trainer: pl.Trainer, steps_per_epoch: int) -> int:
+    """Optimizer steps the run will take (what progress 1.0 means)."""
+    by_epochs = steps_per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    by_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+    candidates = [s for s in (by_epochs, by_steps) if s]
+    if not candidates:
+        raise UserError("a specialization schedule needs a finite run: set --trainer.max_epochs or max_steps")
+    return min(candidates)
+
+
+class SpecializationStrategy(Callback):
+    """Base class: subclasses set `name` and implement `out_share`; they may override `loss`."""
+
+    name: ClassVar[str] = ""
+    # True for strategies whose expert has one extra "other" output (C + 1 logits).
+    other_output: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in REGISTRY and REGISTRY[cls.name].__qualname__ != cls.__qualname__:
+                raise TypeError(f"two specialization strategies are named {cls.name!r}")
+            REGISTRY[cls.name] = cls
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sampler: SubsetMixBatchSampler | None = None
+        self.total_steps = 1
+        self.natural_out_share = 0.0
+
+    # -- what subclasses define ----------------------------------------------------------------------
+    def out_share(self, progress: float, natural: float) -> float:
+        """Share of each batch drawn from outside the subset at `progress` in [0, 1]."""
+        raise NotImplementedError
+
+    def loss(
+        self, module, inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, in_subset: torch.Tensor
+    ) -> torch.Tensor:
+        """Training loss of one batch; the default is cross-entropy on the true labels of all samples."""
+        return F.cross_entropy(logits, labels, label_smoothing=module.hparams.label_smoothing)
+
+    def check(self, natural: float) -> None:
+        """Validate parameters that depend on the data (e.g. a schedule's start); raise UserError."""
+
+    def on_progress(self, module, progress: float) -> None:
+        """Called before every training step (e.g. to unfreeze layers as training advances)."""
+
+    # -- wiring into Lightning -----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        subset = getattr(pl_module, "subset", None)
+        if subset is None:
+            raise UserError(f"the {self.name!r} specialization trains experts only (model class ExpertModule)")
+        if bool(pl_module.hparams.get("other_output")) != self.other_output:
+            raise UserError(
+                f"the {self.name!r} specialization needs an expert with other_output={self.other_output} "
+                "(the CLI sets it from --specialization)"
+            )
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "tensors"):
+            raise UserError("specialization strategies need askexpert's ImageDataModule")
+        labels = datamodule.tensors("train")[1]
+        in_mask = torch.isin(labels, subset.cpu())
+        if not in_mask.any():
+            raise UserError(f"expert {pl_module.hparams.expert_index}: no training images of its classes")
+        self.natural_out_share = float(1.0 - in_mask.float().mean())
+        self.check(self.natural_out_share)
+        batch_size = datamodule.hparams.batch_size
+        steps_per_epoch = max(1, len(labels) // batch_size)
+        self.total_steps = planned_steps(trainer, steps_per_epoch)
+        self.sampler = SubsetMixBatchSampler(
+            in_subset=torch.nonzero(in_mask).flatten(),
+            out_of_subset=torch.nonzero(~in_mask).flatten(),
+            batch_size=batch_size,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=self.total_steps,
+            out_share=lambda progress: self.out_share(progress, self.natural_out_share),
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        )
+        datamodule.train_batch_sampler = self.sampler
+        pl_module.specialization = self
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.datamodule is not None and hasattr(trainer.datamodule, "train_batch_sampler"):
+            trainer.datamodule.train_batch_sampler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self.on_progress(pl_module, min(1.0, trainer.global_step / max(1, self.total_steps - 1)))
+        labels = batch[1]
+        drawn = (~torch.isin(labels, pl_module.subset)).float().mean()
+        pl_module.log("specialization/out_share", drawn, on_step=True, on_epoch=True, batch_size=len(labels))
