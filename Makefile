@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.askexpert-installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow lint clean strategy-table
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: install
 	$(PY) -m askexpert fit --config configs/generalist_demo.yaml --trainer.default_root_dir $(DEMO_DIR)
 	$(PY) -m askexpert test --config configs/generalist_demo.yaml --trainer.default_root_dir $(DEMO_DIR) \
 		--ckpt_path $(DEMO_DIR)/checkpoints/best.ckpt
+
+# Subset accuracy per specialization strategy, 3 seeds x 4 experts (docs/results/strategies_stand_in.md).
+strategy-table: install
+	$(PY) experiments/strategy_table.py --reuse
 
 test: install
 	$(PY) -m pytest -q

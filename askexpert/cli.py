@@ -63,7 +63,12 @@ def _lazy(module: str) -> Callable[[list[str]], object]:
 
 # Commands that are not Trainer methods, each with its own parser in `askexpert.commands`.
 EXTRA_COMMANDS: dict[str, Command] = {
-    "partition": Command("split the classes into expert subsets (JSON artefact)", _lazy("askexpert.commands.partition")),
+    "partition": Command(
+        "split the classes into expert subsets (JSON artefact)", _lazy("askexpert.commands.partition")
+    ),
+    "experts": Command(
+        "train every expert of a partition (one fit each, one GPU each)", _lazy("askexpert.commands.experts")
+    ),
 }
 
 DEFAULT_ROOT_DIR = "runs/default"
@@ -251,12 +256,24 @@ class AskExpertCLI(LightningCLI):
         # Load and check all data before the run writes anything into its folder.
         self.datamodule.prepare_data()
         self.datamodule.setup()
-        partition_file = self.model.hparams.get("partition") if isinstance(self.model, ExpertModule) else None
-        if partition_file and os.path.isfile(partition_file):
-            Partition.load(partition_file).check_classes(self.datamodule.class_names)
+        if isinstance(self.model, ExpertModule):
+            self._check_expert(subcommand)
         if self._new_wandb_id:
             save_wandb_run_id(*self._new_wandb_id)
         super()._run_subcommand(subcommand)
+
+    def _check_expert(self, subcommand: str) -> None:
+        """Everything about an expert run that can be wrong, checked before the run writes anything."""
+        partition_file = self.model.hparams.get("partition")
+        if partition_file and os.path.isfile(partition_file):
+            Partition.load(partition_file).check_classes(self.datamodule.class_names)
+        if subcommand != "fit":
+            return
+        strategy = self.config_init[subcommand].get("specialization")
+        if strategy is not None:
+            strategy.validate(self.model, self.datamodule)
+        if not self.config[subcommand].get("ckpt_path"):
+            self.model.prepare_initial_weights()
 
     def after_fit(self) -> None:
         # A finished expert keeps weights only in last.ckpt too: N experts x optimizer state adds up on disk.

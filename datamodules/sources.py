@@ -7,7 +7,6 @@ model, before any image is decoded, so every source can answer it from names and
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,4 +83,6 @@ def _cached_synthetic(train_per_class: int, test_per_class: int, seed: int, imag
     """The stand-in is deterministic, so runs in one process (tests, comparisons) generate it once."""
     from datamodules.synthetic import make_synthetic
 
-    return make_synthetic(train_per_class=train_per_class, test_per_class=test_per_class, seed=seed, image_size=image_size)
+    return make_synthetic(
+        train_per_class=train_per_class, test_per_class=test_per_class, seed=seed, image_size=image_size
+    )

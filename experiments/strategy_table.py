@@ -80,7 +80,9 @@ def run_seed(seed: int, out: Path, experts: list[int], rows: list[tuple], tiny: 
     base_ckpt = seed_dir / "generalist" / "checkpoints" / "best.ckpt"
     datamodule = AskExpertCLI(["--config", "configs/base_demo.yaml", *tiny], run=False).datamodule
     partition_file = out / "partition.json"
-    cli_main(["partition", "--config", "configs/data/synthetic_demo.yaml", *_data_args(tiny), "--out", str(partition_file)])
+    cli_main(
+        ["partition", "--config", "configs/data/synthetic_demo.yaml", *_data_args(tiny), "--out", str(partition_file)]
+    )
     partition = Partition.load(str(partition_file))
     images, labels = datamodule.tensors("test")
     general_pred = subset_predictions(generalist, images)
@@ -141,7 +143,9 @@ def render(results: dict[int, dict], experts: list[int], rows: list[tuple], minu
         lines.append(f"| {label} | " + cells(lambda r, e, label=label: r["rows"][label][e]) + " |")
     if "progressive" in {r[0] for r in rows}:
         gains = [
-            100 * (results[seed]["rows"]["progressive"][e] - results[seed]["generalist"][e]) for seed in seeds for e in experts
+            100 * (results[seed]["rows"]["progressive"][e] - results[seed]["generalist"][e])
+            for seed in seeds
+            for e in experts
         ]
         worst = min(gains)
         n = first["test_images"][experts[0]]
@@ -171,8 +175,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in ROWS if r[0] in args.rows]
     tiny = []
     if args.tiny:
-        tiny = ["--model.model_name", "vit_micro_patch8_32", "--trainer.max_epochs", "1", "--data.synthetic_train_per_class",
-                "10", "--data.synthetic_test_per_class", "4", "--data.batch_size", "64"]
+        tiny = [
+            "--model.model_name",
+            "vit_micro_patch8_32",
+            "--trainer.max_epochs",
+            "1",
+            "--data.synthetic_train_per_class",
+            "10",
+            "--data.synthetic_test_per_class",
+            "4",
+            "--data.batch_size",
+            "64",
+        ]
     out = Path(args.out)
     started = time.time()
     results = {seed: run_seed(seed, out, args.experts, rows, tiny, args.reuse) for seed in args.seeds}

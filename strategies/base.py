@@ -76,9 +76,9 @@ class SpecializationStrategy(Callback):
         """Called before every training step (e.g. to unfreeze layers as training advances)."""
 
     # -- wiring into Lightning -----------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def validate(self, pl_module: pl.LightningModule, datamodule) -> torch.Tensor:
+        """Check that this strategy can train `pl_module` on `datamodule`; returns the in-subset mask of the
+        training labels. The CLI calls it before a run writes anything, `setup` again at fit time."""
         subset = getattr(pl_module, "subset", None)
         if subset is None:
             raise UserError(f"the {self.name!r} specialization trains experts only (model class ExpertModule)")
@@ -87,7 +87,6 @@ class SpecializationStrategy(Callback):
                 f"the {self.name!r} specialization needs an expert with other_output={self.other_output} "
                 "(the CLI sets it from --specialization)"
             )
-        datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "tensors"):
             raise UserError("specialization strategies need askexpert's ImageDataModule")
         labels = datamodule.tensors("train")[1]
@@ -96,6 +95,14 @@ class SpecializationStrategy(Callback):
             raise UserError(f"expert {pl_module.hparams.expert_index}: no training images of its classes")
         self.natural_out_share = float(1.0 - in_mask.float().mean())
         self.check(self.natural_out_share)
+        return in_mask
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        in_mask = self.validate(pl_module, datamodule)
+        labels = datamodule.tensors("train")[1]
         batch_size = datamodule.hparams.batch_size
         steps_per_epoch = max(1, len(labels) // batch_size)
         self.total_steps = planned_steps(trainer, steps_per_epoch)

@@ -107,6 +107,14 @@ class ProgressiveSpecialization(SpecializationStrategy):
         return decay(self.schedule, start, self.floor, progress / self.decay_end, self.steps)
 
     # -- optional pieces -----------------------------------------------------------------------------
+    def validate(self, pl_module, datamodule):
+        in_mask = super().validate(pl_module, datamodule)
+        if self.distill_weight > 0 and not pl_module.hparams.get("base_path"):
+            raise UserError(
+                "progressive distillation (distill_weight > 0) needs the base model: --model.base_path FILE"
+            )
+        return in_mask
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.distill_weight > 0:
@@ -143,7 +151,9 @@ class ProgressiveSpecialization(SpecializationStrategy):
         with torch.no_grad():
             teacher_logits = self.teacher(inputs[outside])
         distill = F.kl_div(
-            F.log_softmax(logits[outside] / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True,
+            F.log_softmax(logits[outside] / t, -1),
+            F.log_softmax(teacher_logits / t, -1),
+            log_target=True,
             reduction="none",
         ).sum(-1) * (t * t)
         mixed = per_sample.clone()

@@ -46,7 +46,10 @@ def test_help_lists_every_command(capsys):
 def test_unknown_command_is_one_clear_line(capsys):
     code, _, err = run_main(["train"], capsys)
     assert code == 2
-    assert err.strip() == "askexpert: error: unknown command 'train'; commands: fit, validate, test, predict"
+    assert (
+        err.strip()
+        == "askexpert: error: unknown command 'train'; commands: fit, validate, test, predict, partition, experts"
+    )
 
 
 def test_there_is_a_cpu_generalist_config():

@@ -85,6 +85,8 @@ def run(argv: list[str]) -> Partition:
     os.makedirs(out_dir, exist_ok=True)
     partition.save(args.out)
     sizes = ", ".join(str(len(classes)) for classes in partition.experts)
-    print(f"{args.method} partition of {partition.num_classes} classes into {partition.num_experts} experts "
-          f"({sizes} classes) written to {args.out}")
+    print(
+        f"{args.method} partition of {partition.num_classes} classes into {partition.num_experts} experts "
+        f"({sizes} classes) written to {args.out}"
+    )
     return partition

@@ -73,6 +73,7 @@ class ExpertModule(ClassifierModule):
             raise UserError(f"expert {expert_index}: class id {bad[0]} is out of range for {num_classes} classes")
         self.register_buffer("subset", torch.as_tensor(sorted(set(subset)), dtype=torch.long), persistent=False)
         self.specialization = None  # set by the strategy callback at setup("fit")
+        self._initial_state: tuple[dict, str] | None = None
         h = self.hparams
         self.val_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
         self.test_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
@@ -82,15 +83,36 @@ class ExpertModule(ClassifierModule):
         return self.hparams.num_classes + int(self._other_output)
 
     # -- initial weights -----------------------------------------------------------------------------
+    def prepare_initial_weights(self) -> None:
+        """Read and check the `init` weights now (the CLI calls this before a run writes anything)."""
+        h = self.hparams
+        if h.init == "base":
+            checkpoint = self._base_checkpoint()
+            state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+            self._initial_state = (self._fit_head(state), h.base_path)
+        elif h.init == "pretrained":
+            source = create_network(h.model_name, h.num_classes, True, h.pretrained_path, 0.0)
+            self._initial_state = (self._fit_head(source.state_dict()), h.pretrained_path)
+        else:
+            return
+        # shapes are checked now, on a throw-away copy, so a wrong architecture fails before training starts
+        try:
+            copy.deepcopy(self.net).load_state_dict(self._initial_state[0])
+        except RuntimeError as err:
+            raise UserError(
+                f"{self._initial_state[1]} does not fit this expert's network: {str(err).splitlines()[0]}"
+            ) from None
+
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.trainer.ckpt_path:  # a resumed run restores its own weights
             return
-        if self.hparams.init == "base":
-            self._load_base_weights()
-        elif self.hparams.init == "pretrained":
-            h = self.hparams
-            source = create_network(h.model_name, h.num_classes, True, h.pretrained_path, 0.0)
-            self._load_net_state(source.state_dict(), h.pretrained_path)
+        if self.hparams.init == "scratch":
+            return
+        if getattr(self, "_initial_state", None) is None:
+            self.prepare_initial_weights()
+        state, _ = self._initial_state
+        self.net.load_state_dict(state)
+        self._initial_state = None  # free the copy
 
     def _base_checkpoint(self) -> dict:
         path = self.hparams.base_path
@@ -111,22 +133,14 @@ class ExpertModule(ClassifierModule):
             raise UserError(f"base checkpoint {path} is a dustbin expert, not an all-class model")
         return checkpoint
 
-    def _load_net_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+    def _fit_head(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An all-class state dict with, for a dustbin expert, the extra "other" output appended at zero."""
         state = dict(state)
         head_w, head_b = state.get("head.weight"), state.get("head.bias")
         if self.hparams.other_output and head_w is not None and head_w.shape[0] == self.hparams.num_classes:
-            # the "other" output starts at zero; the class outputs keep the base's weights
             state["head.weight"] = torch.cat([head_w, head_w.new_zeros(1, head_w.shape[1])])
             state["head.bias"] = torch.cat([head_b, head_b.new_zeros(1)])
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"{source} does not fit this expert's network: {str(err).splitlines()[0]}") from None
-
-    def _load_base_weights(self) -> None:
-        checkpoint = self._base_checkpoint()
-        state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-        self._load_net_state(state, self.hparams.base_path)
+        return state
 
     def base_network(self) -> torch.nn.Module:
         """A frozen copy of the base model's network on this module's device (the distillation teacher)."""
@@ -171,7 +185,9 @@ class ExpertModule(ClassifierModule):
     def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
         images, labels = batch
         logits = self.answer_logits(self(images), labels)
-        self.log(f"{prefix}/loss", torch.nn.functional.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels))
+        self.log(
+            f"{prefix}/loss", torch.nn.functional.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels)
+        )
         metrics.update(logits, labels)
         inside = torch.isin(labels, self.subset)
         subset_metrics = self.val_subset_metrics if prefix == "val" else self.test_subset_metrics

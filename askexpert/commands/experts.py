@@ -1,0 +1,118 @@
+"""`python -m askexpert experts`: train every expert of a partition, one `fit` per expert.
+
+    python -m askexpert experts --partition runs/partition.json --root runs/experts --devices auto \
+        -- --config configs/expert_demo.yaml --specialization progressive --model.base_path BASE.ckpt
+
+Everything after `--` goes to each expert's `python -m askexpert fit`, which adds `--partition`,
+`--expert_index I` and `--trainer.default_root_dir ROOT/expert<I>`. Lightning has no launcher for N
+different models, so with several GPUs every expert is its own subprocess pinned to one GPU
+(`CUDA_VISIBLE_DEVICES`), one expert per GPU at a time; with one GPU or none they run one after another.
+Each expert's output goes to `ROOT/expert<I>/fit.log`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from askexpert.errors import UserError
+from datamodules.partitions import Partition
+
+RESERVED = ("--partition", "--expert_index", "--trainer.default_root_dir")
+
+
+@dataclass
+class Job:
+    name: str
+    command: list[str]
+    log: str
+
+
+def parse_devices(spec: str) -> list[str]:
+    """`auto` (every visible GPU, or none), `cpu`, or a comma-separated list of GPU ids."""
+    if spec == "cpu":
+        return []
+    if spec == "auto":
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices or not all(d.isdigit() for d in devices):
+        raise UserError(f"--devices must be auto, cpu or GPU ids like 0,1; got {spec!r}")
+    return devices
+
+
+def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5) -> None:
+    """Run `jobs` one per device at a time (sequentially without devices); raise UserError on a failure."""
+    slots = devices or [None]  # no GPU: one slot, the jobs run one after another
+    pending, running, failed = list(jobs), {}, []
+    while pending or running:
+        for slot in slots:
+            if slot not in running and pending and not failed:
+                job = pending.pop(0)
+                env = dict(os.environ)
+                if slot is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = slot
+                os.makedirs(os.path.dirname(job.log), exist_ok=True)
+                log = open(job.log, "w")  # noqa: SIM115 - closed when the job ends
+                where = f"GPU {slot}" if slot is not None else "this machine"
+                print(f"{job.name}: training on {where} (log: {job.log})", flush=True)
+                running[slot] = (job, subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        for slot, (job, process, log) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            log.close()
+            del running[slot]
+            print(f"{job.name}: {'done' if code == 0 else f'failed (exit {code})'}", flush=True)
+            if code != 0:
+                failed.append(job)
+        if failed and not running:
+            pending.clear()
+        time.sleep(poll_seconds if running else 0)
+    if failed:
+        names = ", ".join(f"{job.name} (log: {job.log})" for job in failed)
+        raise UserError(f"training failed for {names}")
+
+
+def plan(partition_file: str, indices: list[int] | None, root: str, fit_args: list[str]) -> list[Job]:
+    partition = Partition.load(partition_file)
+    for arg in fit_args:
+        if arg.split("=")[0] in RESERVED:
+            raise UserError(f"{arg.split('=')[0]} is set by `experts` for every expert; remove it")
+    chosen = indices if indices is not None else list(range(partition.num_experts))
+    for i in chosen:
+        partition.classes_of(i)  # range check with the partition's own message
+    jobs = []
+    for i in chosen:
+        folder = os.path.join(root, f"expert{i}")
+        command = [sys.executable, "-m", "askexpert", "fit", *fit_args, "--partition", partition_file]
+        command += ["--expert_index", str(i), "--trainer.default_root_dir", folder]
+        jobs.append(Job(f"expert {i}", command, os.path.join(folder, "fit.log")))
+    return jobs
+
+
+def run(argv: list[str]) -> list[Job]:
+    from askexpert.commands import command_parser
+
+    own, fit_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    parser = command_parser("experts", "Train every expert of a partition (arguments after -- go to `fit`).", False)
+    parser.add_argument("--partition", type=str, required=True, help="partition JSON")
+    parser.add_argument("--root", type=str, default="runs/experts", help="experts go to ROOT/expert<I>")
+    parser.add_argument("--devices", type=str, default="auto", help="auto, cpu, or GPU ids like 0,1")
+    parser.add_argument("--experts", type=list[int] | None, default=None, help="which experts (default: all)")
+    args = parser.parse_args(own)
+    devices = parse_devices(args.devices)
+    if len(devices) > 1 and "--trainer.accelerator" in fit_args:
+        value = fit_args[fit_args.index("--trainer.accelerator") + 1]
+        if value == "cpu":
+            devices = []
+    jobs = plan(args.partition, args.experts, args.root, fit_args)
+    if len(devices) > 1:
+        for job in jobs:  # each subprocess sees exactly one GPU
+            job.command += ["--trainer.devices", "1"]
+    run_jobs(jobs, devices if len(devices) > 1 else [])
+    return jobs
