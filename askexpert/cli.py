@@ -299,7 +299,11 @@ class AskExpertCLI(LightningCLI):
         acc = metrics.get(f"{stage}/acc")
         if acc is not None:
             name = type(self.model).__name__
-            print(f"\n{name} {stage} accuracy: {100 * acc:.2f} % on {data[f'{stage}_size']} images ({label})")
+            line = f"\n{name} {stage} accuracy: {100 * acc:.2f} % on {data[f'{stage}_size']} images"
+            subset_acc = metrics.get(f"{stage}/subset_acc")
+            if subset_acc is not None:
+                line += f", {100 * subset_acc:.2f} % on the images of its {len(self.model.hparams.subset)} classes"
+            print(f"{line} ({label})")
 
 
 def _import_class(class_path: str | None) -> object:

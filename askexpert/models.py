@@ -8,8 +8,7 @@ Sizes follow the edge / near-edge split of the system:
 | vit_edge_patch4_32     | 192 | 6     | 3     | 4     | 2.7 M          | generalist on the edge device  |
 | vit_medium_patch4_32   | 384 | 8     | 6     | 4     | 14.3 M         | expert / base on the near-edge |
 | vit_edge_patch8_32     | 192 | 6     | 3     | 8     | 2.7 M          | CPU demos                      |
-| vit_small_patch8_32    | 256 | 6     | 4     | 8     | 4.8 M          | CPU demos: expert / base       |
-| vit_medium_patch8_32   | 384 | 8     | 6     | 8     | 14.3 M         | expert / base, 16 tokens       |
+| vit_medium_patch8_32   | 384 | 8     | 6     | 8     | 14.3 M         | CPU demos                      |
 | vit_micro_patch8_32    | 64  | 2     | 2     | 8     | 0.1 M          | tests                          |
 
 Patch 4 gives 64 tokens per 32x32 image (the usual choice for CIFAR-size ViTs); patch 8 gives 16 tokens,
@@ -42,7 +41,6 @@ ARCHITECTURES: dict[str, dict] = {
     "vit_edge_patch4_32": dict(patch_size=4, embed_dim=192, depth=6, num_heads=3),
     "vit_medium_patch4_32": dict(patch_size=4, embed_dim=384, depth=8, num_heads=6),
     "vit_edge_patch8_32": dict(patch_size=8, embed_dim=192, depth=6, num_heads=3),
-    "vit_small_patch8_32": dict(patch_size=8, embed_dim=256, depth=6, num_heads=4),
     "vit_medium_patch8_32": dict(patch_size=8, embed_dim=384, depth=8, num_heads=6),
     "vit_micro_patch8_32": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2),
 }

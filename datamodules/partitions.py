@@ -111,8 +111,12 @@ class Partition:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str, allow_uncovered: bool = True) -> Partition:
-        """Read a partition JSON written by `save` (or by hand, in the same layout)."""
+    def load(cls, path: str, allow_uncovered: bool = False) -> Partition:
+        """Read a partition JSON written by `save` (or by hand, in the same layout).
+
+        Classes that no expert covers are refused unless the file says `"details": {"allow_uncovered": true}`
+        (what `partition --allow_uncovered true` writes) or the caller allows them.
+        """
         if not os.path.isfile(path):
             raise UserError(f"partition file not found: {path}")
         try:

@@ -71,7 +71,9 @@ def trained(config: str, root: Path, seed: int, tiny: list[str], reuse: bool):
     return load_classifier(str(root / "checkpoints" / "best.ckpt")) if model is not None else None
 
 
-def run_seed(seed: int, out: Path, experts: list[int], rows: list[tuple], tiny: list[str], reuse: bool) -> dict:
+def run_seed(
+    seed: int, out: Path, experts: list[int], rows: list[tuple], tiny: list[str], reuse: bool, expert_args: list[str]
+) -> dict:
     seed_dir = out / f"seed{seed}"
     generalist = trained("configs/generalist_demo.yaml", seed_dir / "generalist", seed, tiny, reuse)
     # On CPU the demo base (configs/base_demo.yaml) has the generalist's architecture and recipe, so with the
@@ -98,7 +100,7 @@ def run_seed(seed: int, out: Path, experts: list[int], rows: list[tuple], tiny: 
             root = seed_dir / strategy / init / f"expert{e}"
             args = ["--config", "configs/expert_demo.yaml", "--config", f"configs/specialization/{strategy}.yaml"]
             args += ["--partition", str(partition_file), "--expert_index", str(e), "--model.init", init]
-            args += ["--model.base_path", str(base_ckpt), *extra, *tiny]
+            args += ["--model.base_path", str(base_ckpt), *extra, *tiny, *expert_args]
             expert = fit(args, root, seed, []).model
             pred = subset_predictions(expert, images[inside])
             other = pred == partition.num_classes  # dustbin's "other": the system asks the generalist
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc", default="docs/results/strategies_stand_in.md")
     parser.add_argument("--tiny", action="store_true", help="micro models and data (for the tests)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished generalist/base runs under --out")
+    parser.add_argument("--expert-args", default="", help="extra `fit` flags for every expert (quoted), for tuning")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # the in-process CLI runs below must not see this script's options
     os.chdir(REPO)
@@ -189,7 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         ]
     out = Path(args.out)
     started = time.time()
-    results = {seed: run_seed(seed, out, args.experts, rows, tiny, args.reuse) for seed in args.seeds}
+    results = {
+        seed: run_seed(seed, out, args.experts, rows, tiny, args.reuse, args.expert_args.split()) for seed in args.seeds
+    }
     minutes = (time.time() - started) / 60
     (out / "results.json").write_text(json.dumps({"minutes": minutes, "results": results}, indent=2) + "\n")
     table = render(results, args.experts, rows, minutes)

@@ -318,6 +318,7 @@ def test_jobs_run_one_per_device_and_failures_are_reported(tmp_path, capsys):
         (["--devices", "gpu0"], "--devices must be auto, cpu or GPU ids"),
         (["--experts", "[7]"], "expert index 7 is out of range"),
         (["--", "--expert_index", "1"], "--expert_index is set by `experts`"),
+        (["--config", "configs/expert_demo.yaml"], "the arguments of each expert's `fit` go after `--`"),
     ],
 )
 def test_experts_command_bad_input(setup_dir, tmp_path, capsys, args, message):
@@ -328,3 +329,15 @@ def test_experts_command_bad_input(setup_dir, tmp_path, capsys, args, message):
         ["experts", "--partition", str(setup_dir["partition"]), "--root", str(root), *own, *rest], capsys
     )
     assert code == 2 and message in err and not root.exists()
+
+
+def test_init_pretrained_loads_a_local_state_dict(tmp_path):
+    source = ExpertModule(subset=[0], init="scratch", model_name="vit_micro_patch8_32", num_classes=100)
+    path = tmp_path / "weights.pth"
+    torch.save(source.net.state_dict(), path)
+    expert = ExpertModule(
+        subset=[0], init="pretrained", pretrained_path=str(path), model_name="vit_micro_patch8_32", num_classes=100
+    )
+    expert.prepare_initial_weights()
+    state = expert._initial_state[0]
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], source.net.state_dict()["blocks.0.attn.qkv.weight"])

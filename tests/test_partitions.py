@@ -156,3 +156,14 @@ def test_methods_and_their_requirements():
         build_partition("superclass", NAMES)
     with pytest.raises(UserError, match="--overlap needs"):
         build_partition("random", NAMES, overlap=2)
+
+
+def test_a_hand_written_file_with_uncovered_classes_needs_the_flag(tmp_path):
+    raw = {"class_names": ["a", "b", "c"], "experts": [{"classes": [0]}, {"classes": [1]}]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="1 classes belong to no expert"):
+        Partition.load(str(path))
+    raw["details"] = {"allow_uncovered": True}
+    path.write_text(json.dumps(raw))
+    assert Partition.load(str(path)).experts == [[0], [1]]

@@ -24,9 +24,10 @@ class CommandParser(ArgumentParser):
         raise UserError(f"{first_line} (see `{self.prog} --help`)") from None
 
 
-def command_parser(name: str, description: str, with_data: bool = True) -> CommandParser:
+def command_parser(name: str, description: str, with_data: bool = True, with_config: bool = True) -> CommandParser:
     parser = CommandParser(prog=f"python -m askexpert {name}", description=description, parser_mode="omegaconf")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file(s) with any of the options below")
+    if with_config:
+        parser.add_argument("--config", action=ActionConfigFile, help="YAML file(s) with any of the options below")
     if with_data:
         from datamodules.datamodule import ImageDataModule
 

@@ -99,7 +99,25 @@ def run(argv: list[str]) -> list[Job]:
     from askexpert.commands import command_parser
 
     own, fit_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = command_parser("experts", "Train every expert of a partition (arguments after -- go to `fit`).", False)
+    for arg in own:
+        option = arg.split("=")[0]
+        if option.startswith("--") and option not in (
+            "--partition",
+            "--root",
+            "--devices",
+            "--experts",
+            "--help",
+            "-h",
+        ):
+            raise UserError(
+                f"unknown option {option} for `experts`; the arguments of each expert's `fit` go after `--`"
+            )
+    parser = command_parser(
+        "experts",
+        "Train every expert of a partition (arguments after -- go to `fit`).",
+        with_data=False,
+        with_config=False,
+    )
     parser.add_argument("--partition", type=str, required=True, help="partition JSON")
     parser.add_argument("--root", type=str, default="runs/experts", help="experts go to ROOT/expert<I>")
     parser.add_argument("--devices", type=str, default="auto", help="auto, cpu, or GPU ids like 0,1")
