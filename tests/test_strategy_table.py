@@ -46,5 +46,6 @@ def test_strategy_table_writes_a_stand_in_table(tmp_path, monkeypatch):
     assert "static (scratch)" not in table
     results = json.loads((out / "results.json").read_text())["results"]["0"]
     for row in ("static (same init)", "dustbin", "progressive"):
-        assert 0.0 <= results["rows"][row]["1"] <= 1.0
+        assert 0.0 <= results["rows"][row]["1"] <= 1.0 and 0.0 <= results["misrouted"][row]["1"] <= 1.0
+    assert "on other experts' classes" in table
     assert not (out / "seed0" / "progressive" / "base" / "expert1" / "checkpoints").exists()
