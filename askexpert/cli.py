@@ -25,6 +25,7 @@ from askexpert.checkpoints import (
     LIGHTNING_CKPT_ALIASES,
     check_checkpoint_file,
     has_training_state,
+    load_checkpoint,
     strip_training_state,
 )
 from askexpert.errors import UserError
@@ -193,17 +194,27 @@ class AskExpertCLI(LightningCLI):
                 )
             return
         init_args = config.model.init_args
+        fitting = self.subcommand == "fit"
+        # evaluating a checkpoint: its own subset and head width, unless the command line says otherwise
+        saved = {} if fitting else _checkpoint_hparams(config.get("ckpt_path"), config.trainer.default_root_dir)
         if config.get("partition"):
             partition = Partition.load(config.partition)
             init_args.subset = partition.classes_of(config.expert_index)
             init_args.expert_index = config.expert_index
             init_args.partition = config.partition
+        elif saved.get("subset"):
+            init_args.subset = list(saved["subset"])
+            init_args.expert_index = saved.get("expert_index", 0)
+            init_args.partition = saved.get("partition")
         elif not init_args.get("subset"):
             raise UserError("an expert needs its classes: --partition FILE --expert_index I")
-        if config.get("specialization") is None:
+        if fitting and config.get("specialization") is None:
             config.specialization = Namespace(class_path=strategies.class_path(strategies.DEFAULT_STRATEGY))
-        strategy_class = _import_class(config.specialization.class_path)
-        init_args.other_output = bool(getattr(strategy_class, "other_output", False))
+        if "other_output" in saved:  # the checkpoint's head width wins when evaluating it
+            init_args.other_output = bool(saved["other_output"])
+        elif config.get("specialization") is not None:
+            strategy_class = _import_class(config.specialization.class_path)
+            init_args.other_output = bool(getattr(strategy_class, "other_output", False))
         if config.checkpoint.monitor == "val/acc":  # an expert is judged on its own classes
             config.checkpoint.monitor = "val/subset_acc"
 
@@ -272,7 +283,9 @@ class AskExpertCLI(LightningCLI):
         strategy = self.config_init[subcommand].get("specialization")
         if strategy is not None:
             strategy.validate(self.model, self.datamodule)
-        if not self.config[subcommand].get("ckpt_path"):
+        if self.config[subcommand].get("ckpt_path"):
+            self.model.resuming = True
+        else:
             self.model.prepare_initial_weights()
 
     def after_fit(self) -> None:
@@ -314,6 +327,15 @@ def _import_class(class_path: str | None) -> object:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError):
         return None
+
+
+def _checkpoint_hparams(ckpt_path: str | None, root: str) -> dict:
+    """Hyper-parameters saved in the checkpoint an evaluation will load ({} when there is none yet)."""
+    if ckpt_path == "last":
+        ckpt_path = last_checkpoint(root)
+    if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or not os.path.isfile(ckpt_path):
+        return {}
+    return dict(load_checkpoint(ckpt_path).get("hyper_parameters", {}))
 
 
 def map_specialization_names(argv: list[str]) -> list[str]:

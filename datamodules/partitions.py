@@ -16,7 +16,6 @@ deployment all read the same file, and `Partition.load` refuses a file whose cla
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -200,15 +199,23 @@ def explicit_partition(experts: Sequence[Sequence[int | str]], class_names: Sequ
     return groups
 
 
-def _balanced_assignment(points: np.ndarray, centroids: np.ndarray, capacity: int) -> np.ndarray:
-    """Assign every point to a centroid, at most `capacity` points each, minimising total squared distance."""
+def _balanced_assignment(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Assign points to centroids minimising total squared distance, with group sizes as equal as possible.
+
+    Every centroid offers ceil(n / k) seats, of which the first floor(n / k) are mandatory (a large bonus
+    makes the solver fill them first), so sizes differ by at most one.
+    """
     from scipy.optimize import linear_sum_assignment
 
+    n, k = len(points), len(centroids)
+    low, high = n // k, -(-n // k)
     cost = ((points[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (n, k)
-    slots = np.repeat(cost, capacity, axis=1)  # every centroid offers `capacity` seats
-    rows, cols = linear_sum_assignment(slots)
-    assignment = np.empty(len(points), dtype=np.int64)
-    assignment[rows] = cols // capacity
+    seats = np.repeat(cost, high, axis=1)  # centroid j owns columns j*high ... j*high + high - 1
+    mandatory = (np.arange(k * high) % high) < low
+    seats[:, mandatory] -= 1e6
+    rows, cols = linear_sum_assignment(seats)
+    assignment = np.empty(n, dtype=np.int64)
+    assignment[rows] = cols // high
     return assignment
 
 
@@ -218,8 +225,8 @@ def confusion_partition(
     """Balanced spectral clustering of a (C, C) confusion matrix (rows: true class, columns: predicted).
 
     Affinity = symmetrised off-diagonal confusion rates; the embedding is the first `num_experts`
-    eigenvectors of the normalised affinity; balanced k-means (capacity ceil(C / N) per expert, solved as
-    an assignment problem) clusters it, so no expert ends up with most of the classes.
+    eigenvectors of the normalised affinity; balanced k-means (group sizes floor or ceil of C / N, solved
+    as an assignment problem) clusters it, so experts get equal shares of the classes.
     """
     counts = confusion.double()
     num_classes = counts.shape[0]
@@ -235,13 +242,16 @@ def confusion_partition(
     _, vectors = np.linalg.eigh(normalised)
     embedding = vectors[:, -num_experts:]  # largest eigenvalues
     embedding = embedding / np.linalg.norm(embedding, axis=1, keepdims=True).clip(1e-12)
-    capacity = math.ceil(num_classes / num_experts)
-    rng = np.random.default_rng(seed)
-    centroids = embedding[rng.choice(num_classes, num_experts, replace=False)]
-    assignment = _balanced_assignment(embedding, centroids, capacity)
+    # farthest-point start: a seeded first centroid, then each next one as far as possible from the chosen
+    chosen = [int(np.random.default_rng(seed).integers(num_classes))]
+    while len(chosen) < num_experts:
+        distance = ((embedding[:, None, :] - embedding[chosen][None, :, :]) ** 2).sum(-1).min(1)
+        chosen.append(int(distance.argmax()))
+    centroids = embedding[chosen]
+    assignment = _balanced_assignment(embedding, centroids)
     for _ in range(iterations):
         centroids = np.stack([embedding[assignment == k].mean(0) for k in range(num_experts)])
-        new = _balanced_assignment(embedding, centroids, capacity)
+        new = _balanced_assignment(embedding, centroids)
         if np.array_equal(new, assignment):
             break
         assignment = new

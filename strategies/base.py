@@ -28,10 +28,20 @@ from strategies.sampler import SubsetMixBatchSampler
 REGISTRY: dict[str, type[SpecializationStrategy]] = {}
 
 
-def planned_steps(trainer: pl.Trainer, steps_per_epoch: int) -> int:
-    """Optimizer steps the run will take (what progress 1.0 means)."""
-    by_epochs = steps_per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-    by_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+def batches_per_epoch(trainer: pl.Trainer, natural_steps: int) -> int:
+    """Training batches Lightning will run per epoch (`limit_train_batches` may cut the natural epoch)."""
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        return max(1, min(natural_steps, limit))
+    return max(1, int(natural_steps * limit)) if limit is not None else natural_steps
+
+
+def planned_batches(trainer: pl.Trainer, per_epoch: int) -> int:
+    """Training batches of the whole run (what progress 1.0 means); `max_steps` counts optimizer steps."""
+    by_epochs = per_epoch * trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    by_steps = None
+    if trainer.max_steps and trainer.max_steps > 0:
+        by_steps = trainer.max_steps * trainer.accumulate_grad_batches
     candidates = [s for s in (by_epochs, by_steps) if s]
     if not candidates:
         raise UserError("a specialization schedule needs a finite run: set --trainer.max_epochs or max_steps")
@@ -56,6 +66,7 @@ class SpecializationStrategy(Callback):
         super().__init__()
         self.sampler: SubsetMixBatchSampler | None = None
         self.total_steps = 1
+        self.batches_per_epoch = 1
         self.natural_out_share = 0.0
 
     # -- what subclasses define ----------------------------------------------------------------------
@@ -104,8 +115,9 @@ class SpecializationStrategy(Callback):
         in_mask = self.validate(pl_module, datamodule)
         labels = datamodule.tensors("train")[1]
         batch_size = datamodule.hparams.batch_size
-        steps_per_epoch = max(1, len(labels) // batch_size)
-        self.total_steps = planned_steps(trainer, steps_per_epoch)
+        steps_per_epoch = max(1, len(labels) // batch_size)  # the natural epoch, the same for every strategy
+        self.batches_per_epoch = batches_per_epoch(trainer, steps_per_epoch)
+        self.total_steps = planned_batches(trainer, self.batches_per_epoch)
         self.sampler = SubsetMixBatchSampler(
             in_subset=torch.nonzero(in_mask).flatten(),
             out_of_subset=torch.nonzero(~in_mask).flatten(),
@@ -114,6 +126,8 @@ class SpecializationStrategy(Callback):
             total_steps=self.total_steps,
             out_share=lambda progress: self.out_share(progress, self.natural_out_share),
             seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            epoch_fn=lambda: trainer.current_epoch,
+            batches_run_per_epoch=self.batches_per_epoch,
         )
         datamodule.train_batch_sampler = self.sampler
         pl_module.specialization = self
@@ -123,7 +137,9 @@ class SpecializationStrategy(Callback):
             trainer.datamodule.train_batch_sampler = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self.on_progress(pl_module, min(1.0, trainer.global_step / max(1, self.total_steps - 1)))
+        # progress counted in batches, like the sampler's (global_step counts optimizer steps)
+        done = trainer.current_epoch * self.batches_per_epoch + batch_idx
+        self.on_progress(pl_module, min(1.0, done / max(1, self.total_steps - 1)))
         labels = batch[1]
         drawn = (~torch.isin(labels, pl_module.subset)).float().mean()
         pl_module.log("specialization/out_share", drawn, on_step=True, on_epoch=True, batch_size=len(labels))

@@ -52,7 +52,7 @@ class ProgressiveSpecialization(SpecializationStrategy):
     floor: out-of-subset share from `decay_end` of the run on.
     decay_end: fraction of the run (0-1] at which the share reaches `floor`.
     schedule: shape of the decay: linear, cosine, exponential or step.
-    steps: number of plateaus of the `step` schedule.
+    steps: number of drops of the `step` schedule (steps + 1 levels from start to floor).
     distill_weight: weight in [0, 1] of distillation from the base model on out-of-subset samples.
     temperature: softmax temperature of the distillation.
     unfreeze_until: fraction of the run over which ViT blocks unfreeze top-down (0 trains all from the start).
@@ -82,6 +82,8 @@ class ProgressiveSpecialization(SpecializationStrategy):
             raise UserError("progressive decay_end must be in (0, 1] and steps at least 1")
         if not 0.0 <= distill_weight <= 1.0 or temperature <= 0:
             raise UserError("progressive distill_weight must be in [0, 1] and temperature positive")
+        if schedule == "exponential" and (floor <= 0.0 or (start is not None and start <= 0.0)):
+            raise UserError("the exponential schedule needs a positive start and floor")
         if not 0.0 <= unfreeze_until <= 1.0:
             raise UserError("progressive unfreeze_until must be in [0, 1]")
         self.start = start
@@ -96,6 +98,8 @@ class ProgressiveSpecialization(SpecializationStrategy):
 
     def check(self, natural: float) -> None:
         start = natural if self.start is None else self.start
+        if self.schedule == "exponential" and start <= 0.0:
+            raise UserError("the exponential schedule needs a positive start (this expert covers every class)")
         if self.floor > start:
             raise UserError(
                 f"progressive floor ({self.floor}) exceeds its start ({start:.3f}, the natural out-of-subset "
@@ -109,10 +113,12 @@ class ProgressiveSpecialization(SpecializationStrategy):
     # -- optional pieces -----------------------------------------------------------------------------
     def validate(self, pl_module, datamodule):
         in_mask = super().validate(pl_module, datamodule)
-        if self.distill_weight > 0 and not pl_module.hparams.get("base_path"):
-            raise UserError(
-                "progressive distillation (distill_weight > 0) needs the base model: --model.base_path FILE"
-            )
+        if self.distill_weight > 0:
+            if not pl_module.hparams.get("base_path"):
+                raise UserError(
+                    "progressive distillation (distill_weight > 0) needs the base model: --model.base_path FILE"
+                )
+            pl_module._base_checkpoint()  # the teacher's architecture and classes, checked before the run
         return in_mask
 
     def setup(self, trainer, pl_module, stage: str) -> None:

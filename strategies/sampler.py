@@ -10,6 +10,8 @@ that function into index batches:
 - the out-of-subset count of a step is `out_share * batch_size`, stochastically rounded, so the share drawn
   over an epoch follows the schedule exactly in expectation, also for fractional counts;
 - batches depend only on (seed, epoch), so a resumed run draws what the uninterrupted one would have.
+  The epoch comes from `epoch_fn` when given (Lightning calls `set_epoch` on a DataLoader's sampler, not on
+  its batch sampler, so the strategy passes `lambda: trainer.current_epoch`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
         steps_per_epoch: steps in one epoch (the same for every strategy).
         total_steps: steps of the whole run; progress of step s is s / (total_steps - 1).
         out_share: progress in [0, 1] -> share of the batch from outside the subset, in [0, 1].
-        seed: base seed; epoch e uses seed + e.
+        seed: base seed; epoch e uses seed + 1_000_003 * e (distinct across seeds and epochs).
+        epoch_fn: returns the current epoch when each epoch's iteration starts (else `set_epoch` decides).
+        batches_run_per_epoch: batches the trainer consumes per epoch when it stops early
+            (`limit_train_batches`); progress counts those. Default: `steps_per_epoch`.
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
         total_steps: int,
         out_share: Callable[[float], float],
         seed: int = 0,
+        epoch_fn: Callable[[], int] | None = None,
+        batches_run_per_epoch: int | None = None,
     ) -> None:
         if len(in_subset) == 0:
             raise ValueError("the expert's subset has no training samples")
@@ -75,6 +82,8 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
         self.out_share = out_share
         self.seed = seed
         self.epoch = 0
+        self.epoch_fn = epoch_fn
+        self.batches_run_per_epoch = batches_run_per_epoch or self.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every training epoch."""
@@ -87,10 +96,12 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
         return min(1.0, step / max(1, self.total_steps - 1))
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.epoch_fn is not None:
+            self.epoch = int(self.epoch_fn())
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
         inside, outside = _Pool(self.in_subset, generator), _Pool(self.out_of_subset, generator)
         for s in range(self.steps_per_epoch):
-            step = self.epoch * self.steps_per_epoch + s
+            step = self.epoch * self.batches_run_per_epoch + s
             share = min(1.0, max(0.0, float(self.out_share(self.progress(step)))))
             if len(self.out_of_subset) == 0:
                 share = 0.0

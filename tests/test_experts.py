@@ -228,7 +228,7 @@ def test_partition_command_confusion_with_a_generalist(setup_dir, tmp_path):
     ("args", "message"),
     [
         (["--method", "kmeans"], "unknown partition method 'kmeans'"),
-        (["--method", "confusion"], "needs --generalist CHECKPOINT"),
+        (["--method", "confusion"], "--method confusion needs a trained generalist"),
         (["--num_experts", "0"], "--num_experts must be at least 1"),
         (["--method", "explicit", "--experts", "[[0, 1], [2]]"], "97 classes belong to no expert"),
     ],
@@ -319,6 +319,8 @@ def test_jobs_run_one_per_device_and_failures_are_reported(tmp_path, capsys):
         (["--experts", "[7]"], "expert index 7 is out of range"),
         (["--", "--expert_index", "1"], "--expert_index is set by `experts`"),
         (["--config", "configs/expert_demo.yaml"], "the arguments of each expert's `fit` go after `--`"),
+        (["--", "--specialization", "greedy"], "unknown specialization 'greedy'"),
+        (["--experts", "[1, 1]"], "lists an expert more than once"),
     ],
 )
 def test_experts_command_bad_input(setup_dir, tmp_path, capsys, args, message):
@@ -341,3 +343,58 @@ def test_init_pretrained_loads_a_local_state_dict(tmp_path):
     expert.prepare_initial_weights()
     state = expert._initial_state[0]
     assert torch.equal(state["blocks.0.attn.qkv.weight"], source.net.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_killed_expert_resumes_without_its_base_and_follows_the_schedule(setup_dir, tmp_path, cli_env):
+    """The schedule spans epochs (Lightning's epoch reaches the batch sampler), a killed expert resumes from
+    last.ckpt even after its base file moved, and the finished run keeps weights only."""
+    import csv
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import TINY_ARGS
+
+    base = tmp_path / "base.ckpt"
+    shutil.copy(setup_dir["base"], base)
+    killer = tmp_path / "killer.yaml"
+    killer.write_text(
+        "trainer:\n  callbacks:\n    - class_path: killer.KillAtEpoch\n      init_args:\n        epoch: 2\n"
+    )
+    root = tmp_path / "run"
+    args = [sys.executable, "-m", "askexpert", *expert_args({**setup_dir, "base": base}, TINY_ARGS, root)]
+    args += ["--specialization", "progressive", "--specialization.schedule", "linear"]
+    args += ["--specialization.decay_end", "1.0", "--trainer.max_epochs", "4"]
+    first = subprocess.run([*args, "--config", str(killer)], env=cli_env, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == -9, first.stderr[-2000:]
+    base.unlink()  # a resumed expert must not need its base any more
+    second = subprocess.run([*args, "--ckpt_path", "last"], env=cli_env, capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    rows = [r for r in csv.DictReader(open(root / "metrics.csv")) if r.get("specialization/out_share_epoch")]
+    shares = [float(r["specialization/out_share_epoch"]) for r in rows]
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    # linear decay from the natural share (0.75) to 0.05 over the run: each epoch draws less from outside
+    assert all(a - b > 0.08 for a, b in zip(shares, shares[1:], strict=False)), shares
+    assert shares[0] > 0.55 and shares[-1] < 0.25, shares
+    assert "optimizer_states" not in torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_evaluating_a_dustbin_expert_with_a_generic_config(setup_dir, tiny_args, tmp_path, capsys):
+    """`test` reads the subset and the "other" output from the checkpoint when the config does not say."""
+    run_dir = tmp_path / "dustbin"
+    cli_main(expert_args(setup_dir, tiny_args, run_dir, "--specialization", "dustbin"))
+    code, out, err = run_main(
+        [
+            "test",
+            *tiny_args,
+            "--model",
+            "askexpert.modules.ExpertModule",
+            "--trainer.default_root_dir",
+            str(tmp_path / "eval"),
+            "--ckpt_path",
+            str(run_dir / "checkpoints" / "best.ckpt"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "on the images of its 25 classes" in out

@@ -167,3 +167,13 @@ def test_a_hand_written_file_with_uncovered_classes_needs_the_flag(tmp_path):
     raw["details"] = {"allow_uncovered": True}
     path.write_text(json.dumps(raw))
     assert Partition.load(str(path)).experts == [[0], [1]]
+
+
+@pytest.mark.parametrize(("num_classes", "num_experts"), [(9, 4), (7, 3), (100, 6)])
+def test_confusion_partition_sizes_differ_by_at_most_one(num_classes, num_experts):
+    for seed in range(10):
+        counts = torch.rand(num_classes, num_classes, generator=torch.Generator().manual_seed(seed)) * 10
+        groups = confusion_partition(counts, num_experts, seed=seed)
+        sizes = [len(g) for g in groups]
+        assert max(sizes) - min(sizes) <= 1, (seed, sizes)
+        assert sorted(c for g in groups for c in g) == list(range(num_classes))

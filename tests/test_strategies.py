@@ -167,7 +167,7 @@ def test_distillation_changes_the_loss_on_out_of_subset_samples_only(expert):
     assert only_inside.item() == pytest.approx(plain_inside.item())
 
 
-def test_distillation_sends_gradient_toward_the_teacher(expert):
+def test_distillation_toward_an_identical_teacher_adds_nothing(expert):
     images, labels, inside = batch()
     inputs = expert.preprocess(images)
     strategy = ProgressiveSpecialization(distill_weight=1.0)
@@ -247,3 +247,35 @@ def test_every_strategy_has_a_yaml_with_its_defaults(name):
     assert slot["class_path"] == f"{cls.__module__}.{cls.__qualname__}"
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
     assert slot.get("init_args", {}) == defaults
+
+
+def test_distillation_moves_out_of_subset_predictions_toward_the_teacher(expert):
+    images, labels, inside = batch()
+    inputs = expert.preprocess(images)
+    strategy = ProgressiveSpecialization(distill_weight=1.0, temperature=2.0)
+    torch.manual_seed(5)
+    strategy.teacher = ExpertModule(
+        subset=SUBSET, init="scratch", model_name="vit_micro_patch8_32", num_classes=NUM_CLASSES
+    ).net.eval()
+    logits = expert.net(inputs).detach().requires_grad_(True)
+    strategy.loss(expert, inputs, logits, labels, inside).backward()
+    with torch.no_grad():
+        teacher = strategy.teacher(inputs[~inside]).div(2).log_softmax(-1)
+
+        def kl(z):
+            return torch.nn.functional.kl_div(
+                z[~inside].div(2).log_softmax(-1), teacher, log_target=True, reduction="sum"
+            )
+
+        assert kl(logits - 0.5 * logits.grad) < kl(logits)
+        assert logits.grad[inside].abs().sum() > 0  # in-subset samples still learn from their labels
+
+
+def test_the_sampler_reads_the_trainer_epoch_when_given_one():
+    labels = make_labels()
+    strategy = ProgressiveSpecialization()
+    manual, _ = sampler_for(strategy, labels, epochs=3)
+    manual.set_epoch(2)
+    driven, _ = sampler_for(strategy, labels, epochs=3)
+    driven.epoch_fn = lambda: 2  # what the strategy passes: lambda: trainer.current_epoch
+    assert list(driven) == list(manual) and driven.epoch == 2

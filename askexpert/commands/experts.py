@@ -75,7 +75,41 @@ def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5) -> 
         time.sleep(poll_seconds if running else 0)
     if failed:
         names = ", ".join(f"{job.name} (log: {job.log})" for job in failed)
-        raise UserError(f"training failed for {names}")
+        raise UserError(f"training failed for {names}: {_last_line(failed[0].log)}")
+
+
+def _last_line(path: str) -> str:
+    """The last non-empty line of a log (for a failed fit, its `askexpert: error: ...` line)."""
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
+def check_fit_arguments(fit_args: list[str], partition_file: str, first_expert: int, root: str) -> None:
+    """Parse one expert's `fit` arguments in-process (nothing runs, nothing is written), so a typo fails
+    once, here, instead of once per expert in a subprocess."""
+    import contextlib
+    import io
+
+    from askexpert.cli import cli_main
+
+    args = ["fit", *fit_args, "--partition", partition_file, "--expert_index", str(first_expert)]
+    args += ["--trainer.default_root_dir", os.path.join(root, f"expert{first_expert}"), "--print_config"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli_main(args)
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise UserError(f"the arguments for `fit` are not valid (exit status {exit_.code})") from None
+
+
+def _wants_cpu(fit_args: list[str]) -> bool:
+    for i, arg in enumerate(fit_args):
+        if arg.startswith("--trainer.accelerator="):
+            return arg.split("=", 1)[1] == "cpu"
+        if arg == "--trainer.accelerator" and i + 1 < len(fit_args):
+            return fit_args[i + 1] == "cpu"
+    return False
 
 
 def plan(partition_file: str, indices: list[int] | None, root: str, fit_args: list[str]) -> list[Job]:
@@ -84,6 +118,10 @@ def plan(partition_file: str, indices: list[int] | None, root: str, fit_args: li
         if arg.split("=")[0] in RESERVED:
             raise UserError(f"{arg.split('=')[0]} is set by `experts` for every expert; remove it")
     chosen = indices if indices is not None else list(range(partition.num_experts))
+    if len(set(chosen)) != len(chosen):
+        raise UserError("--experts lists an expert more than once")
+    if not chosen:
+        raise UserError("--experts is empty")
     for i in chosen:
         partition.classes_of(i)  # range check with the partition's own message
     jobs = []
@@ -124,11 +162,12 @@ def run(argv: list[str]) -> list[Job]:
     parser.add_argument("--experts", type=list[int] | None, default=None, help="which experts (default: all)")
     args = parser.parse_args(own)
     devices = parse_devices(args.devices)
-    if len(devices) > 1 and "--trainer.accelerator" in fit_args:
-        value = fit_args[fit_args.index("--trainer.accelerator") + 1]
-        if value == "cpu":
-            devices = []
+    if _wants_cpu(fit_args):
+        devices = []  # CPU experts share the cores: one at a time
     jobs = plan(args.partition, args.experts, args.root, fit_args)
+    check_fit_arguments(
+        fit_args, args.partition, int(jobs[0].command[jobs[0].command.index("--expert_index") + 1]), args.root
+    )
     if len(devices) > 1:
         for job in jobs:  # each subprocess sees exactly one GPU
             job.command += ["--trainer.devices", "1"]

@@ -64,7 +64,8 @@ def run(argv: list[str]) -> Partition:
     confusion = None
     if args.method == "confusion" or args.overlap:
         if not args.generalist:
-            raise UserError(f"--method {args.method} with --overlap {args.overlap} needs --generalist CHECKPOINT")
+            needs = "--method confusion" if args.method == "confusion" else f"--overlap {args.overlap}"
+            raise UserError(f"{needs} needs a trained generalist: --generalist CHECKPOINT")
         confusion = validation_confusion(args.generalist, datamodule)
     elif args.generalist:
         raise UserError("--generalist is read by --method confusion and --overlap only")

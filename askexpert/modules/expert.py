@@ -55,10 +55,6 @@ class ExpertModule(ClassifierModule):
     ) -> None:
         if init not in INITS:
             raise UserError(f"unknown expert init {init!r}; inits: {', '.join(INITS)}")
-        if init == "base" and not base_path:
-            raise UserError("init: base needs the all-class base checkpoint: --model.base_path FILE")
-        if init == "pretrained" and not kwargs.get("pretrained_path"):
-            raise UserError("init: pretrained needs a local state-dict file: --model.pretrained_path FILE")
         if kwargs.get("mixup_alpha") or kwargs.get("cutmix_alpha"):
             raise UserError("experts do not support Mixup/CutMix (mixed labels cross the subset boundary)")
         kwargs["pretrained"] = False  # initial weights are loaded in `setup("fit")`, see the module docstring
@@ -74,6 +70,7 @@ class ExpertModule(ClassifierModule):
         self.register_buffer("subset", torch.as_tensor(sorted(set(subset)), dtype=torch.long), persistent=False)
         self.specialization = None  # set by the strategy callback at setup("fit")
         self._initial_state: tuple[dict, str] | None = None
+        self.resuming = False  # set by the CLI for `fit --ckpt_path`: the checkpoint brings the weights
         h = self.hparams
         self.val_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
         self.test_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
@@ -86,6 +83,10 @@ class ExpertModule(ClassifierModule):
     def prepare_initial_weights(self) -> None:
         """Read and check the `init` weights now (the CLI calls this before a run writes anything)."""
         h = self.hparams
+        if h.init == "base" and not h.base_path:
+            raise UserError("init: base needs the all-class base checkpoint: --model.base_path FILE")
+        if h.init == "pretrained" and not h.pretrained_path:
+            raise UserError("init: pretrained needs a local state-dict file: --model.pretrained_path FILE")
         if h.init == "base":
             checkpoint = self._base_checkpoint()
             state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
@@ -104,7 +105,8 @@ class ExpertModule(ClassifierModule):
             ) from None
 
     def setup(self, stage: str) -> None:
-        if stage != "fit" or self.trainer.ckpt_path:  # a resumed run restores its own weights
+        # A resumed run restores its own weights (Lightning sets trainer.ckpt_path only after this hook).
+        if stage != "fit" or self.resuming or self.trainer.ckpt_path:
             return
         if self.hparams.init == "scratch":
             return
@@ -184,12 +186,14 @@ class ExpertModule(ClassifierModule):
 
     def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
         images, labels = batch
-        logits = self.answer_logits(self(images), labels)
-        self.log(
-            f"{prefix}/loss", torch.nn.functional.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels)
-        )
-        metrics.update(logits, labels)
+        raw = self(images)
         inside = torch.isin(labels, self.subset)
+        # the loss the expert is trained for: a dustbin expert's out-of-subset target is "other"
+        targets = torch.where(inside, labels, self.hparams.num_classes) if self._other_output else labels
+        loss = torch.nn.functional.cross_entropy(raw, targets)
+        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=len(labels))
+        logits = self.answer_logits(raw, labels)
+        metrics.update(logits, labels)
         subset_metrics = self.val_subset_metrics if prefix == "val" else self.test_subset_metrics
         if inside.any():
             subset_metrics.update(logits[inside], labels[inside])
