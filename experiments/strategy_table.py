@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     table = render(results, args.experts, rows, minutes)
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(args.doc).write_text(table)
+    Path(args.doc).with_suffix(".json").write_text(
+        json.dumps({"minutes": minutes, "results": results}, indent=2) + "\n"
+    )
     print(table)
 
 
