@@ -280,6 +280,11 @@ class AskExpertCLI(LightningCLI):
             Partition.load(partition_file).check_classes(self.datamodule.class_names)
         if subcommand != "fit":
             return
+        if self.trainer.world_size > 1:
+            raise UserError(
+                "an expert trains on one device; to train several experts at once use "
+                "`python -m askexpert experts --devices ...` (one subprocess per GPU)"
+            )
         strategy = self.config_init[subcommand].get("specialization")
         if strategy is not None:
             strategy.validate(self.model, self.datamodule)
