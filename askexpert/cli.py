@@ -28,7 +28,7 @@ from askexpert.checkpoints import (
     load_checkpoint,
     strip_training_state,
 )
-from askexpert.errors import UserError
+from askexpert.errors import UserError, find_user_error, one_line_parse_error
 from askexpert.modules import ClassifierModule, ExpertModule
 from askexpert.run_folder import (
     CSV_LOGGER,
@@ -79,26 +79,11 @@ DEFAULT_ROOT_DIR = "runs/default"
 set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 
-def _find_user_error(ex: BaseException | None) -> UserError | None:
-    """The UserError behind a jsonargparse error, if a class raised one while being built."""
-    seen = set()
-    while ex is not None and id(ex) not in seen:
-        if isinstance(ex, UserError):
-            return ex
-        seen.add(id(ex))
-        ex = ex.__cause__ or ex.__context__
-    return None
-
-
 class AskExpertArgumentParser(LightningArgumentParser):
     """Reports a bad argument as one short error (not the full usage), and lets UserErrors through."""
 
     def error(self, message: str, ex: Exception | None = None):
-        user_error = _find_user_error(ex)
-        if user_error is not None:
-            raise user_error
-        first_line = " ".join(line.strip() for line in message.strip().splitlines()[:2])
-        raise UserError(f"{first_line} (see `python -m askexpert {self.prog.split()[-1]} --help`)") from None
+        raise one_line_parse_error(message, f"python -m askexpert {self.prog.split()[-1]}", ex) from None
 
 
 class AskExpertCLI(LightningCLI):
@@ -394,7 +379,7 @@ def main() -> None:
         cli_main()
     except Exception as err:
         # jsonargparse wraps what a class raised while being built; the user's problem is the UserError inside.
-        user_error = _find_user_error(err)
+        user_error = find_user_error(err)
         if user_error is None:
             raise
         print(f"askexpert: error: {user_error}", file=sys.stderr)

@@ -8,3 +8,23 @@ prints it on one line and exits non-zero; every other exception is a bug and kee
 
 class UserError(Exception):
     """A problem with the user's input, reported as one clear line."""
+
+
+def find_user_error(ex: BaseException | None) -> UserError | None:
+    """The UserError behind an exception chain (e.g. one a class raised while jsonargparse built it)."""
+    seen = set()
+    while ex is not None and id(ex) not in seen:
+        if isinstance(ex, UserError):
+            return ex
+        seen.add(id(ex))
+        ex = ex.__cause__ or ex.__context__
+    return None
+
+
+def one_line_parse_error(message: str, prog: str, ex: BaseException | None) -> UserError:
+    """What an argument parser raises instead of printing usage: the UserError inside, or the first lines."""
+    user_error = find_user_error(ex)
+    if user_error is not None:
+        return user_error
+    first_line = " ".join(line.strip() for line in message.strip().splitlines()[:2])
+    return UserError(f"{first_line} (see `{prog} --help`)")

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from askexpert.errors import UserError
+from askexpert.errors import one_line_parse_error
 
 
 class CommandParser(ArgumentParser):
     """jsonargparse parser whose errors are one line (a UserError) instead of usage + traceback."""
 
     def error(self, message: str, ex: Exception | None = None):
-        cause = ex
-        while cause is not None:
-            if isinstance(cause, UserError):
-                raise cause
-            cause = cause.__cause__ or cause.__context__
-        first_line = " ".join(line.strip() for line in message.strip().splitlines()[:2])
-        raise UserError(f"{first_line} (see `{self.prog} --help`)") from None
+        raise one_line_parse_error(message, self.prog, ex) from None
 
 
 def command_parser(name: str, description: str, with_data: bool = True, with_config: bool = True) -> CommandParser:
