@@ -69,3 +69,14 @@ def strip_training_state(path: str) -> None:
     tmp = f"{path}.tmp"
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
+
+
+def check_same_classes(model, datamodule, what: str) -> None:
+    """Refuse a model trained on another class set than the data it is used with."""
+    h = model.hparams
+    names = h.get("class_names")
+    if h.num_classes != datamodule.num_classes or (names and list(names) != datamodule.class_names):
+        raise UserError(
+            f"{what} was trained on {h.num_classes} classes, a different class set than the data "
+            f"({datamodule.num_classes} classes)"
+        )

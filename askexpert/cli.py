@@ -70,6 +70,18 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "experts": Command(
         "train every expert of a partition (one fit each, one GPU each)", _lazy("askexpert.commands.experts")
     ),
+    "pipeline": Command(
+        "generalist -> base -> partition -> experts -> evaluation report, in one run folder",
+        _lazy("askexpert.commands.pipeline"),
+    ),
+    "evaluate": Command(
+        "re-evaluate a pipeline run (another gate, budget or device profile) from its cached logits",
+        _lazy("askexpert.commands.evaluate"),
+    ),
+    "route": Command("classify a folder of images with a trained system, to CSV", _lazy("askexpert.commands.route")),
+    "profile": Command(
+        "time each model on this machine and write a device profile", _lazy("askexpert.commands.profile")
+    ),
 }
 
 DEFAULT_ROOT_DIR = "runs/default"

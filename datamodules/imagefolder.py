@@ -148,7 +148,7 @@ def _read_superclasses(root: str, class_names: list[str]) -> tuple[list[str] | N
     return superclass_names, [index[mapping[name]] for name in class_names]
 
 
-def _decode(path: str, image_size: int) -> torch.Tensor:
+def decode_image(path: str, image_size: int) -> torch.Tensor:
     """Open one image as RGB at image_size x image_size (bilinear, antialiased when shrinking) -> (3, S, S)."""
     try:
         with Image.open(path) as image:
@@ -168,7 +168,7 @@ def _decode_split(
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
 
     def fill(index: int) -> None:
-        images[index] = _decode(paths[index], image_size)
+        images[index] = decode_image(paths[index], image_size)
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         list(pool.map(fill, range(len(paths))))  # list() re-raises the first worker error (a UserError)

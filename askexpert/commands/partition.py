@@ -14,19 +14,11 @@ import os
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from askexpert.checkpoints import load_classifier
+from askexpert.checkpoints import check_same_classes, load_classifier
 from askexpert.commands import command_parser
 from askexpert.errors import UserError
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS, Partition, build_partition
-
-
-def check_same_classes(model, datamodule: ImageDataModule, what: str) -> None:
-    """Refuse a model trained on another class set than the data it is used with."""
-    h = model.hparams
-    names = h.get("class_names")
-    if h.num_classes != datamodule.num_classes or (names and list(names) != datamodule.class_names):
-        raise UserError(f"{what} was trained on a different class set than the data ({datamodule.num_classes} classes)")
 
 
 @torch.no_grad()

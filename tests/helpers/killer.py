@@ -15,3 +15,17 @@ class KillAtEpoch(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillOnce(Callback):
+    """SIGKILL the process when epoch `epoch` starts, the first time only (a marker file remembers it), so
+    the same config can be run again to test resuming."""
+
+    def __init__(self, epoch: int = 1) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        marker = os.environ["KILL_ONCE_MARKER"]
+        if trainer.current_epoch == self.epoch and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)

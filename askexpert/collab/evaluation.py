@@ -1,0 +1,219 @@
+"""Evaluate a pipeline run folder: cached logits -> collaborative system -> report dictionary and files.
+
+The folder layout is fixed (`RunLayout`), so `pipeline` (which trains into it) and `evaluate --run DIR`
+(which re-reads it, e.g. with another gate or device profile) agree on where everything is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+from askexpert.collab.costs import CostModel, load_profile, model_cost
+from askexpert.collab.logits import cached_logits
+from askexpert.collab.system import CollaborativeSystem, ExpertSet, RoutingConfig
+from askexpert.errors import UserError
+from datamodules.datamodule import ImageDataModule
+from datamodules.partitions import Partition
+
+SPLITS = ("val", "test")
+STATIC = "static"
+PACKAGES = ("askexpert", "torch", "lightning", "timm", "torchmetrics")
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a pipeline run keeps each artefact."""
+
+    root: str
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.root, stage)
+
+    def best(self, stage_dir: str) -> str:
+        return os.path.join(stage_dir, "checkpoints", "best.ckpt")
+
+    @property
+    def partition(self) -> str:
+        return os.path.join(self.root, "partition.json")
+
+    def expert_dir(self, family: str, index: int) -> str:
+        return os.path.join(self.root, "experts", family, str(index))
+
+    @property
+    def logits(self) -> str:
+        return os.path.join(self.root, "logits")
+
+    @property
+    def settings(self) -> str:
+        return os.path.join(self.root, "pipeline.yaml")
+
+
+def git_revision() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _require(path: str, what: str) -> str:
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path} (has the pipeline finished this stage?)")
+    return path
+
+
+def expert_families(specialization: str, static_baseline: bool) -> list[str]:
+    """The expert folders a run trains: its strategy's, and static ones for the baseline."""
+    families = [specialization]
+    if static_baseline and specialization != STATIC:
+        families.append(STATIC)
+    return families
+
+
+def evaluate_run(
+    layout: RunLayout,
+    data: dict,
+    specialization: str,
+    static_baseline: bool,
+    routing: RoutingConfig,
+    profile_path: str,
+    seed: int,
+) -> dict:
+    """The report dictionary of a finished run (computing and caching any missing logits)."""
+    profile = load_profile(profile_path)
+    datamodule = ImageDataModule(**data)
+    routing.check(datamodule.num_classes)
+    partition = Partition.load(_require(layout.partition, "partition artefact"))
+    partition.check_classes(datamodule.class_names, "the run's data")
+    datamodule.setup()
+
+    def logits_of(name: str, stage_dir: str) -> dict:
+        checkpoint = _require(layout.best(stage_dir), f"{name} checkpoint")
+        return cached_logits(name, checkpoint, datamodule, SPLITS, layout.logits)
+
+    generalist = logits_of("generalist", layout.stage_dir("generalist"))
+    base = logits_of("base", layout.stage_dir("base"))
+    families = {}
+    for family in expert_families(specialization, static_baseline):
+        families[family] = [
+            logits_of(f"{family}_{i}", layout.expert_dir(family, i)) for i in range(partition.num_experts)
+        ]
+    for name, found in (("base", base), *[(f"{f}_{i}", e) for f, es in families.items() for i, e in enumerate(es)]):
+        subset = found["meta"].get("subset")
+        if subset is not None and sorted(subset) != sorted(partition.classes_of(int(name.rsplit("_", 1)[1]))):
+            raise UserError(f"expert {name} was trained on other classes than {layout.partition} gives it")
+
+    image_shape = tuple(datamodule.tensors("test")[0].shape[1:])
+    cost_model = CostModel(profile, image_shape)
+    size = image_shape[-1]
+
+    def cost(meta: dict):
+        return model_cost(profile, meta["model_name"], meta["num_outputs"], size)
+
+    def expert_set(family: str) -> ExpertSet:
+        members = families[family]
+        return ExpertSet(family, [m["logits"] for m in members], [cost_model.offload(cost(m["meta"])) for m in members])
+
+    system = CollaborativeSystem(
+        generalist=generalist["logits"],
+        labels=generalist["labels"],
+        coverage=partition.coverage(),
+        experts=expert_set(specialization),
+        cost_model=cost_model,
+        generalist_cost=cost(generalist["meta"]),
+        base=base["logits"],
+        base_cost=cost(base["meta"]),
+        static_experts=expert_set(STATIC) if STATIC in families else None,
+    )
+    result = system.evaluate(routing)
+
+    def test_acc(found: dict) -> float:
+        return float((found["logits"]["test"].argmax(-1) == found["labels"]["test"]).double().mean())
+
+    def expert_entries(family: str) -> list[dict]:
+        entries = []
+        for i, member in enumerate(families[family]):
+            meta = member["meta"]
+            own, generalist_own = system.subset_accuracy(expert_set(family), i)
+            classes = partition.classes_of(i)
+            entries.append(
+                {
+                    "name": f"{family}_{i}",
+                    "classes": classes,
+                    "class_names": [datamodule.class_names[c] for c in classes],
+                    "strategy": family,
+                    "init": meta.get("init"),
+                    "model_name": meta["model_name"],
+                    "params": meta["params"],
+                    "subset_test_acc": own,
+                    "generalist_subset_test_acc": generalist_own,
+                    "test_acc": test_acc(member),
+                }
+            )
+        return entries
+
+    described = datamodule.describe()
+    models = {
+        "generalist": generalist["meta"],
+        "base": base["meta"],
+        **{f: fs[0]["meta"] for f, fs in families.items()},
+    }
+    return {
+        "data": {
+            "source": described["source"],
+            "root": described["root"],
+            "num_classes": described["num_classes"],
+            "train_size": described["train_size"],
+            "val_size": described["val_size"],
+            "test_size": described["test_size"],
+            "stand_in": described["stand_in"],
+        },
+        "generalist": {
+            "model_name": generalist["meta"]["model_name"],
+            "params": generalist["meta"]["params"],
+            "test_acc": test_acc(generalist),
+        },
+        "base": {
+            "model_name": base["meta"]["model_name"],
+            "params": base["meta"]["params"],
+            "test_acc": test_acc(base),
+        },
+        "partition": {"path": layout.partition, "method": partition.method, "num_experts": partition.num_experts},
+        "experts": expert_entries(specialization),
+        "static_experts": expert_entries(STATIC) if STATIC in families and specialization != STATIC else [],
+        **result,
+        "costs": {
+            "profile": profile.describe(),
+            "image_bytes": cost_model.image_bytes,
+            "models": {
+                name: {k: v for k, v in vars(cost(meta)).items() if k != "name"} | {"model_name": meta["model_name"]}
+                for name, meta in models.items()
+            },
+        },
+        "provenance": {
+            "packages": package_versions(),
+            "git_revision": git_revision(),
+            "seed": seed,
+            "profile": profile.describe(),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }

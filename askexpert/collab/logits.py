@@ -1,0 +1,111 @@
+"""Run each model once per split and keep its logits on disk (`RUN/logits/<name>_<split>.pt`).
+
+Everything downstream (gates, thresholds, baselines, other profiles) is computed from these tensors, so
+`evaluate` with another gate or profile costs seconds. A cache file is reused only if it was computed from
+the same checkpoint file (path, size, modification time) and the same data split.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from askexpert.callbacks import atomic_write_bytes
+from askexpert.checkpoints import check_same_classes, load_classifier
+from datamodules.datamodule import ImageDataModule
+
+CACHE_VERSION = 1
+
+
+def _checkpoint_key(path: str) -> dict:
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _data_key(datamodule: ImageDataModule, split: str) -> dict:
+    h = datamodule.hparams
+    keys = ("source", "root", "image_size", "val_fraction", "seed", "synthetic_seed")
+    key = {k: h.get(k) for k in keys}
+    if h.source == "synthetic":
+        key.update(train=h.synthetic_train_per_class, test=h.synthetic_test_per_class)
+    key["split"], key["size"] = split, len(datamodule.tensors(split)[1])
+    return key
+
+
+def describe_model(model) -> dict:
+    """What a report says about a model: architecture, size, classes, expert settings."""
+    h = model.hparams
+    info = {
+        "class": type(model).__name__,
+        "model_name": h.model_name,
+        "num_classes": int(h.num_classes),
+        "num_outputs": int(model.num_outputs),
+        "params": sum(p.numel() for p in model.net.parameters()),
+        "class_names": list(h.class_names) if h.get("class_names") else None,
+    }
+    if "subset" in h:
+        info.update(
+            subset=sorted(int(c) for c in h.subset),
+            expert_index=int(h.get("expert_index", 0)),
+            init=h.get("init"),
+            other_output=bool(h.get("other_output", False)),
+        )
+    return info
+
+
+@torch.no_grad()
+def compute_logits(model, datamodule: ImageDataModule, split: str, label: str = "") -> torch.Tensor:
+    device = next(model.parameters()).device
+    outputs = []
+    loader = datamodule.dataloader(split)
+    for images, _ in tqdm(loader, desc=f"{label} {split}".strip(), leave=False, dynamic_ncols=True):
+        outputs.append(model(images.to(device)).float().cpu())
+    if not outputs:
+        return torch.empty(0, model.num_outputs)
+    return torch.cat(outputs)
+
+
+def cached_logits(
+    name: str, checkpoint: str, datamodule: ImageDataModule, splits: tuple[str, ...], cache_dir: str
+) -> dict:
+    """{"meta": describe_model(...), "labels": {split: (N,)}, "logits": {split: (N, K)}} for `checkpoint`.
+
+    Loads the model only when some split is not cached yet.
+    """
+    key = {"version": CACHE_VERSION, "checkpoint": _checkpoint_key(checkpoint)}
+    result: dict = {"logits": {}, "labels": {}}
+    model = None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for split in splits:
+        path = os.path.join(cache_dir, f"{name}_{split}.pt")
+        split_key = {**key, "data": _data_key(datamodule, split)}
+        if os.path.isfile(path):
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                saved = None
+            if saved and saved.get("key") == split_key:
+                result["logits"][split], result["labels"][split] = saved["logits"], saved["labels"]
+                result["meta"] = saved["meta"]
+                continue
+        if model is None:
+            model = load_classifier(checkpoint, map_location=device)
+            check_same_classes(model, datamodule, f"{name} ({checkpoint})")
+            result["meta"] = describe_model(model)
+        logits = compute_logits(model, datamodule, split, name)
+        labels = datamodule.tensors(split)[1].clone()
+        result["logits"][split], result["labels"][split] = logits, labels
+        os.makedirs(cache_dir, exist_ok=True)
+        payload = {"key": split_key, "logits": logits, "labels": labels, "meta": result["meta"]}
+        atomic_write_bytes(path, _to_bytes(payload))
+    return result
+
+
+def _to_bytes(payload: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()

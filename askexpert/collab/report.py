@@ -1,0 +1,227 @@
+"""The evaluation report as files: report.json (everything), report.md (the tables a person reads) and
+pareto.png (accuracy against latency and against edge energy), each written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+from askexpert.callbacks import atomic_write_bytes, atomic_write_text
+
+# Rows of the headline table, in reading order: what the system is compared with, then the system.
+HEADLINE_ROWS = (
+    ("edge_only", "edge only (generalist on the edge)"),
+    ("edge_medium", "edge medium (base model on the edge)"),
+    ("full_offload", "full offload (base model on the near-edge)"),
+    ("random_expert", "random expert (same offloaded samples)"),
+    ("static_experts", "static experts (same router and threshold)"),
+    ("selected", "**askexpert** (router + specialised experts)"),
+    ("oracle_expert", "oracle expert (true class's expert, upper bound)"),
+)
+COLUMNS_HELP = (
+    "accuracy: share of test images answered correctly; offload: share sent to the near-edge; latency: mean "
+    "per image (edge compute + transfer + round trip + expert compute for offloaded ones); edge energy: the "
+    "edge device's mean energy per image (compute, radio, idle wait); system energy: edge energy plus the "
+    "near-edge accelerator's compute energy."
+)
+
+
+def headline_rows(report: dict) -> list[tuple[str, dict]]:
+    found = {**report["baselines"], "selected": report["selected"]}
+    return [(label, found[key]) for key, label in HEADLINE_ROWS if key in found]
+
+
+def headline_table(report: dict) -> str:
+    lines = [
+        "| system | accuracy | offload | latency (ms) | edge energy (mJ) | system energy (mJ) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in headline_rows(report):
+        lines.append(
+            f"| {label} | {100 * r['acc']:.2f} % | {100 * r['offload_ratio']:.1f} % | {r['latency_ms']:.2f} | "
+            f"{r['energy_mj']:.2f} | {r['system_energy_mj']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _relative(a: float, b: float) -> str:
+    return f"{100 * (a - b) / b:+.1f} %" if b else "n/a"
+
+
+def claims(report: dict) -> list[str]:
+    """The research paper's four comparisons, computed on this run (see README)."""
+    s, b = report["selected"], report["baselines"]
+    out = []
+    if report["experts"]:
+        gains = [e["subset_test_acc"] - e["generalist_subset_test_acc"] for e in report["experts"]]
+        out.append(
+            f"experts vs the generalist on their own classes: {100 * sum(gains) / len(gains):+.2f} points (mean)"
+        )
+    if "static_experts" in b:
+        gain = 100 * (s["acc"] - b["static_experts"]["acc"])
+        out.append(f"system vs the same system with static experts: {gain:+.2f} points")
+    if "edge_medium" in b:
+        out.append(
+            f"latency vs edge execution of the base model: {_relative(s['latency_ms'], b['edge_medium']['latency_ms'])}"
+        )
+    if "full_offload" in b:
+        out.append(f"edge energy vs offloading everything: {_relative(s['energy_mj'], b['full_offload']['energy_mj'])}")
+    return out
+
+
+def markdown(report: dict) -> str:
+    data, sel, routing = report["data"], report["selected"], report["routing"]
+    label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
+    lines = [
+        f"# askexpert report ({label})",
+        "",
+        f"{data['num_classes']} classes, {data['train_size']} training and {data['test_size']} test images. "
+        f"Operating point chosen on {sel['chosen_on']}: threshold {sel['threshold']:.2f} on the "
+        f"`{routing['gate']}` gate (temperature {routing['temperature_value']:.2f}), top-{routing['top_k']} expert "
+        f"choice, `{routing['fusion']}` fusion"
+        + (f", budget {routing['budget']}" if routing.get("budget") else "")
+        + ".",
+        "",
+        headline_table(report),
+        "",
+        COLUMNS_HELP,
+        "",
+        "## The research claims, measured on this run",
+        "",
+        *[f"- {line}" for line in claims(report)],
+        "",
+        "## Models",
+        "",
+        "| model | architecture | params | classes | init | strategy | accuracy on its classes | generalist there |",
+        "|---|---|---:|---:|---|---|---:|---:|",
+    ]
+    g = report["generalist"]
+    lines.append(f"| generalist | {g['model_name']} | {g['params']:,} | all | | | {100 * g['test_acc']:.2f} % | |")
+    if report.get("base"):
+        b = report["base"]
+        lines.append(f"| base | {b['model_name']} | {b['params']:,} | all | | | {100 * b['test_acc']:.2f} % | |")
+    for e in [*report["experts"], *report.get("static_experts", [])]:
+        lines.append(
+            f"| {e['name']} | {e['model_name']} | {e['params']:,} | {len(e['classes'])} | {e['init']} "
+            f"| {e['strategy']} | {100 * e['subset_test_acc']:.2f} % | {100 * e['generalist_subset_test_acc']:.2f} % |"
+        )
+    costs = report["costs"]
+    lines += [
+        "",
+        "## Costs per image",
+        "",
+        f"Profile `{costs['profile']['name']}` ({costs['profile']['path']}): edge {costs['profile']['edge']}, "
+        f"near-edge {costs['profile']['near_edge']}, link {costs['profile']['link']}; "
+        f"{costs['image_bytes']:.0f} bytes per image.",
+        "",
+        "| model | GFLOPs | edge (ms) | near-edge (ms) | how |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, c in costs["models"].items():
+        how = (
+            c["edge_source"]
+            if c["edge_source"] == c["near_edge_source"]
+            else f"{c['edge_source']} / {c['near_edge_source']}"
+        )
+        lines.append(f"| {name} | {c['gflops']:.4f} | {c['edge_ms']:.2f} | {c['near_edge_ms']:.2f} | {how} |")
+    lines += [
+        "",
+        "## Threshold sweep (test)",
+        "",
+        "| threshold | offload | accuracy | latency (ms) | edge energy (mJ) |",
+    ]
+    lines.append("|---:|---:|---:|---:|---:|")
+    for r in report["sweep"][::10]:
+        lines.append(
+            f"| {r['threshold']:.2f} | {100 * r['offload_ratio']:.1f} % | {100 * r['acc']:.2f} % | "
+            f"{r['latency_ms']:.2f} | {r['energy_mj']:.2f} |"
+        )
+    p = report["provenance"]
+    lines += [
+        "",
+        f"Revision {p['git_revision']}, seed {p['seed']}, {', '.join(f'{k} {v}' for k, v in p['packages'].items())}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def pareto_figure(report: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    points = {**report["baselines"], "askexpert": report["selected"]}
+    for axis, key, title in (
+        (axes[0], "latency_ms", "latency per image (ms)"),
+        (axes[1], "energy_mj", "edge energy per image (mJ)"),
+    ):
+        axis.plot(
+            [r[key] for r in report["sweep"]],
+            [100 * r["acc"] for r in report["sweep"]],
+            "-",
+            color="tab:blue",
+            label="router, threshold sweep (test)",
+        )
+        for name, r in points.items():
+            marker = "*" if name == "askexpert" else "o"
+            axis.plot(r[key], 100 * r["acc"], marker, markersize=12 if marker == "*" else 6)
+            axis.annotate(name, (r[key], 100 * r["acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xlabel(title)
+        axis.set_ylabel("accuracy (%)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    stand_in = " - STAND-IN data, not CIFAR-100" if report["data"]["stand_in"] else ""
+    figure.suptitle(f"accuracy vs cost{stand_in}")
+    figure.tight_layout()
+    return figure
+
+
+def write_report(report: dict, folder: str) -> dict[str, str]:
+    """Write report.json, report.md and pareto.png into `folder`; returns their paths."""
+    import matplotlib.pyplot as plt
+
+    paths = {name: os.path.join(folder, name) for name in ("report.json", "report.md", "pareto.png")}
+    figure = pareto_figure(report)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    atomic_write_bytes(paths["pareto.png"], buffer.getvalue())
+    atomic_write_text(paths["report.md"], markdown(report))
+    atomic_write_text(paths["report.json"], json.dumps(report, indent=2) + "\n")
+    return paths
+
+
+def log_to_wandb(report: dict, paths: dict[str, str], folder: str, project: str, name: str | None = None) -> None:
+    """The sweep, the headline table and the plot as a W&B run (offline unless WANDB_MODE or a sweep agent)."""
+    import wandb
+
+    from askexpert.run_folder import wandb_should_be_offline
+
+    run = wandb.init(
+        project=project,
+        name=name or os.path.basename(os.path.abspath(folder)),
+        dir=folder,
+        mode="offline" if wandb_should_be_offline() else None,
+        job_type="evaluate",
+        config={"routing": report["routing"], "data": report["data"]},
+        reinit="finish_previous",
+    )
+    try:
+        columns = ["threshold", "offload_ratio", "acc", "latency_ms", "energy_mj", "system_energy_mj"]
+        run.log(
+            {
+                "sweep": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in report["sweep"]]),
+                "systems": wandb.Table(
+                    columns=["system", *columns[1:]],
+                    data=[[label, *[r[c] for c in columns[1:]]] for label, r in headline_rows(report)],
+                ),
+                "pareto": wandb.Image(paths["pareto.png"]),
+            }
+        )
+        run.summary.update({f"selected/{k}": v for k, v in report["selected"].items() if isinstance(v, float)})
+    finally:
+        run.finish()

@@ -1,0 +1,132 @@
+"""The router: when the generalist's answer is not trusted, and which expert gets the sample.
+
+Every gate maps the generalist's class probabilities to a confidence in [0, 1] (1 = sure):
+- `max_prob`: the top-1 probability;
+- `margin`: top-1 minus top-2 probability;
+- `entropy`: 1 - H(p) / ln C (1 for a one-hot answer, 0 for the uniform one).
+A sample is offloaded iff its confidence < threshold, so threshold 0 offloads nothing and threshold 1
+offloads every sample that is not perfectly sure. Probabilities may first be temperature-scaled
+(`fit_temperature`, on validation logits), which changes the gate and the top-k mass but never the ranks.
+
+Expert selection (`select_experts`): among the generalist's top-k classes, the expert whose classes hold the
+most probability mass. Ties (exact equality, common with k = 1 or with overlapping experts that share a
+class) go to an expert that owns the top-1 class; if several do, to the one with more probability mass over
+all of its classes; then to the lowest index. A sample none of whose top-k classes belongs to any expert
+(only possible with `allow_uncovered` partitions) has no expert (-1) and stays on the edge.
+
+Fusion (`fuse`) of the final answer of an offloaded sample:
+- `expert` (default): the expert's answer; a dustbin expert's "other" answer hands the sample back to the
+  generalist's answer;
+- `product`: normalised product of the edge and expert probabilities (both must agree to be confident);
+- `mean`: average of the two probability vectors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from askexpert.errors import UserError
+
+GATES = ("max_prob", "margin", "entropy")
+FUSIONS = ("expert", "product", "mean")
+NO_EXPERT = -1
+
+
+def check_gate(gate: str) -> None:
+    if gate not in GATES:
+        raise UserError(f"unknown gate {gate!r}; gates: {', '.join(GATES)}")
+
+
+def check_fusion(fusion: str) -> None:
+    if fusion not in FUSIONS:
+        raise UserError(f"unknown fusion {fusion!r}; fusions: {', '.join(FUSIONS)}")
+
+
+def check_threshold(threshold: float | None) -> None:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UserError(f"the routing threshold must be in [0, 1], got {threshold}")
+
+
+def check_top_k(top_k: int, num_classes: int) -> None:
+    if not 1 <= top_k <= num_classes:
+        raise UserError(f"top_k must be between 1 and the number of classes ({num_classes}), got {top_k}")
+
+
+def confidence(probs: torch.Tensor, gate: str) -> torch.Tensor:
+    """(N,) confidence in [0, 1] of probability rows (N, C) under `gate`."""
+    check_gate(gate)
+    if gate == "max_prob":
+        value = probs.max(-1).values
+    elif gate == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        value = top2[:, 0] - top2[:, 1]
+    else:
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        value = 1.0 - entropy / math.log(probs.shape[-1])
+    return value.clamp(0.0, 1.0)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al., 2017)."""
+    if len(labels) == 0:
+        raise UserError("temperature scaling needs validation data: set --data.val_fraction above 0")
+    logits = logits.detach().double()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)  # optimise log T: T stays positive
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def select_experts(probs: torch.Tensor, coverage: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(N,) index of the expert each sample would go to (NO_EXPERT if no expert covers its top-k classes).
+
+    `probs` is (N, C); `coverage` is the partition's (E, C) bool table.
+    """
+    num_classes = probs.shape[-1]
+    check_top_k(top_k, num_classes)
+    if coverage.shape[-1] != num_classes:
+        raise UserError(f"the partition covers {coverage.shape[-1]} classes but the generalist answers {num_classes}")
+    owners = coverage.T.to(probs.dtype)  # (C, E)
+    top_p, top_i = probs.topk(top_k, dim=-1)  # (N, k)
+    mass = (top_p.unsqueeze(-1) * owners[top_i]).sum(1)  # (N, E): probability mass of the top-k per expert
+    best = mass.max(-1, keepdim=True).values
+    tied = mass >= best * (1 - 1e-6)
+    owns_top1 = owners[top_i[:, 0]] > 0
+    total = probs @ owners  # (N, E): mass over all of each expert's classes, the second tie-break
+    # lexicographic key: tied at the best mass, then owns top-1, then total mass (in [0, 1]); argmax takes the
+    # first (lowest index) of equal keys
+    key = tied.to(probs.dtype) * 4 + owns_top1.to(probs.dtype) * 2 + total
+    chosen = key.argmax(-1)
+    return torch.where(best.squeeze(-1) > 0, chosen, torch.full_like(chosen, NO_EXPERT))
+
+
+def class_probs(expert_logits: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities over the C classes, whether the expert answered "other") for (N, C) or (N, C+1) logits."""
+    probs = expert_logits.float().softmax(-1)
+    if probs.shape[-1] == num_classes:
+        return probs, torch.zeros(len(probs), dtype=torch.bool)
+    said_other = probs.argmax(-1) == num_classes
+    inside = probs[:, :num_classes]
+    return inside / inside.sum(-1, keepdim=True).clamp_min(1e-12), said_other
+
+
+def fuse(edge_probs: torch.Tensor, expert_logits: torch.Tensor, fusion: str = "expert") -> torch.Tensor:
+    """(N,) final answer for samples answered by an expert, combining edge and expert as `fusion` says."""
+    check_fusion(fusion)
+    expert_probs, said_other = class_probs(expert_logits, edge_probs.shape[-1])
+    if fusion == "expert":
+        answer = expert_probs.argmax(-1)
+    elif fusion == "product":
+        answer = (edge_probs.clamp_min(1e-12).log() + expert_probs.clamp_min(1e-12).log()).argmax(-1)
+    else:
+        answer = (edge_probs + expert_probs).argmax(-1)
+    return torch.where(said_other, edge_probs.argmax(-1), answer)

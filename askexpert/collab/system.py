@@ -1,0 +1,250 @@
+"""The collaborative system evaluated from cached logits: the router, its operating point and the baselines.
+
+Inputs are plain tensors (logits per model and split, labels, the partition's coverage) plus a cost model,
+so the same code serves the pipeline, `evaluate --run`, the ablations and hand-made unit tests.
+
+Baselines (each {acc, offload_ratio, latency_ms, energy_mj, system_energy_mj}, on test):
+- `edge_only`: the generalist answers everything on the edge;
+- `edge_medium`: the all-class base model runs on the edge device ("edge execution");
+- `full_offload`: every image goes to the base model on the near-edge ("just offload");
+- `random_expert`: the same samples as the selected operating point are offloaded, each to a random expert;
+- `oracle_expert`: the same samples go to the expert of their true class. With overlapping experts it takes
+  an owner that answers right if there is one, and where the router's own choice was right it keeps that
+  answer, so it bounds every expert selection from above, the learned one included;
+- `static_experts`: the same router, threshold and samples, answered by static experts of the same init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from askexpert.collab.costs import CostModel, ModelCost, SampleCosts
+from askexpert.collab.routing import (
+    NO_EXPERT,
+    check_fusion,
+    check_gate,
+    check_threshold,
+    check_top_k,
+    confidence,
+    fit_temperature,
+    fuse,
+    select_experts,
+)
+from askexpert.collab.sweep import (
+    RoutedSamples,
+    at_mask,
+    check_budget,
+    choose_threshold,
+    default_thresholds,
+    rows,
+    sweep,
+)
+from askexpert.errors import UserError
+
+
+@dataclass
+class Budget:
+    """Limits for the operating point, each optional.
+
+    Args:
+        offload_ratio: at most this share of samples offloaded (in [0, 1]).
+        latency_ms: at most this mean latency per image.
+        energy_mj: at most this mean edge-device energy per image.
+    """
+
+    offload_ratio: float | None = None
+    latency_ms: float | None = None
+    energy_mj: float | None = None
+
+
+@dataclass
+class RoutingConfig:
+    """How the system routes (`--routing.*`).
+
+    Args:
+        gate: confidence gate: max_prob, margin or entropy.
+        threshold: offload iff confidence < threshold; None chooses it on the validation split.
+        top_k: how many of the generalist's top classes choose the expert.
+        temperature: scale the generalist's logits by a temperature fitted on validation data.
+        fusion: final answer of an offloaded sample: expert, product or mean.
+        budget: limits the chosen threshold must meet on validation data (unset: no limit).
+        seed: seed of the random_expert baseline.
+    """
+
+    gate: str = "max_prob"
+    threshold: float | None = None
+    top_k: int = 3
+    temperature: bool = True
+    fusion: str = "expert"
+    budget: Budget = field(default_factory=lambda: Budget())
+    seed: int = 0
+
+    def check(self, num_classes: int) -> None:
+        check_gate(self.gate)
+        check_threshold(self.threshold)
+        check_top_k(self.top_k, num_classes)
+        check_fusion(self.fusion)
+        check_budget(self.budget_dict())
+
+    def budget_dict(self) -> dict[str, float]:
+        budget = self.budget if isinstance(self.budget, dict) else asdict(self.budget)
+        return {key: value for key, value in budget.items() if value is not None}
+
+
+@dataclass
+class ExpertSet:
+    """One family of experts (one strategy): logits per split, and what each costs when offloaded to."""
+
+    name: str
+    logits: list[dict[str, torch.Tensor]]  # per expert: {split: (N, C or C+1)}
+    costs: list[SampleCosts]  # per expert: the extra cost of offloading one sample to it
+
+
+def _correct_per_expert(edge_probs: torch.Tensor, experts: ExpertSet, split: str, labels: torch.Tensor, fusion: str):
+    """(N, E) bool: would the answer be right if the sample went to expert e."""
+    return torch.stack([fuse(edge_probs, e[split], fusion) == labels for e in experts.logits], dim=1)
+
+
+def _routed(
+    conf: torch.Tensor,
+    edge_correct: torch.Tensor,
+    correct: torch.Tensor,
+    assignment: torch.Tensor,
+    costs: list[SampleCosts],
+    edge: SampleCosts,
+) -> RoutedSamples:
+    """RoutedSamples for an explicit per-sample expert `assignment` (NO_EXPERT: never offloaded)."""
+    has_expert = assignment != NO_EXPERT
+    index = assignment.clamp_min(0)
+    latency = torch.tensor([c.latency_ms for c in costs], dtype=torch.float64)[index]
+    energy = torch.tensor([c.edge_energy_mj for c in costs], dtype=torch.float64)[index]
+    system = torch.tensor([c.system_energy_mj for c in costs], dtype=torch.float64)[index]
+    zero = torch.zeros_like(latency)
+    return RoutedSamples(
+        confidence=torch.where(has_expert, conf.double(), torch.full_like(conf, float("inf"), dtype=torch.float64)),
+        edge_correct=edge_correct,
+        offload_correct=correct.gather(1, index[:, None]).squeeze(1) & has_expert,
+        offload_latency_ms=torch.where(has_expert, latency, zero),
+        offload_energy_mj=torch.where(has_expert, energy, zero),
+        offload_system_energy_mj=torch.where(has_expert, system, zero),
+        edge=edge,
+    )
+
+
+def selection_grid(conf: torch.Tensor, thresholds: torch.Tensor | None = None, quantiles: int = 101) -> torch.Tensor:
+    """Candidate thresholds for choosing the operating point: the regular grid plus the confidence quantiles,
+    so a gate whose values crowd into a small interval (e.g. max_prob with 100 classes) is still resolved."""
+    grid = default_thresholds() if thresholds is None else thresholds.to(torch.float64)
+    finite = conf[torch.isfinite(conf)].to(torch.float64)
+    if len(finite):
+        grid = torch.cat([grid, finite.quantile(torch.linspace(0, 1, quantiles, dtype=torch.float64))])
+    return grid.clamp(0.0, 1.0).unique()
+
+
+class CollaborativeSystem:
+    """Generalist + experts + base model, evaluated from their cached logits."""
+
+    def __init__(
+        self,
+        generalist: dict[str, torch.Tensor],
+        labels: dict[str, torch.Tensor],
+        coverage: torch.Tensor,
+        experts: ExpertSet,
+        cost_model: CostModel,
+        generalist_cost: ModelCost,
+        base: dict[str, torch.Tensor] | None = None,
+        base_cost: ModelCost | None = None,
+        static_experts: ExpertSet | None = None,
+    ) -> None:
+        self.generalist, self.labels, self.coverage = generalist, labels, coverage.bool()
+        self.experts, self.static_experts = experts, static_experts
+        self.base, self.base_cost = base, base_cost
+        self.cost_model, self.generalist_cost = cost_model, generalist_cost
+        self.num_classes = generalist["test"].shape[-1]
+        if len(experts.logits) != coverage.shape[0]:
+            raise UserError(f"the partition has {coverage.shape[0]} experts but {len(experts.logits)} were given")
+        self.edge = cost_model.on_edge(generalist_cost)
+
+    # -- the router ----------------------------------------------------------------------------------
+    def temperature(self, config: RoutingConfig) -> float:
+        if not config.temperature:
+            return 1.0
+        return fit_temperature(self.generalist["val"], self.labels["val"])
+
+    def route(self, split: str, config: RoutingConfig, temperature: float, experts: ExpertSet | None = None):
+        """(RoutedSamples, per-sample expert choice, (N, E) correctness, edge probabilities) for `split`."""
+        experts = experts or self.experts
+        labels = self.labels[split]
+        probs = (self.generalist[split].double() / temperature).softmax(-1)
+        conf = confidence(probs, config.gate)
+        chosen = select_experts(probs, self.coverage, config.top_k)
+        correct = _correct_per_expert(probs, experts, split, labels, config.fusion)
+        edge_correct = probs.argmax(-1) == labels
+        return _routed(conf, edge_correct, correct, chosen, experts.costs, self.edge), chosen, correct, probs
+
+    # -- the whole evaluation ------------------------------------------------------------------------
+    def evaluate(self, config: RoutingConfig, thresholds: torch.Tensor | None = None) -> dict:
+        config.check(self.num_classes)
+        need_val = config.threshold is None or config.temperature
+        if need_val and len(self.labels.get("val", [])) == 0:
+            raise UserError(
+                "choosing the threshold and fitting the temperature need a validation split: set "
+                "--data.val_fraction above 0, or give --routing.threshold and --routing.temperature false"
+            )
+        temperature = self.temperature(config)
+        test, chosen, correct, _ = self.route("test", config, temperature)
+        test_table = sweep(test, thresholds)
+        if config.threshold is None:
+            val, *_ = self.route("val", config, temperature)
+            val_table = sweep(val, selection_grid(val.confidence, thresholds))
+            threshold = float(val_table["threshold"][choose_threshold(val_table, config.budget_dict())])
+            chosen_on = "val"
+        else:
+            threshold, chosen_on = float(config.threshold), "given"
+        offloaded = test.confidence < threshold
+        selected = {"threshold": threshold, **at_mask(test, offloaded), "chosen_on": chosen_on}
+        return {
+            "routing": {**asdict(config), "budget": config.budget_dict(), "temperature_value": temperature},
+            "selected": selected,
+            "sweep": rows(test_table),
+            "baselines": self.baselines(config, temperature, test, chosen, correct, offloaded),
+        }
+
+    def baselines(self, config, temperature, test: RoutedSamples, chosen, correct, offloaded) -> dict:
+        labels = self.labels["test"]
+        n, num_experts = len(labels), len(self.experts.logits)
+        out = {"edge_only": {**at_mask(test, torch.zeros(n, dtype=torch.bool))}}
+        if self.base is not None and self.base_cost is not None:
+            base_acc = float((self.base["test"][:, : self.num_classes].argmax(-1) == labels).double().mean())
+            on_edge = self.cost_model.on_edge(self.base_cost)
+            remote = self.cost_model.offload(self.base_cost)
+            out["edge_medium"] = {"acc": base_acc, "offload_ratio": 0.0, **on_edge.as_dict()}
+            out["full_offload"] = {"acc": base_acc, "offload_ratio": 1.0, **remote.as_dict()}
+        generator = torch.Generator().manual_seed(config.seed)
+        random_choice = torch.randint(num_experts, (n,), generator=generator)
+        random_choice = torch.where(chosen == NO_EXPERT, chosen, random_choice)
+        random = _routed(test.confidence, test.edge_correct, correct, random_choice, self.experts.costs, self.edge)
+        out["random_expert"] = at_mask(random, offloaded)
+        owners = self.coverage.T[labels]  # (N, E): experts that own the true class
+        owner = torch.where(owners.any(1), owners.float().argmax(1), chosen)
+        oracle = _routed(test.confidence, test.edge_correct, correct, owner, self.experts.costs, self.edge)
+        oracle_correct = (correct & owners).any(1) | test.offload_correct
+        out["oracle_expert"] = at_mask(oracle, offloaded, oracle_correct)
+        if self.static_experts is not None:
+            static, *_ = self.route("test", config, temperature, self.static_experts)
+            out["static_experts"] = at_mask(static, offloaded)
+        return out
+
+    def subset_accuracy(self, experts: ExpertSet, index: int, split: str = "test") -> tuple[float, float]:
+        """(expert, generalist) accuracy on the `split` images of expert `index`'s classes (argmax over all
+        classes; a dustbin expert's "other" answer counts as wrong)."""
+        labels = self.labels[split]
+        inside = self.coverage[index][labels]
+        if not inside.any():
+            return float("nan"), float("nan")
+        logits = experts.logits[index][split][inside]
+        expert_acc = (logits.argmax(-1) == labels[inside]).double().mean()
+        generalist_acc = (self.generalist[split][inside].argmax(-1) == labels[inside]).double().mean()
+        return float(expert_acc), float(generalist_acc)

@@ -1,0 +1,64 @@
+"""`python -m askexpert evaluate --run DIR`: evaluate a pipeline run again from its artefacts.
+
+    python -m askexpert evaluate --run runs/demo --routing.gate entropy --profile configs/profiles/pi4_lte_orin.yaml
+
+Routing and profile default to the run's own settings (`DIR/pipeline.yaml`); anything given here replaces
+them for this evaluation. Models run only where their logits are not cached yet, so another gate, budget or
+profile costs seconds. The report files go to `--out` (default: the run folder, replacing its report).
+"""
+
+from __future__ import annotations
+
+import os
+
+from askexpert.collab.evaluation import RunLayout
+from askexpert.collab.system import RoutingConfig
+from askexpert.errors import UserError
+
+
+def saved_settings(run_dir: str):
+    """The pipeline settings a run was made with (its `pipeline.yaml`)."""
+    from askexpert.commands.pipeline import parser as pipeline_parser
+
+    layout = RunLayout(run_dir)
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run folder not found: {run_dir}")
+    if not os.path.isfile(layout.settings):
+        raise UserError(f"{run_dir} is not a pipeline run (no pipeline.yaml); run `python -m askexpert pipeline` first")
+    return pipeline_parser().parse_path(layout.settings)
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parser(defaults=None):
+    from askexpert.commands import command_parser
+
+    p = command_parser("evaluate", "Evaluate a pipeline run from its cached logits.", with_data=False)
+    p.add_argument("--run", type=str, required=True, help="pipeline run folder")
+    p.add_argument("--out", type=str | None, default=None, help="folder for the report files (default: the run)")
+    p.add_class_arguments(RoutingConfig, "routing", help="routing and operating point (default: the run's)")
+    p.add_argument("--profile", type=str | None, default=None, help="device profile YAML (default: the run's)")
+    if defaults is not None:
+        flat = {f"routing.{key}": value for key, value in defaults.routing.items()}
+        p.set_defaults({**flat, "profile": defaults.profile})
+    return p
+
+
+def run(argv: list[str]) -> dict:
+    from askexpert.commands.pipeline import evaluate_and_report, routing_config
+
+    run_dir = _option(argv, "--run")
+    saved = saved_settings(run_dir) if run_dir and "--help" not in argv and "-h" not in argv else None
+    args = parser(saved).parse_args(argv)
+    if saved is None:
+        saved = saved_settings(args.run)
+    saved.profile = args.profile or saved.profile
+    layout = RunLayout(args.run)
+    return evaluate_and_report(saved, layout, routing_config(args.routing), args.out)

@@ -1,0 +1,418 @@
+"""`python -m askexpert pipeline`: the whole system in one process, from data to report.
+
+    python -m askexpert pipeline --config configs/pipeline/demo.yaml --out runs/demo
+
+Stages, each in its own folder under `--out` with its resolved config:
+    generalist/  base/  partition.json  experts/<strategy>/<i>/  experts/static/<i>/  logits/
+then the evaluation writes report.json, report.md and pareto.png.
+
+Each training stage is a `fit` (the same LightningCLI as `python -m askexpert fit`), described by config
+files plus overrides; the pipeline's `data` section defines the dataset of every stage. Every stage's
+arguments are resolved (`--print_config`) before anything trains, so a typo in the last stage fails at once.
+`stages.json` records each stage's resolved config and whether it finished:
+- a finished stage whose config is unchanged is skipped;
+- a stage that was interrupted resumes from its last checkpoint;
+- a stage whose config changed is refused unless `--overwrite`, which retrains it and everything after it.
+Routing and profile settings only change the evaluation, which always runs (from cached logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+import strategies
+from askexpert.callbacks import atomic_write_text
+from askexpert.checkpoints import has_training_state
+from askexpert.collab.evaluation import RunLayout, evaluate_run, expert_families
+from askexpert.collab.report import headline_table, write_report
+from askexpert.collab.system import Budget, RoutingConfig
+from askexpert.errors import UserError
+from askexpert.run_folder import last_checkpoint
+from datamodules.datamodule import ImageDataModule
+from datamodules.partitions import METHODS, build_partition
+
+DEFAULT_PROFILE = "configs/profiles/pi4_wifi_orin.yaml"
+# Keys of `data` that define the dataset: every stage must see the same ones, so only the pipeline sets them.
+DATASET_KEYS = (
+    "source",
+    "root",
+    "download",
+    "verify_checksums",
+    "image_size",
+    "val_fraction",
+    "seed",
+    "synthetic_train_per_class",
+    "synthetic_test_per_class",
+    "synthetic_seed",
+    "max_memory_gb",
+)
+
+
+@dataclass
+class FitStage:
+    """A training stage: `fit` config files (in order) and overrides on top.
+
+    Args:
+        config: fit config files, e.g. [configs/generalist_demo.yaml].
+        overrides: fit options by dotted name, e.g. {trainer.max_epochs: 3, model.init_args.lr: 0.001}.
+    """
+
+    config: list[str] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PartitionStage:
+    """How the experts' classes are chosen (as `python -m askexpert partition`).
+
+    Args:
+        method: superclass, confusion, random or explicit.
+        num_experts: number of experts.
+        overlap: extra most-confused outside classes per expert (reads the generalist).
+        seed: seed of random and confusion partitions.
+        experts: explicit class lists (names or ids) for method explicit.
+        allow_uncovered: allow classes that no expert covers.
+    """
+
+    method: str = "superclass"
+    num_experts: int = 4
+    overlap: int = 0
+    seed: int = 0
+    experts: list[list[int | str]] | None = None
+    allow_uncovered: bool = False
+
+
+def parser():
+    from askexpert.commands import command_parser
+
+    p = command_parser("pipeline", "Train generalist, base model and experts, then evaluate the collaborative system.")
+    p.add_argument("--out", type=str, required=True, help="run folder (every artefact goes here)")
+    p.add_argument("--overwrite", type=bool, default=False, help="retrain stages whose config changed")
+    p.add_argument("--seed", type=int, default=0, help="seed_everything of every training stage")
+    p.add_class_arguments(FitStage, "generalist", help="the edge generalist")
+    p.add_class_arguments(FitStage, "base", help="the all-class medium base model")
+    p.add_class_arguments(PartitionStage, "partition", help="the experts' class subsets")
+    p.add_class_arguments(FitStage, "experts", help="every expert (ExpertModule config)")
+    p.add_argument("--specialization", type=str, default=strategies.DEFAULT_STRATEGY, help="strategy of the experts")
+    p.add_argument("--static_baseline", type=bool, default=True, help="also train static experts (a baseline)")
+    p.add_class_arguments(RoutingConfig, "routing", help="routing and operating point")
+    p.add_argument("--profile", type=str, default=DEFAULT_PROFILE, help="device profile YAML (latency and energy)")
+    p.add_argument("--wandb_project", type=str | None, default=None, help="also log every stage and the report to W&B")
+    return p
+
+
+# -- stages ----------------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str  # also its folder under --out (partition: the JSON file)
+    config: dict  # what identifies it (resolved fit config, or the partition settings)
+    depends_on: list[str]
+    fit_args: list[str] | None = None  # None: the partition stage
+    identity: str = ""
+
+
+def _cli_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _fit_arguments(
+    stage: FitStage, what: str, data: dict, seed: int, root: str, wandb_project: str | None
+) -> list[str]:
+    for key in stage.overrides:
+        if key.startswith("data.") and key[5:] in DATASET_KEYS:
+            raise UserError(f"{what}.overrides sets {key}; the dataset is the pipeline's: set it in its data section")
+        if key in ("trainer.default_root_dir", "seed_everything", "ckpt_path"):
+            raise UserError(f"{what}.overrides sets {key}, which the pipeline sets for every stage")
+    args = ["fit"]
+    for path in stage.config:
+        if not os.path.isfile(path):
+            raise UserError(f"{what}.config: file not found: {path}")
+        args += ["--config", path]
+    args += [f"--data.{key}={_cli_value(value)}" for key, value in data.items()]
+    args += [f"--{key}={_cli_value(value)}" for key, value in stage.overrides.items()]
+    if wandb_project:
+        loggers = [
+            {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": wandb_project}},
+            {"class_path": "askexpert.loggers.RunCSVLogger"},
+        ]
+        args.append(f"--trainer.logger={json.dumps(loggers)}")
+    return args + [f"--seed_everything={seed}", "--trainer.default_root_dir", root]
+
+
+def resolve_fit(args: list[str]) -> dict:
+    """The fit's resolved config (as `--print_config` shows it); raises UserError for bad arguments."""
+    from askexpert.cli import cli_main
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            cli_main([*args, "--print_config"])
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise UserError(f"the arguments of `{' '.join(args[:3])} ...` are not valid") from None
+    config = yaml.safe_load(buffer.getvalue()) or {}
+    config.pop("ckpt_path", None)  # a resumed stage is the same stage
+    _instantiate(args)
+    return config
+
+
+def _instantiate(args: list[str]) -> None:
+    """Build the stage's model, data and trainer without running them, so a bad value (a negative lr, an
+    unknown model) fails now rather than after the stages before it trained. Experts get a stand-in subset:
+    their partition does not exist yet."""
+    from askexpert.cli import AskExpertCLI, map_specialization_names
+
+    args = args[1:]  # without subcommands (run=False) LightningCLI takes the options of `fit` directly
+    if "--partition" in args:
+        i = args.index("--partition")
+        args[i : i + 2] = ["--model.init_args.subset=[0]"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        AskExpertCLI(args=map_specialization_names(args), run=False)
+
+
+def plan_stages(settings, layout: RunLayout) -> list[Stage]:
+    data = settings.data.as_dict()
+    seed, wandb_project = settings.seed, settings.wandb_project
+    stages = []
+    for name in ("generalist", "base"):
+        args = _fit_arguments(settings[name], name, data, seed, layout.stage_dir(name), wandb_project)
+        stages.append(Stage(name, resolve_fit(args), [], args))
+    part = settings.partition
+    if part.method not in METHODS:
+        raise UserError(f"unknown partition method {part.method!r}; methods: {', '.join(METHODS)}")
+    reads_generalist = part.method == "confusion" or part.overlap > 0
+    dataset = {key: data[key] for key in DATASET_KEYS}
+    stages.append(
+        Stage("partition", {"partition": part.as_dict(), "data": dataset}, ["generalist"] if reads_generalist else [])
+    )
+    base_ckpt = layout.best(layout.stage_dir("base"))
+    for family in expert_families(settings.specialization, settings.static_baseline):
+        strategy = strategies.class_path(family)  # unknown names fail here, listing the known ones
+        for i in range(part.num_experts):
+            root = layout.expert_dir(family, i)
+            args = _fit_arguments(settings.experts, "experts", data, seed, root, wandb_project)
+            args += ["--partition", layout.partition, "--expert_index", str(i), "--specialization", strategy]
+            args += ["--model.init_args.base_path", base_ckpt]
+            # experts of one family differ only in index and folder: resolve the first, derive the others
+            config = resolve_fit(args) if i == 0 else {"same_as": f"experts/{family}/0", "expert_index": i}
+            depends = ["base", "partition"] if i == 0 else [f"experts/{family}/0"]
+            stages.append(Stage(f"experts/{family}/{i}", config, depends, args))
+    identities: dict[str, str] = {}
+    for stage in stages:
+        upstream = [identities[name] for name in stage.depends_on]
+        text = json.dumps({"config": stage.config, "upstream": upstream}, sort_keys=True, default=str)
+        # the run folder's own path is not part of a stage's identity: a moved or copied run still resumes
+        for root in sorted({os.path.abspath(layout.root), layout.root}, key=len, reverse=True):
+            text = text.replace(json.dumps(root)[1:-1], "$OUT")
+        stage.identity = identities[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return stages
+
+
+# -- the record of what is done ----------------------------------------------------------------------------
+def _stages_file(layout: RunLayout) -> str:
+    return os.path.join(layout.root, "stages.json")
+
+
+def load_record(layout: RunLayout) -> dict:
+    path = _stages_file(layout)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is damaged; use --overwrite to start this run again") from None
+
+
+def save_record(layout: RunLayout, record: dict) -> None:
+    atomic_write_text(_stages_file(layout), json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def check_out_folder(layout: RunLayout, stages: list[Stage], record: dict, overwrite: bool) -> list[str]:
+    """Names of stages whose recorded config differs; refuses them (and foreign folders) unless overwrite."""
+    if os.path.exists(layout.root) and not os.path.isdir(layout.root):
+        raise UserError(f"--out {layout.root} is a file, not a folder")
+    if not record and os.path.isdir(layout.root) and os.listdir(layout.root) and not overwrite:
+        raise UserError(
+            f"--out {layout.root} already holds files that are not a pipeline run; choose another folder or --overwrite"
+        )
+    planned = {s.name: s for s in stages}
+    changed = [
+        name for name, entry in record.items() if name in planned and entry.get("identity") != planned[name].identity
+    ]
+    gone = [name for name in record if name not in planned]
+    if (changed or gone) and not overwrite:
+        names = ", ".join((changed + gone)[:6])
+        raise UserError(
+            f"--out {layout.root} holds a run with a different config (stages: {names}); "
+            "use another --out, or --overwrite to retrain what changed"
+        )
+    return changed + gone
+
+
+def _stage_path(layout: RunLayout, name: str) -> str:
+    return layout.partition if name == "partition" else os.path.join(layout.root, *name.split("/"))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def run_partition(settings, layout: RunLayout) -> None:
+    from askexpert.commands.partition import validation_confusion
+
+    part = settings.partition
+    datamodule = ImageDataModule(**settings.data.as_dict())
+    confusion = None
+    if part.method == "confusion" or part.overlap:
+        confusion = validation_confusion(layout.best(layout.stage_dir("generalist")), datamodule)
+    partition = build_partition(
+        part.method,
+        datamodule.class_names,
+        num_experts=part.num_experts,
+        class_to_superclass=datamodule.class_to_superclass,
+        confusion=confusion,
+        experts=part.experts,
+        overlap=part.overlap,
+        seed=part.seed,
+        allow_uncovered=part.allow_uncovered,
+    )
+    partition.save(layout.partition)
+    sizes = ", ".join(str(len(c)) for c in partition.experts)
+    print(
+        f"partition: {part.method}, {partition.num_experts} experts ({sizes} classes) -> {layout.partition}", flush=True
+    )
+
+
+def run_fit(stage: Stage, layout: RunLayout, resume: bool) -> None:
+    from askexpert.cli import cli_main
+
+    args = list(stage.fit_args)
+    if resume:
+        args += ["--ckpt_path", "last"]
+    cli_main(args)
+    if not os.path.isfile(layout.best(_stage_path(layout, stage.name))):
+        raise UserError(f"stage {stage.name} finished without a best checkpoint (was validation disabled?)")
+
+
+def _can_resume(folder: str) -> bool:
+    found = last_checkpoint(folder)
+    return bool(found) and has_training_state(found)
+
+
+def _check_partition_settings(settings, datamodule: ImageDataModule) -> None:
+    part = settings.partition
+    if part.num_experts < 1:
+        raise UserError(f"--partition.num_experts must be at least 1, got {part.num_experts}")
+    if part.method == "explicit" and part.experts:
+        settings.partition.num_experts = len(part.experts)
+    if part.method == "superclass" and datamodule.class_to_superclass is None:
+        raise UserError("this dataset has no superclasses; use --partition.method confusion, random or explicit")
+    if part.method == "confusion" and datamodule.hparams.val_fraction == 0:
+        raise UserError("--partition.method confusion needs a validation split: set --data.val_fraction above 0")
+
+
+def routing_config(namespace) -> RoutingConfig:
+    values = namespace.as_dict()
+    return RoutingConfig(**{**values, "budget": Budget(**(values.get("budget") or {}))})
+
+
+def run(argv: list[str]) -> dict:
+    p = parser()
+    settings = p.parse_args(argv)
+    layout = RunLayout(settings.out)
+    routing = routing_config(settings.routing)
+    # Everything that can be checked without training is checked here, before the first stage writes.
+    from askexpert.collab.costs import load_profile
+
+    load_profile(settings.profile)
+    datamodule = ImageDataModule(**settings.data.as_dict())
+    routing.check(datamodule.num_classes)
+    _check_partition_settings(settings, datamodule)
+    stages = plan_stages(settings, layout)
+    record = load_record(layout)
+    stale = check_out_folder(layout, stages, record, settings.overwrite)
+    if stale:  # --overwrite: forget what changed and everything that depends on it
+        planned = {s.name for s in stages}
+        dropped = set(stale)
+        for stage in stages:
+            if any(d in dropped for d in stage.depends_on):
+                dropped.add(stage.name)
+        for name in dropped:
+            _remove(_stage_path(layout, name))
+            record.pop(name, None)
+            if name not in planned:
+                print(f"{name}: removed (not part of this config)", flush=True)
+    elif not record and settings.overwrite and os.path.isdir(layout.root):
+        shutil.rmtree(layout.root)
+    os.makedirs(layout.root, exist_ok=True)
+    atomic_write_text(layout.settings, p.dump(settings, skip_none=False))
+    for number, stage in enumerate(stages, 1):
+        entry = record.get(stage.name, {})
+        folder = _stage_path(layout, stage.name)
+        header = f"[{number}/{len(stages)}] {stage.name}"
+        if (
+            entry.get("identity") == stage.identity
+            and entry.get("done")
+            and os.path.exists(layout.partition if stage.fit_args is None else layout.best(folder))
+        ):
+            print(f"{header}: done, config unchanged, skipped", flush=True)
+            continue
+        resume = stage.fit_args is not None and entry.get("identity") == stage.identity and _can_resume(folder)
+        if not resume:
+            _remove(folder)
+        print(f"{header}: {'resuming from its last checkpoint' if resume else 'running'} ({folder})", flush=True)
+        record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config}
+        save_record(layout, record)
+        if stage.fit_args is None:
+            run_partition(settings, layout)
+        else:
+            run_fit(stage, layout, resume)
+        record[stage.name]["done"] = True
+        save_record(layout, record)
+    return evaluate_and_report(settings, layout, routing)
+
+
+def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out_dir: str | None = None) -> dict:
+    """Evaluate a finished run and write its report files; prints the headline table."""
+    print(f"evaluation: running every model once on val and test (cached in {layout.logits})", flush=True)
+    report = evaluate_run(
+        layout,
+        settings.data.as_dict(),
+        settings.specialization,
+        settings.static_baseline,
+        routing,
+        settings.profile,
+        settings.seed,
+    )
+    paths = write_report(report, out_dir or layout.root)
+    if settings.get("wandb_project"):
+        from askexpert.collab.report import log_to_wandb
+
+        log_to_wandb(report, paths, out_dir or layout.root, settings.wandb_project)
+    print_headline(report, paths)
+    return report
+
+
+def print_headline(report: dict, paths: dict[str, str]) -> None:
+    data = report["data"]
+    label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
+    sel = report["selected"]
+    print(f"\nCollaborative inference on {data['test_size']} test images ({label}):\n")
+    print(headline_table(report))
+    print(
+        f"\nthreshold {sel['threshold']:.2f} chosen on {sel['chosen_on']}; report: {paths['report.md']}, "
+        f"{paths['report.json']}, {paths['pareto.png']}"
+    )

@@ -1,0 +1,350 @@
+"""`pipeline`, `evaluate`, `route` and `profile` end to end, on a tiny stand-in run (micro ViTs, one epoch)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from test_cli import run_main
+from test_cli_errors import assert_clean_failure
+
+STAGE = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    },
+    "data": {"batch_size": 64, "eval_batch_size": 256},
+}
+STAGE_FILES = ("generalist", "base", "expert")
+TINY_DATA = {"source": "synthetic", "synthetic_train_per_class": 10, "synthetic_test_per_class": 3, "val_fraction": 0.2}
+
+
+def write_configs(folder: Path) -> Path:
+    """Fit configs of the three kinds of stage plus a pipeline config that uses them; returns the latter."""
+    models = {
+        "generalist": {"class_path": "askexpert.modules.GeneralistModule"},
+        "base": {"class_path": "askexpert.modules.BaseModule"},
+        "expert": {"class_path": "askexpert.modules.ExpertModule", "init_args": {"init": "base"}},
+    }
+    for name in STAGE_FILES:
+        model = {**models[name], "init_args": {"model_name": "vit_micro_patch8_32", "warmup_epochs": 0}}
+        model["init_args"].update(models[name].get("init_args", {}))
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({**STAGE, "model": model}))
+    pipeline = {
+        "data": TINY_DATA,
+        "generalist": {"config": [str(folder / "generalist.yaml")]},
+        "base": {"config": [str(folder / "base.yaml")]},
+        "partition": {"method": "superclass", "num_experts": 2},
+        "experts": {"config": [str(folder / "expert.yaml")], "overrides": {"trainer.limit_train_batches": 3}},
+        "specialization": "progressive",
+        "profile": str(REPO / "configs" / "profiles" / "pi4_wifi_orin.yaml"),
+    }
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished tiny pipeline run, shared (read-only) by the tests below; copy it before changing it."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    config = write_configs(folder)
+    out = folder / "run"
+    from askexpert.cli import cli_main
+
+    cli_main(["pipeline", "--config", str(config), "--out", str(out)])
+    return config, out
+
+
+def copy_run(finished, tmp_path) -> tuple[Path, Path]:
+    config, out = finished
+    target = tmp_path / "run"
+    shutil.copytree(out, target)
+    return config, target
+
+
+def test_report_has_every_field_the_issue_asks_for(finished):
+    _, out = finished
+    report = json.loads((out / "report.json").read_text())
+    data = report["data"]
+    assert data["source"] == "synthetic" and data["stand_in"] is True and data["num_classes"] == 100
+    assert data["train_size"] == 800 and data["test_size"] == 300  # 10 per class minus the 20 % holdout
+    assert report["generalist"]["params"] > 0 and 0 <= report["generalist"]["test_acc"] <= 1
+    assert len(report["experts"]) == 2
+    for i, expert in enumerate(report["experts"]):
+        assert expert["name"] == f"progressive_{i}" and expert["strategy"] == "progressive" and expert["init"] == "base"
+        assert len(expert["classes"]) == 50 and len(expert["class_names"]) == 50
+        assert 0 <= expert["subset_test_acc"] <= 1 and expert["params"] > 0
+    assert set(report["baselines"]) == {
+        "edge_only",
+        "edge_medium",
+        "full_offload",
+        "random_expert",
+        "oracle_expert",
+        "static_experts",
+    }
+    point_keys = {"acc", "latency_ms", "energy_mj", "system_energy_mj"}
+    for entry in report["baselines"].values():
+        assert point_keys <= set(entry) and 0 <= entry["acc"] <= 1
+    assert len(report["sweep"]) == 101
+    assert {"threshold", "offload_ratio", "acc", "latency_ms", "energy_mj"} <= set(report["sweep"][0])
+    selected = report["selected"]
+    assert selected["chosen_on"] == "val" and 0 <= selected["threshold"] <= 1 and 0 <= selected["offload_ratio"] <= 1
+    assert point_keys <= set(selected)
+    provenance = report["provenance"]
+    assert {"packages", "git_revision", "seed", "profile"} <= set(provenance)
+    assert provenance["profile"]["name"] == "pi4_wifi_orin"
+    # the accuracy in the report is the accuracy of the cached logits, recomputed here
+    cached = torch.load(out / "logits" / "generalist_test.pt", weights_only=False)
+    recomputed = float((cached["logits"].argmax(-1) == cached["labels"]).double().mean())
+    assert report["generalist"]["test_acc"] == pytest.approx(recomputed)
+    assert report["baselines"]["edge_only"]["acc"] == pytest.approx(recomputed)
+
+
+def test_report_files_and_artefacts(finished):
+    _, out = finished
+    text = (out / "report.md").read_text()
+    assert "STAND-IN" in text and "| **askexpert**" in text and "edge only" in text
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("generalist", "base", "experts/progressive/0", "experts/progressive/1", "experts/static/1"):
+        assert (out / stage / "checkpoints" / "best.ckpt").is_file()
+        assert (out / stage / "config.yaml").is_file()
+    assert json.loads((out / "partition.json").read_text())["method"] == "superclass"
+    assert sorted(p.name for p in (out / "logits").iterdir())[:2] == ["base_test.pt", "base_val.pt"]
+
+
+def test_rerun_skips_every_finished_stage(finished, tmp_path, capsys):
+    config, out = copy_run(finished, tmp_path)
+    before = (out / "generalist" / "checkpoints" / "best.ckpt").stat().st_mtime_ns
+    code, stdout, err = run_main(["pipeline", "--config", str(config), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert stdout.count("config unchanged, skipped") == 7  # 2 models + partition + 2 x 2 experts
+    assert (out / "generalist" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
+
+
+def test_a_changed_config_is_refused_then_overwritten(finished, tmp_path, capsys):
+    config, out = copy_run(finished, tmp_path)
+    record = (out / "stages.json").read_text()
+    args = ["pipeline", "--config", str(config), "--out", str(out), "--base.overrides", '{"model.init_args.lr": 0.01}']
+    code, _, err = run_main(args, capsys)
+    assert code == 2 and "holds a run with a different config (stages: base" in err and "--overwrite" in err
+    assert (out / "stages.json").read_text() == record  # nothing touched
+    code, stdout, err = run_main([*args, "--overwrite", "true"], capsys)
+    assert code == 0, err
+    # the base model and the experts started from it are retrained; generalist and partition are kept
+    assert "[1/7] generalist: done, config unchanged, skipped" in stdout
+    assert "[2/7] base: running" in stdout and "[3/7] partition: done" in stdout
+    assert "[4/7] experts/progressive/0: running" in stdout and "[7/7] experts/static/1: running" in stdout
+
+
+def test_a_killed_stage_resumes_from_its_last_checkpoint(tmp_path, cli_env):
+    config = write_configs(tmp_path)
+    killer = tmp_path / "killer.yaml"  # the generalist dies when its second epoch starts
+    killer.write_text("trainer:\n  callbacks:\n    - class_path: killer.KillOnce\n      init_args:\n        epoch: 1\n")
+    raw = yaml.safe_load(config.read_text())
+    raw["generalist"] = {
+        "config": [raw["generalist"]["config"][0], str(killer)],
+        "overrides": {"trainer.max_epochs": 2},
+    }
+    raw["static_baseline"] = False
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "askexpert", "pipeline", "--config", str(config), "--out", str(out)]
+    cli_env = {**cli_env, "KILL_ONCE_MARKER": str(tmp_path / "killed")}
+    first = subprocess.run(command, env=cli_env, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == -9, first.stderr[-2000:]
+    assert (out / "generalist" / "checkpoints" / "last.ckpt").is_file() and not (out / "report.json").exists()
+    second = subprocess.run(command, env=cli_env, capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "[1/5] generalist: resuming from its last checkpoint" in second.stdout
+    epochs = {row["epoch"] for row in csv.DictReader(open(out / "generalist" / "metrics.csv")) if row["epoch"]}
+    assert epochs == {"0", "1"}
+    assert (out / "report.json").is_file()
+
+
+def test_evaluate_with_another_gate_and_profile(finished, tmp_path, capsys):
+    _, out = finished
+    target = tmp_path / "eval"
+    lte = REPO / "configs" / "profiles" / "pi4_lte_orin.yaml"
+    args = ["evaluate", "--run", str(out), "--out", str(target), "--routing.gate", "entropy", "--profile", str(lte)]
+    args += ["--routing.budget.offload_ratio", "0.3"]
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0, err
+    report = json.loads((target / "report.json").read_text())
+    original = json.loads((out / "report.json").read_text())
+    assert report["routing"]["gate"] == "entropy" and report["routing"]["top_k"] == original["routing"]["top_k"]
+    assert report["routing"]["budget"] == {"offload_ratio": 0.3}
+    assert report["provenance"]["profile"]["name"] == "pi4_lte_orin"
+    # LTE has a longer round trip: full offload is slower than over WiFi
+    assert report["baselines"]["full_offload"]["latency_ms"] > original["baselines"]["full_offload"]["latency_ms"] + 10
+    assert report["baselines"]["edge_only"] == original["baselines"]["edge_only"]  # same logits, same edge
+    assert "evaluation:" in stdout and "| **askexpert**" in stdout
+
+
+def test_route_a_folder_of_images(finished, tmp_path, capsys):
+    from PIL import Image
+
+    from datamodules.synthetic import make_synthetic
+
+    _, out = finished
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    splits = make_synthetic(train_per_class=1, test_per_class=1)
+    for i in range(6):
+        pixels = splits.test_images[i].permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).resize((48, 48)).save(images / ("sub" if i % 2 else "") / f"img{i}.png")
+    (images / "notes.jpg").write_text("not an image")
+    preds = tmp_path / "preds.csv"
+    args = ["route", "--run", str(out), "--images", str(images), "--out", str(preds), "--threshold", "1.0"]
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(preds)))
+    assert len(rows) == 6 and "skipped 1 unreadable" in stdout
+    assert list(rows[0]) == [
+        "image",
+        "prediction",
+        "prediction_id",
+        "confidence",
+        "offloaded",
+        "expert",
+        "generalist_prediction",
+        "generalist_probability",
+    ]
+    class_names = json.loads((out / "partition.json").read_text())["class_names"]
+    for row in rows:
+        assert row["prediction"] == class_names[int(row["prediction_id"])]
+        assert row["offloaded"] == "True" and row["expert"] in ("0", "1")  # threshold 1: every unsure image goes
+    assert {r["image"] for r in rows} >= {"img0.png", "sub/img1.png"}
+    # threshold 0: nothing is offloaded and the answer is the generalist's
+    run_main([*args[:-2], "--threshold", "0"], capsys)
+    for row in csv.DictReader(open(preds)):
+        assert row["offloaded"] == "False" and row["expert"] == "" and row["prediction"] == row["generalist_prediction"]
+
+
+def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path, capsys):
+    _, out = finished
+    profile = tmp_path / "measured.yaml"
+    args = ["profile", "--run", str(out), "--out", str(profile), "--min_run_time", "0.05", "--role", "edge"]
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0, err
+    raw = yaml.safe_load(profile.read_text())
+    assert (
+        set(raw["edge"]["measured_ms"]) == {"vit_micro_patch8_32"}
+        and raw["edge"]["measured_ms"]["vit_micro_patch8_32"] > 0
+    )
+    assert "measured_ms" not in raw["near_edge"]
+    code, _, err = run_main(
+        ["evaluate", "--run", str(out), "--out", str(tmp_path / "e"), "--profile", str(profile)], capsys
+    )
+    assert code == 0, err
+    costs = json.loads((tmp_path / "e" / "report.json").read_text())["costs"]["models"]["generalist"]
+    assert costs["edge_source"] == "measured" and costs["near_edge_source"] == "flops"
+    assert costs["edge_ms"] == pytest.approx(raw["edge"]["measured_ms"]["vit_micro_patch8_32"])
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--routing.threshold", "1.5"], ["threshold must be in [0, 1], got 1.5"]),
+        (["--routing.top_k", "0"], ["top_k must be between 1 and the number of classes (100), got 0"]),
+        (["--routing.top_k", "101"], ["top_k must be between 1"]),
+        (["--routing.gate", "vibes"], ["unknown gate 'vibes'", "max_prob, margin, entropy"]),
+        (["--routing.fusion", "vote"], ["unknown fusion 'vote'"]),
+        (["--routing.budget.offload_ratio", "2"], ["budget offload_ratio must be in [0, 1]"]),
+        (["--specialization", "magic"], ["magic", "progressive"]),
+        (["--partition.method", "astrology"], ["unknown partition method 'astrology'"]),
+        (["--partition.num_experts", "0"], ["num_experts must be at least 1"]),
+        (["--profile", "nowhere.yaml"], ["device profile not found: nowhere.yaml"]),
+        (["--base.overrides", '{"data.source": "cifar100"}'], ["base.overrides sets data.source"]),
+        (["--base.config", '["missing.yaml"]'], ["base.config: file not found: missing.yaml"]),
+        (["--base.overrides", '{"model.init_args.lr": -1}'], ["lr must be positive"]),
+    ],
+)
+def test_bad_pipeline_input_fails_before_anything_is_written(extra, fragments, tmp_path, capsys):
+    config = write_configs(tmp_path)
+    out = tmp_path / "run"
+    code, _, err = run_main(["pipeline", "--config", str(config), "--out", str(out), *extra], capsys)
+    assert_clean_failure(code, err, out, *fragments)
+
+
+def test_profiles_with_missing_or_negative_fields_are_refused(tmp_path, capsys):
+    config = write_configs(tmp_path)
+    raw = yaml.safe_load((REPO / "configs" / "profiles" / "pi4_wifi_orin.yaml").read_text())
+    del raw["link"]["rtt_ms"]
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(raw))
+    raw["link"]["rtt_ms"] = -3
+    (tmp_path / "negative.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    for name, fragment in (
+        ("missing", "profile section 'link' misses rtt_ms"),
+        ("negative", "link.rtt_ms must be non-negative"),
+    ):
+        args = ["pipeline", "--config", str(config), "--out", str(out), "--profile", str(tmp_path / f"{name}.yaml")]
+        code, _, err = run_main(args, capsys)
+        assert_clean_failure(code, err, out, fragment)
+
+
+def test_an_out_folder_with_other_files_is_refused(tmp_path, capsys):
+    config = write_configs(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    code, _, err = run_main(["pipeline", "--config", str(config), "--out", str(out)], capsys)
+    assert code == 2 and "already holds files that are not a pipeline run" in err
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_evaluate_refuses_broken_runs(finished, tmp_path, capsys):
+    code, _, err = run_main(["evaluate", "--run", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "run folder not found" in err
+    _, out = copy_run(finished, tmp_path)
+    (out / "partition.json").unlink()
+    code, _, err = run_main(["evaluate", "--run", str(out)], capsys)
+    assert code == 2 and "partition artefact not found" in err
+    # a partition of another class set
+    _, out = finished
+    other = copy_run(finished, tmp_path / "other")[1]
+    partition = json.loads((out / "partition.json").read_text())
+    partition["class_names"][0] = "not_a_class"
+    (other / "partition.json").write_text(json.dumps(partition))
+    code, _, err = run_main(["evaluate", "--run", str(other)], capsys)
+    assert code == 2 and "the partition was built for 100 classes" in err
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_class_set(finished, tmp_path, capsys):
+    _, out = copy_run(finished, tmp_path)
+    ckpt_path = out / "base" / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(ckpt_path, weights_only=False)
+    names = list(checkpoint["hyper_parameters"]["class_names"])
+    checkpoint["hyper_parameters"]["class_names"] = [*names[1:], names[0]]
+    torch.save(checkpoint, ckpt_path)
+    code, _, err = run_main(["evaluate", "--run", str(out)], capsys)
+    assert code == 2 and "base" in err and "different class set than the data" in err
+
+
+def test_route_refuses_a_folder_without_images(finished, tmp_path, capsys):
+    _, out = finished
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.png").write_bytes(b"\x89PNG broken")
+    preds = tmp_path / "preds.csv"
+    code, _, err = run_main(["route", "--run", str(out), "--images", str(empty), "--out", str(preds)], capsys)
+    assert code == 2 and "no readable image in" in err and not preds.exists()
+    code, _, err = run_main(
+        ["route", "--run", str(out), "--images", str(tmp_path / "nope"), "--out", str(preds)], capsys
+    )
+    assert code == 2 and "image folder not found" in err
