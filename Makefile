@@ -16,12 +16,9 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-DEMO_DIR := runs/demo/generalist
-
+# The whole system on the stand-in: generalist, base, partition, experts, static experts, evaluation report.
 demo: install
-	$(PY) -m askexpert fit --config configs/generalist_demo.yaml --trainer.default_root_dir $(DEMO_DIR)
-	$(PY) -m askexpert test --config configs/generalist_demo.yaml --trainer.default_root_dir $(DEMO_DIR) \
-		--ckpt_path $(DEMO_DIR)/checkpoints/best.ckpt
+	$(PY) -m askexpert pipeline --config configs/pipeline/demo.yaml --out runs/demo
 
 # Subset accuracy per specialization strategy, 3 seeds x 4 experts (docs/results/strategies_stand_in.md).
 strategy-table: install

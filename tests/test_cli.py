@@ -48,7 +48,7 @@ def test_unknown_command_is_one_clear_line(capsys):
     assert code == 2
     assert (
         err.strip()
-        == "askexpert: error: unknown command 'train'; commands: fit, validate, test, predict, partition, experts"
+        == "askexpert: error: unknown command 'train'; commands: fit, validate, test, predict, partition, experts, pipeline, evaluate, route, profile"
     )
 
 

@@ -348,3 +348,17 @@ def test_route_refuses_a_folder_without_images(finished, tmp_path, capsys):
         ["route", "--run", str(out), "--images", str(tmp_path / "nope"), "--out", str(preds)], capsys
     )
     assert code == 2 and "image folder not found" in err
+
+
+def test_evaluate_logs_tables_and_plot_to_wandb_offline(finished, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must follow from the policy, not the test env
+    _, out = finished
+    target = tmp_path / "eval"
+    args = ["evaluate", "--run", str(out), "--out", str(target), "--wandb_project", "askexpert-test"]
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    runs = list((target / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, sorted(p.name for p in (target / "wandb").iterdir())
+    media = [p.name for p in runs[0].rglob("*") if p.is_file()]
+    assert any(name.startswith("sweep") and name.endswith(".table.json") for name in media), media
+    assert any(name.startswith("pareto") and name.endswith(".png") for name in media), media

@@ -45,9 +45,10 @@ def parser(defaults=None):
     p.add_argument("--out", type=str | None, default=None, help="folder for the report files (default: the run)")
     p.add_class_arguments(RoutingConfig, "routing", help="routing and operating point (default: the run's)")
     p.add_argument("--profile", type=str | None, default=None, help="device profile YAML (default: the run's)")
+    p.add_argument("--wandb_project", type=str | None, default=None, help="also log the report to W&B")
     if defaults is not None:
         flat = {f"routing.{key}": value for key, value in defaults.routing.items()}
-        p.set_defaults({**flat, "profile": defaults.profile})
+        p.set_defaults({**flat, "profile": defaults.profile, "wandb_project": defaults.wandb_project})
     return p
 
 
@@ -60,5 +61,6 @@ def run(argv: list[str]) -> dict:
     if saved is None:
         saved = saved_settings(args.run)
     saved.profile = args.profile or saved.profile
+    saved.wandb_project = args.wandb_project
     layout = RunLayout(args.run)
     return evaluate_and_report(saved, layout, routing_config(args.routing), args.out)
