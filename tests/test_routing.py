@@ -259,6 +259,7 @@ def test_evaluation_report_fields_and_choice_on_validation():
     system = make_system()
     report = system.evaluate(RoutingConfig(budget=Budget(offload_ratio=0.5)))
     assert report["selected"]["chosen_on"] == "val"
+    assert 0.34 < report["selected"]["routing_acc"] <= 1  # better than a random pick of 3 experts
     assert report["selected"]["offload_ratio"] <= 0.6  # the budget holds on val; test is close
     assert set(report["baselines"]) == {
         "edge_only",

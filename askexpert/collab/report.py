@@ -59,6 +59,8 @@ def claims(report: dict) -> list[str]:
         out.append(
             f"experts vs the generalist on their own classes: {100 * sum(gains) / len(gains):+.2f} points (mean)"
         )
+    if s.get("routing_acc") is not None:
+        out.append(f"offloaded images sent to an expert that owns their class: {100 * s['routing_acc']:.1f} %")
     if "static_experts" in b:
         gain = 100 * (s["acc"] - b["static_experts"]["acc"])
         out.append(f"system vs the same system with static experts: {gain:+.2f} points")

@@ -205,6 +205,7 @@ class CollaborativeSystem:
             threshold, chosen_on = float(config.threshold), "given"
         offloaded = test.confidence < threshold
         selected = {"threshold": threshold, **at_mask(test, offloaded), "chosen_on": chosen_on}
+        selected["routing_acc"] = self.routing_accuracy(chosen, offloaded)
         return {
             "routing": {**asdict(config), "budget": config.budget_dict(), "temperature_value": temperature},
             "selected": selected,
@@ -236,6 +237,14 @@ class CollaborativeSystem:
             static, *_ = self.route("test", config, temperature, self.static_experts)
             out["static_experts"] = at_mask(static, offloaded)
         return out
+
+    def routing_accuracy(self, chosen: torch.Tensor, offloaded: torch.Tensor) -> float | None:
+        """Share of the offloaded test samples sent to an expert that owns their true class (None: none sent)."""
+        if not offloaded.any():
+            return None
+        labels = self.labels["test"]
+        right = self.coverage[chosen.clamp_min(0), labels] & (chosen != NO_EXPERT)
+        return float(right[offloaded].double().mean())
 
     def subset_accuracy(self, experts: ExpertSet, index: int, split: str = "test") -> tuple[float, float]:
         """(expert, generalist) accuracy on the `split` images of expert `index`'s classes (argmax over all
