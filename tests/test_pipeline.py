@@ -362,3 +362,32 @@ def test_evaluate_logs_tables_and_plot_to_wandb_offline(finished, tmp_path, caps
     media = [p.name for p in runs[0].rglob("*") if p.is_file()]
     assert any(name.startswith("sweep") and name.endswith(".table.json") for name in media), media
     assert any(name.startswith("pareto") and name.endswith(".png") for name in media), media
+
+
+def test_the_same_pipeline_runs_on_an_image_folder(tmp_path, capsys):
+    """`--data.source imagefolder --data.root PATH`: 4 classes without superclasses, a random partition."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    root = tmp_path / "images"
+    for split, count in (("train", 6), ("test", 2)):
+        for c, name in enumerate(("ant", "bee", "cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8)
+                pixels[..., c % 3] = 40 * c  # a little class signal
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+    config = write_configs(tmp_path)
+    out = tmp_path / "run"
+    args = ["pipeline", "--config", str(config), "--out", str(out), "--data.source", "imagefolder"]
+    args += ["--data.root", str(root), "--partition.method", "random", "--routing.top_k", "2"]
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["source"] == "imagefolder" and report["data"]["stand_in"] is False
+    assert report["data"]["num_classes"] == 4 and report["data"]["test_size"] == 8
+    assert sorted(c for e in report["experts"] for c in e["classes"]) == [0, 1, 2, 3]
+    assert "imagefolder data" in stdout and "STAND-IN" not in stdout
+    # superclass partitions need superclasses: refused before training
+    code, _, err = run_main([*args[:-4], "--out", str(tmp_path / "other")], capsys)
+    assert code == 2 and "no superclasses" in err and not (tmp_path / "other").exists()
