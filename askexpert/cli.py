@@ -95,7 +95,18 @@ class AskExpertArgumentParser(LightningArgumentParser):
     """Reports a bad argument as one short error (not the full usage), and lets UserErrors through."""
 
     def error(self, message: str, ex: Exception | None = None):
+        if 'key "trainer.precision"' in message:
+            raise UserError(f"--trainer.precision must be one of: {', '.join(precision_choices())}") from None
         raise one_line_parse_error(message, f"python -m askexpert {self.prog.split()[-1]}", ex) from None
+
+
+def precision_choices() -> list[str]:
+    """The precision names Lightning accepts (from its own type), e.g. 32-true, bf16-mixed."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+
+    return [str(v) for a in typing.get_args(_PRECISION_INPUT_STR) for v in (typing.get_args(a) or (a,))]
 
 
 class AskExpertCLI(LightningCLI):
@@ -264,6 +275,7 @@ class AskExpertCLI(LightningCLI):
         # Load and check all data before the run writes anything into its folder.
         self.datamodule.prepare_data()
         self.datamodule.setup()
+        check_image_size(self.model, self.datamodule)
         if isinstance(self.model, ExpertModule):
             self._check_expert(subcommand)
         if self._new_wandb_id:
@@ -319,6 +331,17 @@ class AskExpertCLI(LightningCLI):
             if subset_acc is not None:
                 line += f", {100 * subset_acc:.2f} % on the images of its {len(self.model.hparams.subset)} classes"
             print(f"{line} ({label})")
+
+
+def check_image_size(model, datamodule) -> None:
+    """A ViT built for one input size cannot take another: say so before training, not deep inside timm."""
+    embed = getattr(getattr(model, "net", None), "patch_embed", None)
+    expected = getattr(embed, "img_size", None)
+    size = datamodule.hparams.image_size
+    if expected is not None and not getattr(embed, "dynamic_img_size", False) and tuple(expected) != (size, size):
+        raise UserError(
+            f"model {model.hparams.model_name} takes {expected[0]}x{expected[1]} images but --data.image_size is {size}"
+        )
 
 
 def _import_class(class_path: str | None) -> object:

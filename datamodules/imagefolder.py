@@ -148,11 +148,28 @@ def _read_superclasses(root: str, class_names: list[str]) -> tuple[list[str] | N
     return superclass_names, [index[mapping[name]] for name in class_names]
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Scale 16-bit, 32-bit integer and float grayscale images to 8 bits (PIL's `convert("RGB")` clips them:
+    a 16-bit photo turns white, a float one in [0, 1] black)."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return image
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        pixels = pixels / 257.0
+    elif image.mode == "F" and pixels.size and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    elif pixels.size and pixels.max() > 255:
+        pixels = pixels / 257.0  # 32-bit integer mode holding 16-bit data (how PIL opens most 16-bit PNGs)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(path: str, image_size: int) -> torch.Tensor:
     """Open one image as RGB at image_size x image_size (bilinear, antialiased when shrinking) -> (3, S, S)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+            image = to_8bit(image).convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)

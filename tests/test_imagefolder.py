@@ -155,3 +155,14 @@ def test_bad_settings(tmp_path: Path) -> None:
     _raises(tmp_path, "image_size", image_size=0)
     with pytest.raises(UserError, match="max_memory_gb"):
         load_imagefolder(str(tmp_path), max_memory_gb=0)
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+
+    from datamodules.imagefolder import decode_image
+
+    Image.fromarray(np.full((6, 6), 127 * 257, dtype=np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(np.full((6, 6), 0.5, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
+    assert decode_image(str(tmp_path / "deep.png"), 4).unique().tolist() == [127]
+    assert decode_image(str(tmp_path / "float.tif"), 4).unique().tolist() == [128]

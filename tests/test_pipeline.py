@@ -238,6 +238,31 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
     _, out = finished
     profile = tmp_path / "measured.yaml"
     args = ["profile", "--run", str(out), "--out", str(profile), "--min_run_time", "0.05", "--role", "edge"]
+    code, _, err = run_main(
+        [
+            "profile",
+            "--models",
+            "vit_micro_patch8_32",
+            "vit_edge_patch8_32",
+            "--out",
+            str(tmp_path / "m.yaml"),
+            "--min_run_time",
+            "0.02",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert set(yaml.safe_load((tmp_path / "m.yaml").read_text())["near_edge"]["measured_ms"]) == {
+        "vit_micro_patch8_32",
+        "vit_edge_patch8_32",
+    }
+    for bad, message in (
+        (["--models", "nope"], "unknown model 'nope'"),
+        (["--models", "vit_micro_patch8_32", "--device", "foo"], "unknown --device"),
+        (["--models", "vit_micro_patch8_32", "--image_size", "20"], "cannot take 20x20 images"),
+    ):
+        code, _, err = run_main(["profile", *bad, "--out", str(tmp_path / "bad.yaml")], capsys)
+        assert code == 2 and message in err and not (tmp_path / "bad.yaml").exists()
     code, stdout, err = run_main(args, capsys)
     assert code == 0, err
     raw = yaml.safe_load(profile.read_text())
@@ -271,7 +296,24 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
         (["--profile", "nowhere.yaml"], ["device profile not found: nowhere.yaml"]),
         (["--base.overrides", '{"data.source": "cifar100"}'], ["base.overrides sets data.source"]),
         (["--base.config", '["missing.yaml"]'], ["base.config: file not found: missing.yaml"]),
-        (["--base.overrides", '{"model.init_args.lr": -1}'], ["lr must be positive"]),
+        (["--base.overrides", '{"model.init_args.lr": -1}'], ["stage base:", "lr must be positive"]),
+        (["--experts.overrides", '{"trainer.max_epochs": "abc"}'], ["stage experts/progressive/0:"]),
+        (["--partition.method", "explicit"], ["--partition.method explicit needs the class lists"]),
+        (
+            ["--partition.method", "explicit", "--partition.experts", "[[0, 1], [500]]"],
+            ["class id 500 is out of range"],
+        ),
+        (["--partition.num_experts", "200"], ["20 superclasses"]),
+        (["--partition.overlap", "-1"], ["--partition.overlap must not be negative"]),
+        (
+            ["--partition.overlap", "2", "--data.val_fraction", "0", "--routing.threshold", "0.5"]
+            + ["--routing.temperature", "false"],
+            ["overlap read validation data"],
+        ),
+        (["--data.val_fraction", "0"], ["need a validation split"]),
+        (["--routing.budget.latency_ms", "0.001"], ["budget.latency_ms 0.001 cannot be met"]),
+        (["--data.image_size", "64"], ["stage generalist:", "takes 32x32 images but --data.image_size is 64"]),
+        (["--routing", "3"], ["routing"]),
     ],
 )
 def test_bad_pipeline_input_fails_before_anything_is_written(extra, fragments, tmp_path, capsys):
@@ -298,14 +340,40 @@ def test_profiles_with_missing_or_negative_fields_are_refused(tmp_path, capsys):
         assert_clean_failure(code, err, out, fragment)
 
 
-def test_an_out_folder_with_other_files_is_refused(tmp_path, capsys):
+def test_an_out_folder_with_other_files_is_refused_even_with_overwrite(tmp_path, capsys):
     config = write_configs(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
+    for extra in ([], ["--overwrite", "true"]):
+        code, _, err = run_main(["pipeline", "--config", str(config), "--out", str(out), *extra], capsys)
+        assert code == 2 and "already holds files that are not a pipeline run" in err
+        assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+
+
+def test_a_section_given_as_a_plain_value_is_one_line(tmp_path, capsys):
+    config = write_configs(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["routing"] = {"budget": 5}
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
     code, _, err = run_main(["pipeline", "--config", str(config), "--out", str(out)], capsys)
-    assert code == 2 and "already holds files that are not a pipeline run" in err
-    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert_clean_failure(code, err, out, "budget")
+
+
+def test_evaluate_reads_the_run_from_a_config_file_and_keeps_its_settings(finished, tmp_path, capsys):
+    _, out = finished
+    settings = tmp_path / "ev.yaml"
+    settings.write_text(yaml.safe_dump({"run": str(out), "out": str(tmp_path / "e"), "routing": {"fusion": "mean"}}))
+    code, _, err = run_main(["evaluate", "--config", str(settings)], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    original = json.loads((out / "report.json").read_text())
+    assert report["routing"]["fusion"] == "mean"
+    assert (
+        report["routing"]["top_k"] == original["routing"]["top_k"]
+        and report["routing"]["gate"] == original["routing"]["gate"]
+    )
 
 
 def test_evaluate_refuses_broken_runs(finished, tmp_path, capsys):
@@ -323,6 +391,26 @@ def test_evaluate_refuses_broken_runs(finished, tmp_path, capsys):
     (other / "partition.json").write_text(json.dumps(partition))
     code, _, err = run_main(["evaluate", "--run", str(other)], capsys)
     assert code == 2 and "the partition was built for 100 classes" in err
+    # a partition whose experts are not the trained ones, or fewer of them
+    partition = json.loads((out / "partition.json").read_text())
+    partition["experts"][0]["classes"][0], partition["experts"][1]["classes"][0] = (
+        partition["experts"][1]["classes"][0],
+        partition["experts"][0]["classes"][0],
+    )
+    (other / "partition.json").write_text(json.dumps(partition))
+    code, _, err = run_main(["evaluate", "--run", str(other)], capsys)
+    assert code == 2 and "was trained on other classes than" in err
+    code, _, err = run_main(
+        ["route", "--run", str(other), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv"), "--threshold", "1"],
+        capsys,
+    )
+    assert code == 2 and "was trained on other classes than" in err and not (tmp_path / "p.csv").exists()
+    partition = json.loads((out / "partition.json").read_text())
+    partition["experts"] = partition["experts"][:1]
+    partition["details"]["allow_uncovered"] = True
+    (other / "partition.json").write_text(json.dumps(partition))
+    code, _, err = run_main(["evaluate", "--run", str(other)], capsys)
+    assert code == 2 and "has 1 experts but the run was made with 2" in err
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_class_set(finished, tmp_path, capsys):
@@ -348,6 +436,10 @@ def test_route_refuses_a_folder_without_images(finished, tmp_path, capsys):
         ["route", "--run", str(out), "--images", str(tmp_path / "nope"), "--out", str(preds)], capsys
     )
     assert code == 2 and "image folder not found" in err
+    _, copied = copy_run(finished, tmp_path / "copy")
+    (copied / "report.json").write_text("{")
+    code, _, err = run_main(["route", "--run", str(copied), "--images", str(empty), "--out", str(preds)], capsys)
+    assert code == 2 and "report.json is damaged" in err
 
 
 def test_evaluate_logs_tables_and_plot_to_wandb_offline(finished, tmp_path, capsys, monkeypatch):
@@ -391,3 +483,24 @@ def test_the_same_pipeline_runs_on_an_image_folder(tmp_path, capsys):
     # superclass partitions need superclasses: refused before training
     code, _, err = run_main([*args[:-4], "--out", str(tmp_path / "other")], capsys)
     assert code == 2 and "no superclasses" in err and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_pipeline_config_resolves(path, monkeypatch):
+    """Each stage of each shipped pipeline config parses as a `fit` (GPU configs too: nothing is built)."""
+    import contextlib
+    import io
+
+    from askexpert.cli import cli_main
+    from askexpert.commands.pipeline import _fit_arguments, parser
+
+    monkeypatch.chdir(REPO)
+    settings = parser().parse_args(["--config", str(path), "--out", "runs/never"])
+    data = {**settings.data.as_dict(), "source": "synthetic", "root": None}  # real datasets are not here
+    for name in ("generalist", "base", "experts"):
+        args = _fit_arguments(settings[name], name, data, 0, f"runs/never/{name}", None)
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit) as exit_:
+            cli_main([*args, "--print_config"])
+        assert exit_.value.code in (0, None)
+        assert "model_name:" in buffer.getvalue()

@@ -195,7 +195,7 @@ def test_cost_model_on_a_hand_computed_example():
     transfer = 3072 * 8 / 24e3  # 1.024 ms at 24 Mbit/s
     assert off.latency_ms == pytest.approx(transfer + 4.0 + 3.5)
     radio = 0.25 * 24 + 1.0  # 7 W
-    assert off.edge_energy_mj == pytest.approx(radio * transfer + 2.0 * (4.0 + 3.5))
+    assert off.edge_energy_mj == pytest.approx(radio * transfer + 2.0 * (transfer + 4.0 + 3.5))
     assert off.system_energy_mj == pytest.approx(off.edge_energy_mj + 30.0 * 3.5)
 
 
@@ -207,6 +207,8 @@ def test_cost_model_on_a_hand_computed_example():
         (lambda p: p["near_edge"].update(gflops=0), "near_edge.gflops must be positive"),
         (lambda p: p.pop("link"), "the profile has no 'link' section"),
         (lambda p: p["edge"].update(active_power_w="lots"), "edge.active_power_w must be a number"),
+        (lambda p: p["link"].update(measured_ms={"m": 1.0}), "section 'link' has unknown fields measured_ms"),
+        (lambda p: p["edge"].update(name=""), "edge.name must be a non-empty text"),
     ],
 )
 def test_bad_profiles_are_refused(change, message):

@@ -4,10 +4,13 @@ Per sample (all times in ms, powers in W, so W x ms = mJ):
     edge      = the generalist's compute time on the edge device
     offload   = transfer (image bytes over the uplink) + round trip + the expert's compute on the near-edge
     latency   = edge + [offloaded] * offload
-    edge energy   = P_edge_active * edge + [offloaded] * (P_radio * transfer + P_edge_idle * (RTT + expert))
+    edge energy   = P_edge_active * edge
+                    + [offloaded] * (P_radio * transfer + P_edge_idle * (transfer + RTT + expert))
     system energy = edge energy + [offloaded] * P_near_active * expert
-The edge device waits (idle) while the network and the expert work; the near-edge accelerator is charged
-only for the time it computes for this sample (it is shared, its idle power belongs to nobody's sample).
+The edge device stays on (idle power) while it sends and waits for the network and the expert, and its
+radio adds P_radio while sending (Huang et al.'s model is the radio's power above the idle baseline). The
+near-edge accelerator is charged only for the time it computes for this sample (it is shared: its idle
+power belongs to nobody's sample).
 Radio power follows the linear model of Huang et al. (MobiSys'12): P_radio = a * uplink_Mbps + b.
 
 A model's compute time is `overhead_ms + GFLOPs / gflops` (the device's sustained rate and fixed
@@ -99,7 +102,15 @@ def _section(raw: dict, section: str, fields: tuple[str, ...], positive: tuple[s
     missing = [key for key in fields if key not in values]
     if missing:
         raise UserError(f"profile section {section!r} misses {', '.join(missing)}")
-    out = {"name": str(values["name"])}
+    allowed = (*fields, "measured_ms") if section != "link" else fields
+    unknown = sorted(str(key) for key in values if key not in allowed)
+    if unknown:
+        raise UserError(
+            f"profile section {section!r} has unknown fields {', '.join(unknown)} (known: {', '.join(allowed)})"
+        )
+    if not isinstance(values["name"], str) or not values["name"].strip():
+        raise UserError(f"profile field {section}.name must be a non-empty text")
+    out = {"name": values["name"]}
     for key in fields[1:]:
         out[key] = _number(section, key, values[key], allow_zero=key not in positive)
     if "measured_ms" in values:
@@ -206,6 +217,6 @@ class CostModel:
         p = self.profile
         transfer = p.link.transfer_ms(self.image_bytes)
         wait = p.link.rtt_ms + model.near_edge_ms
-        edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * wait
+        edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * (transfer + wait)
         system_energy = edge_energy + p.near_edge.active_power_w * model.near_edge_ms
         return SampleCosts(transfer + wait, edge_energy, system_energy)

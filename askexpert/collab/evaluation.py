@@ -81,6 +81,12 @@ def _require(path: str, what: str) -> str:
     return path
 
 
+def check_expert_classes(subset, partition: Partition, index: int, name: str, partition_path: str) -> None:
+    """Refuse an expert whose trained classes are not the ones the partition gives it (a mismatched artefact)."""
+    if subset is None or sorted(int(c) for c in subset) != sorted(partition.classes_of(index)):
+        raise UserError(f"expert {name} was trained on other classes than {partition_path} gives it")
+
+
 def expert_families(specialization: str, static_baseline: bool) -> list[str]:
     """The expert folders a run trains: its strategy's, and static ones for the baseline."""
     families = [specialization]
@@ -97,6 +103,7 @@ def evaluate_run(
     routing: RoutingConfig,
     profile_path: str,
     seed: int,
+    num_experts: int | None = None,
 ) -> dict:
     """The report dictionary of a finished run (computing and caching any missing logits)."""
     profile = load_profile(profile_path)
@@ -104,6 +111,10 @@ def evaluate_run(
     routing.check(datamodule.num_classes)
     partition = Partition.load(_require(layout.partition, "partition artefact"))
     partition.check_classes(datamodule.class_names, "the run's data")
+    if num_experts is not None and partition.num_experts != num_experts:
+        raise UserError(
+            f"{layout.partition} has {partition.num_experts} experts but the run was made with {num_experts}"
+        )
     datamodule.setup()
 
     def logits_of(name: str, stage_dir: str) -> dict:
@@ -114,13 +125,11 @@ def evaluate_run(
     base = logits_of("base", layout.stage_dir("base"))
     families = {}
     for family in expert_families(specialization, static_baseline):
-        families[family] = [
-            logits_of(f"{family}_{i}", layout.expert_dir(family, i)) for i in range(partition.num_experts)
-        ]
-    for name, found in (("base", base), *[(f"{f}_{i}", e) for f, es in families.items() for i, e in enumerate(es)]):
-        subset = found["meta"].get("subset")
-        if subset is not None and sorted(subset) != sorted(partition.classes_of(int(name.rsplit("_", 1)[1]))):
-            raise UserError(f"expert {name} was trained on other classes than {layout.partition} gives it")
+        families[family] = []
+        for i in range(partition.num_experts):
+            found = logits_of(f"{family}_{i}", layout.expert_dir(family, i))
+            check_expert_classes(found["meta"].get("subset"), partition, i, f"{family}_{i}", layout.partition)
+            families[family].append(found)
 
     image_shape = tuple(datamodule.tensors("test")[0].shape[1:])
     cost_model = CostModel(profile, image_shape)

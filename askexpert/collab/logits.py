@@ -2,7 +2,7 @@
 
 Everything downstream (gates, thresholds, baselines, other profiles) is computed from these tensors, so
 `evaluate` with another gate or profile costs seconds. A cache file is reused only if it was computed from
-the same checkpoint file (path, size, modification time) and the same data split.
+a checkpoint with the same content (SHA-256) and the same data split.
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ CACHE_VERSION = 1
 
 
 def _checkpoint_key(path: str) -> dict:
-    stat = os.stat(path)
-    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """The checkpoint's content (not its path or time), so a moved or copied run keeps its cache."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "size": os.path.getsize(path)}
 
 
 def _data_key(datamodule: ImageDataModule, split: str) -> dict:

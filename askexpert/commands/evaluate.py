@@ -28,15 +28,6 @@ def saved_settings(run_dir: str):
     return pipeline_parser().parse_path(layout.settings)
 
 
-def _option(argv: list[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == name and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def parser(defaults=None):
     from askexpert.commands import command_parser
 
@@ -53,14 +44,16 @@ def parser(defaults=None):
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.pipeline import evaluate_and_report, routing_config
+    from askexpert.commands.pipeline import evaluate_and_report, find_config_file, routing_config
 
-    run_dir = _option(argv, "--run")
-    saved = saved_settings(run_dir) if run_dir and "--help" not in argv and "-h" not in argv else None
+    # Two passes: the first finds the run (on the command line or in a --config file), the second parses
+    # again with the run's own settings as defaults, so only what is given here replaces them.
+    first = parser().parse_args(argv)
+    saved = saved_settings(first.run)
     args = parser(saved).parse_args(argv)
-    if saved is None:
-        saved = saved_settings(args.run)
-    saved.profile = args.profile or saved.profile
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder for the report files")
+    saved.profile = find_config_file(args.profile or saved.profile, "device profile")
     saved.wandb_project = args.wandb_project
     layout = RunLayout(args.run)
     return evaluate_and_report(saved, layout, routing_config(args.routing), args.out)

@@ -22,8 +22,10 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +34,11 @@ import yaml
 import strategies
 from askexpert.callbacks import atomic_write_text
 from askexpert.checkpoints import has_training_state
+from askexpert.collab.costs import load_profile
 from askexpert.collab.evaluation import RunLayout, evaluate_run, expert_families
 from askexpert.collab.report import headline_table, write_report
 from askexpert.collab.system import Budget, RoutingConfig
-from askexpert.errors import UserError
+from askexpert.errors import UserError, find_user_error
 from askexpert.run_folder import last_checkpoint
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS, build_partition
@@ -148,20 +151,44 @@ def _fit_arguments(
     return args + [f"--seed_everything={seed}", "--trainer.default_root_dir", root]
 
 
-def resolve_fit(args: list[str]) -> dict:
-    """The fit's resolved config (as `--print_config` shows it); raises UserError for bad arguments."""
+@contextlib.contextmanager
+def quiet():
+    """No stdout, Lightning info lines or warnings while a stage is only checked (not run)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def resolve_fit(args: list[str], what: str) -> dict:
+    """The fit's resolved config (as `--print_config` shows it); raises UserError, naming the stage, for bad
+    arguments or values."""
     from askexpert.cli import cli_main
 
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        try:
-            cli_main([*args, "--print_config"])
-        except SystemExit as exit_:
-            if exit_.code not in (0, None):
-                raise UserError(f"the arguments of `{' '.join(args[:3])} ...` are not valid") from None
-    config = yaml.safe_load(buffer.getvalue()) or {}
-    config.pop("ckpt_path", None)  # a resumed stage is the same stage
-    _instantiate(args)
+    try:
+        with quiet(), contextlib.redirect_stdout(buffer):
+            try:
+                cli_main([*args, "--print_config"])
+            except SystemExit as exit_:
+                if exit_.code not in (0, None):
+                    raise UserError("its arguments are not valid") from None
+        config = yaml.safe_load(buffer.getvalue()) or {}
+        config.pop("ckpt_path", None)  # a resumed stage is the same stage
+        with quiet():
+            _instantiate(args)
+    except Exception as err:
+        found = find_user_error(err)
+        if found is None:
+            raise
+        raise UserError(f"stage {what}: {str(found).replace('python -m askexpert fit --help', 'fit --help')}") from None
     return config
 
 
@@ -169,14 +196,14 @@ def _instantiate(args: list[str]) -> None:
     """Build the stage's model, data and trainer without running them, so a bad value (a negative lr, an
     unknown model) fails now rather than after the stages before it trained. Experts get a stand-in subset:
     their partition does not exist yet."""
-    from askexpert.cli import AskExpertCLI, map_specialization_names
+    from askexpert.cli import AskExpertCLI, check_image_size, map_specialization_names
 
     args = args[1:]  # without subcommands (run=False) LightningCLI takes the options of `fit` directly
     if "--partition" in args:
         i = args.index("--partition")
         args[i : i + 2] = ["--model.init_args.subset=[0]"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        AskExpertCLI(args=map_specialization_names(args), run=False)
+    cli = AskExpertCLI(args=map_specialization_names(args), run=False)
+    check_image_size(cli.model, cli.datamodule)
 
 
 def plan_stages(settings, layout: RunLayout) -> list[Stage]:
@@ -185,10 +212,8 @@ def plan_stages(settings, layout: RunLayout) -> list[Stage]:
     stages = []
     for name in ("generalist", "base"):
         args = _fit_arguments(settings[name], name, data, seed, layout.stage_dir(name), wandb_project)
-        stages.append(Stage(name, resolve_fit(args), [], args))
+        stages.append(Stage(name, resolve_fit(args, name), [], args))
     part = settings.partition
-    if part.method not in METHODS:
-        raise UserError(f"unknown partition method {part.method!r}; methods: {', '.join(METHODS)}")
     reads_generalist = part.method == "confusion" or part.overlap > 0
     dataset = {key: data[key] for key in DATASET_KEYS}
     stages.append(
@@ -203,7 +228,10 @@ def plan_stages(settings, layout: RunLayout) -> list[Stage]:
             args += ["--partition", layout.partition, "--expert_index", str(i), "--specialization", strategy]
             args += ["--model.init_args.base_path", base_ckpt]
             # experts of one family differ only in index and folder: resolve the first, derive the others
-            config = resolve_fit(args) if i == 0 else {"same_as": f"experts/{family}/0", "expert_index": i}
+            if i == 0:
+                config = resolve_fit(args, f"experts/{family}/0")
+            else:
+                config = {"same_as": f"experts/{family}/0", "expert_index": i}
             depends = ["base", "partition"] if i == 0 else [f"experts/{family}/0"]
             stages.append(Stage(f"experts/{family}/{i}", config, depends, args))
     identities: dict[str, str] = {}
@@ -241,17 +269,18 @@ def check_out_folder(layout: RunLayout, stages: list[Stage], record: dict, overw
     """Names of stages whose recorded config differs; refuses them (and foreign folders) unless overwrite."""
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
         raise UserError(f"--out {layout.root} is a file, not a folder")
-    if not record and os.path.isdir(layout.root) and os.listdir(layout.root) and not overwrite:
-        raise UserError(
-            f"--out {layout.root} already holds files that are not a pipeline run; choose another folder or --overwrite"
-        )
+    if not record and os.path.isdir(layout.root) and os.listdir(layout.root):
+        # even with --overwrite: only a pipeline's own stages are ever deleted
+        raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")
     planned = {s.name: s for s in stages}
     changed = [
         name for name, entry in record.items() if name in planned and entry.get("identity") != planned[name].identity
     ]
     gone = [name for name in record if name not in planned]
     if (changed or gone) and not overwrite:
-        names = ", ".join((changed + gone)[:6])
+        names = ", ".join((changed + gone)[:6]) + (
+            f" and {len(changed + gone) - 6} more" if len(changed + gone) > 6 else ""
+        )
         raise UserError(
             f"--out {layout.root} holds a run with a different config (stages: {names}); "
             "use another --out, or --overwrite to retrain what changed"
@@ -302,7 +331,9 @@ def run_fit(stage: Stage, layout: RunLayout, resume: bool) -> None:
     args = list(stage.fit_args)
     if resume:
         args += ["--ckpt_path", "last"]
-    cli_main(args)
+    with warnings.catch_warnings():  # in-process on purpose: LightningCLI's advice to use sys.argv does not apply
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli_main(args)
     if not os.path.isfile(layout.best(_stage_path(layout, stage.name))):
         raise UserError(f"stage {stage.name} finished without a best checkpoint (was validation disabled?)")
 
@@ -312,37 +343,116 @@ def _can_resume(folder: str) -> bool:
     return bool(found) and has_training_state(found)
 
 
-def _check_partition_settings(settings, datamodule: ImageDataModule) -> None:
+def section_of(settings, name: str):
+    """A settings section, which must be a mapping (a config file may have set it to a plain value)."""
+    from jsonargparse import Namespace
+
+    value = settings.get(name)
+    if not isinstance(value, Namespace):
+        raise UserError(f"{name!r} must be a mapping of options, got {value!r}")
+    return value
+
+
+def find_config_file(path: str, what: str) -> str:
+    """`path` as given, or relative to the askexpert checkout (so runs work from any folder); absolute."""
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if os.path.isfile(os.path.join(checkout, path)):
+            return os.path.join(checkout, path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    return os.path.abspath(path)
+
+
+def check_partition_settings(settings, datamodule: ImageDataModule) -> None:
+    """The partition is built after the generalist trains (confusion, overlap); its settings are checked now,
+    by building it from the class names wherever no trained model is needed."""
     part = settings.partition
+    if part.method not in METHODS:
+        raise UserError(f"unknown partition method {part.method!r}; methods: {', '.join(METHODS)}")
     if part.num_experts < 1:
         raise UserError(f"--partition.num_experts must be at least 1, got {part.num_experts}")
-    if part.method == "explicit" and part.experts:
+    if part.overlap < 0:
+        raise UserError(f"--partition.overlap must not be negative, got {part.overlap}")
+    if part.method == "explicit":
+        if not part.experts:
+            raise UserError("--partition.method explicit needs the class lists: --partition.experts [[...], [...]]")
         settings.partition.num_experts = len(part.experts)
-    if part.method == "superclass" and datamodule.class_to_superclass is None:
-        raise UserError("this dataset has no superclasses; use --partition.method confusion, random or explicit")
-    if part.method == "confusion" and datamodule.hparams.val_fraction == 0:
-        raise UserError("--partition.method confusion needs a validation split: set --data.val_fraction above 0")
+    if (part.method == "confusion" or part.overlap) and datamodule.hparams.val_fraction == 0:
+        raise UserError("confusion partitions and overlap read validation data: set --data.val_fraction above 0")
+    if part.method == "confusion":
+        if part.num_experts > datamodule.num_classes:
+            raise UserError(
+                f"--partition.num_experts {part.num_experts} is more than the {datamodule.num_classes} classes"
+            )
+        return
+    build_partition(
+        part.method,
+        datamodule.class_names,
+        num_experts=part.num_experts,
+        class_to_superclass=datamodule.class_to_superclass,
+        experts=part.experts,
+        seed=part.seed,
+        allow_uncovered=part.allow_uncovered,
+    )
+
+
+def check_budget_is_reachable(routing: RoutingConfig, profile, generalist_config: dict, datamodule) -> None:
+    """The cheapest operating point answers everything on the edge: a budget below it can never be met."""
+    from askexpert.collab.costs import CostModel, model_cost
+
+    budget = routing.budget_dict()
+    if not {"latency_ms", "energy_mj"} & set(budget):
+        return
+    model_name = generalist_config["model"]["init_args"]["model_name"]
+    size = datamodule.hparams.image_size
+    edge = CostModel(profile, (3, size, size)).on_edge(model_cost(profile, model_name, datamodule.num_classes, size))
+    for key, cheapest in (("latency_ms", edge.latency_ms), ("energy_mj", edge.edge_energy_mj)):
+        if key in budget and budget[key] < cheapest:
+            raise UserError(
+                f"--routing.budget.{key} {budget[key]} cannot be met: answering on the edge alone already costs "
+                f"{cheapest:.3g} with this profile"
+            )
 
 
 def routing_config(namespace) -> RoutingConfig:
+    from jsonargparse import Namespace
+
+    if not isinstance(namespace, Namespace):
+        raise UserError(f"'routing' must be a mapping of options, got {namespace!r}")
     values = namespace.as_dict()
-    return RoutingConfig(**{**values, "budget": Budget(**(values.get("budget") or {}))})
+    budget = values.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise UserError(f"'routing.budget' must be a mapping (offload_ratio, latency_ms, energy_mj), got {budget!r}")
+    return RoutingConfig(**{**values, "budget": Budget(**budget)})
 
 
 def run(argv: list[str]) -> dict:
     p = parser()
     settings = p.parse_args(argv)
+    for section in ("data", "generalist", "base", "partition", "experts"):
+        section_of(settings, section)
     layout = RunLayout(settings.out)
+    # Everything that can be checked without training is checked here, before the first stage writes:
+    # the cheap checks first, then every stage's arguments.
+    if os.path.exists(layout.root) and not os.path.isdir(layout.root):
+        raise UserError(f"--out {layout.root} is a file, not a folder")
+    record = load_record(layout)
+    settings.profile = find_config_file(settings.profile, "device profile")
+    profile = load_profile(settings.profile)
     routing = routing_config(settings.routing)
-    # Everything that can be checked without training is checked here, before the first stage writes.
-    from askexpert.collab.costs import load_profile
-
-    load_profile(settings.profile)
     datamodule = ImageDataModule(**settings.data.as_dict())
     routing.check(datamodule.num_classes)
-    _check_partition_settings(settings, datamodule)
+    if (routing.threshold is None or routing.temperature) and datamodule.hparams.val_fraction == 0:
+        raise UserError(
+            "choosing the threshold and fitting the temperature need a validation split: set --data.val_fraction "
+            "above 0, or give --routing.threshold and --routing.temperature false"
+        )
+    check_partition_settings(settings, datamodule)
+    for family in expert_families(settings.specialization, settings.static_baseline):
+        strategies.class_path(family)  # unknown names fail here, listing the known ones
     stages = plan_stages(settings, layout)
-    record = load_record(layout)
+    check_budget_is_reachable(routing, profile, stages[0].config, datamodule)
     stale = check_out_folder(layout, stages, record, settings.overwrite)
     if stale:  # --overwrite: forget what changed and everything that depends on it
         planned = {s.name for s in stages}
@@ -355,8 +465,6 @@ def run(argv: list[str]) -> dict:
             record.pop(name, None)
             if name not in planned:
                 print(f"{name}: removed (not part of this config)", flush=True)
-    elif not record and settings.overwrite and os.path.isdir(layout.root):
-        shutil.rmtree(layout.root)
     os.makedirs(layout.root, exist_ok=True)
     atomic_write_text(layout.settings, p.dump(settings, skip_none=False))
     for number, stage in enumerate(stages, 1):
@@ -396,6 +504,7 @@ def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out
         routing,
         settings.profile,
         settings.seed,
+        num_experts=len(settings.partition.experts) if settings.partition.experts else settings.partition.num_experts,
     )
     paths = write_report(report, out_dir or layout.root)
     if settings.get("wandb_project"):

@@ -13,9 +13,11 @@ and head widths). The output is `--base_profile` with `measured_ms` added to the
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 
+import timm
 import torch
 import yaml
 
@@ -34,7 +36,7 @@ def parser():
         "profile", "Time each model at batch 1 on this machine; write a device profile.", with_data=False
     )
     p.add_argument("--run", type=str | None, default=None, help="pipeline run whose models to time")
-    p.add_argument("--models", type=list[str] | None, default=None, help="model names to time (instead of --run)")
+    p.add_argument("--models", nargs="+", type=str, default=None, help="model names to time (instead of --run)")
     p.add_argument("--num_classes", type=int, default=100, help="head width for --models")
     p.add_argument("--image_size", type=int, default=32, help="input side for --models")
     p.add_argument("--base_profile", type=str, default=DEFAULT_PROFILE, help="profile to copy the other fields from")
@@ -70,29 +72,58 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
 @torch.no_grad()
 def time_model(model_name: str, num_outputs: int, image_size: int, device: str, min_run_time: float) -> float:
     """Median milliseconds of one batch-1 forward pass."""
-    import timm
-    from torch.utils import benchmark
-
-    import askexpert.models  # noqa: F401
-
-    if not timm.is_model(model_name):
-        raise UserError(f"unknown model {model_name!r}; askexpert models: {', '.join(askexpert.models.model_names())}")
     model = timm.create_model(model_name, num_classes=num_outputs).eval().to(device)
     image = torch.rand(1, 3, image_size, image_size, device=device)
+    try:
+        model(image)
+    except (AssertionError, RuntimeError) as err:
+        raise UserError(
+            f"{model_name} cannot take {image_size}x{image_size} images: {str(err).splitlines()[0]}"
+        ) from None
     for _ in range(5):  # warm-up: first calls allocate and pick kernels
         model(image)
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # warns about CUDA_HOME on CPU-only machines
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        cpp_logger.setLevel(level)
     timer = benchmark.Timer(stmt="model(image)", globals={"model": model, "image": image})
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def run(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
+def check_arguments(args) -> None:
+    """Everything about the arguments, before anything is timed or written."""
+    import askexpert.models
+
     if args.role not in ROLES:
         raise UserError(f"unknown role {args.role!r}; roles: {', '.join(ROLES)}")
     if (args.run is None) == (args.models is None):
         raise UserError("give either --run DIR or --models NAME ...")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    for name in args.models or []:
+        if not timm.is_model(name):
+            raise UserError(f"unknown model {name!r}; askexpert models: {', '.join(askexpert.models.model_names())}")
+    if args.num_classes < 1 or args.image_size < 1 or args.min_run_time <= 0:
+        raise UserError("--num_classes and --image_size must be at least 1 and --min_run_time positive")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {args.device!r}; e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: profile times cpu or cuda")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; give a YAML file name")
+
+
+def run(argv: list[str]) -> dict:
+    from askexpert.commands.pipeline import find_config_file
+
+    args = parser().parse_args(argv)
+    check_arguments(args)
+    args.base_profile = find_config_file(args.base_profile, "base profile")
     load_profile(args.base_profile)  # checked before timing anything
     with open(args.base_profile, encoding="utf-8") as f:
         profile = yaml.safe_load(f)

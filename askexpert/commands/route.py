@@ -20,7 +20,7 @@ import torch
 
 from askexpert.callbacks import atomic_write_text
 from askexpert.checkpoints import load_classifier
-from askexpert.collab.evaluation import RunLayout
+from askexpert.collab.evaluation import RunLayout, check_expert_classes
 from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
 from askexpert.errors import UserError
 from datamodules.partitions import Partition
@@ -98,9 +98,17 @@ def run(argv: list[str]) -> list[dict]:
     report_path = os.path.join(args.run, "report.json")
     if not os.path.isfile(report_path):
         raise UserError(f"{args.run} has no report.json yet: finish it with `python -m askexpert pipeline` first")
-    with open(report_path, encoding="utf-8") as f:
-        report = json.load(f)
-    routing, threshold = report["routing"], report["selected"]["threshold"]
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; give a CSV file name")
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+        routing, threshold = report["routing"], report["selected"]["threshold"]
+        routing = {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(
+            f"{report_path} is damaged; write it again with `python -m askexpert evaluate --run {args.run}`"
+        ) from None
     if args.threshold is not None:
         threshold = args.threshold
     paths = find_images(args.images)
@@ -124,6 +132,9 @@ def run(argv: list[str]) -> list[dict]:
     answer = probs.argmax(-1)
     for e in chosen[offloaded].unique().tolist():
         expert = load_classifier(layout.best(layout.expert_dir(settings.specialization, e)), map_location=device)
+        check_expert_classes(
+            expert.hparams.get("subset"), partition, e, f"{settings.specialization}_{e}", layout.partition
+        )
         rows = torch.nonzero(offloaded & (chosen == e)).flatten()
         answer[rows] = fuse(probs[rows], _logits(expert, images[rows], args.batch_size), routing["fusion"])
         del expert

@@ -28,6 +28,7 @@ from askexpert.modules.metrics import ClassificationMetrics
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 SCHEDULES = ("cosine", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def create_network(
@@ -76,6 +77,10 @@ class ClassifierModule(pl.LightningModule):
         cutmix_alpha: CutMix strength (0 disables).
         mean: per-channel input mean, for images scaled to [0, 1].
         std: per-channel input standard deviation.
+        compile: compile the network with `torch.compile` when the Trainer sets the model up (pays off on
+            GPUs for the medium models; costs ~50 s of compilation per model on a 2-core CPU for no gain).
+        compile_mode: `torch.compile` mode: default, reduce-overhead, max-autotune or
+            max-autotune-no-cudagraphs.
     """
 
     def __init__(
@@ -98,8 +103,12 @@ class ClassifierModule(pl.LightningModule):
         cutmix_alpha: float = 0.0,
         mean: tuple[float, float, float] = CIFAR100_MEAN,
         std: tuple[float, float, float] = CIFAR100_STD,
+        compile: bool = False,
+        compile_mode: str = "default",
     ) -> None:
         super().__init__()
+        if compile_mode not in COMPILE_MODES:
+            raise UserError(f"unknown compile_mode {compile_mode!r}; modes: {', '.join(COMPILE_MODES)}")
         if schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {schedule!r}; schedules: {', '.join(SCHEDULES)}")
         if num_classes < 2:
@@ -129,6 +138,13 @@ class ClassifierModule(pl.LightningModule):
     def num_outputs(self) -> int:
         """Width of the network's head (experts with an "other" output have one more than num_classes)."""
         return self.hparams.num_classes
+
+    def configure_model(self) -> None:
+        # In place (nn.Module.compile): the state-dict keys stay those of the plain network, so checkpoints
+        # of compiled and eager runs are interchangeable.
+        if self.hparams.get("compile") and not getattr(self, "_compiled", False):
+            self.net.compile(mode=self.hparams.compile_mode)
+            self._compiled = True
 
     # -- inference -----------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
