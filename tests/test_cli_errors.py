@@ -138,3 +138,32 @@ def test_console_entry_point_prints_no_traceback(tmp_path, cli_env):
     )
     assert_clean_failure(result.returncode, result.stderr, run_dir, "unknown model 'nope'")
     assert "Traceback" not in result.stderr
+
+
+def test_unknown_precision_lists_the_valid_ones(fail):
+    fail(["--trainer.precision", "fp8"], "--trainer.precision must be one of:", "bf16-mixed", "32-true")
+
+
+def test_unknown_compile_mode_is_refused(fail):
+    fail(
+        ["--model.compile", "true", "--model.compile_mode", "fastest"], "unknown compile_mode 'fastest'", "max-autotune"
+    )
+
+
+@pytest.mark.parametrize("extra", [["--trainer.precision", "bf16-mixed"], ["--model.compile", "true"]])
+def test_precision_and_compile_settings_are_accepted(extra, tiny_args, capsys):
+    """Accepted and resolved (not run: compiling costs ~50 s per model on 2 cores)."""
+    code, out, err = run_main(["fit", *tiny_args, *extra, "--print_config"], capsys)
+    assert code == 0, err
+    key, value = extra[0].rsplit(".", 1)[1], extra[1]
+    assert f"{key}: {value}" in out
+
+
+def test_compiling_keeps_checkpoint_keys(tiny_args):
+    """`configure_model` compiles in place, so compiled and eager runs write the same state-dict keys."""
+    from askexpert.modules import GeneralistModule
+
+    model = GeneralistModule(model_name="vit_micro_patch8_32", num_classes=10, compile=True)
+    keys = list(model.state_dict())
+    model.configure_model()
+    assert model._compiled and list(model.state_dict()) == keys

@@ -137,3 +137,35 @@ def test_augmentation_keeps_dtype_and_runs_only_while_training():
     images, labels = dm.on_after_batch_transfer(batch, 0)
     assert images.dtype == torch.uint8 and torch.equal(labels, batch[1])
     assert not torch.equal(images, batch[0])
+
+
+def test_model_normalisation_matches_its_statistics():
+    """uint8 images drawn around the dataset mean with half its spread (no clipping at 0 and 255) come out of
+    `preprocess` with mean 0 and std 0.5."""
+    from askexpert.modules import GeneralistModule
+
+    model = GeneralistModule(model_name="vit_micro_patch8_32", num_classes=10)
+    mean, std = torch.tensor(model.hparams.mean), torch.tensor(model.hparams.std)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(256, 3, 32, 32, generator=generator)
+    pixels = (mean.view(1, 3, 1, 1) + 0.5 * std.view(1, 3, 1, 1) * noise) * 255
+    images = pixels.round().clamp(0, 255).to(torch.uint8)
+    out = model.preprocess(images)
+    assert out.dtype == torch.float32
+    assert out.mean(dim=(0, 2, 3)).abs().max() < 0.05
+    assert (out.std(dim=(0, 2, 3)) - 0.5).abs().max() < 0.03
+    assert torch.allclose(model.preprocess(images.float() / 255), out)  # [0, 1] floats are the same input
+
+
+def test_loaders_use_host_tensors_unless_a_trainer_runs_on_a_gpu():
+    dm = tiny_dm()
+
+    class CPUTrainer:
+        class strategy:  # noqa: N801 - mimics trainer.strategy.root_device
+            root_device = torch.device("cpu")
+
+    assert dm.loader_tensors("train")[0] is dm.tensors("train")[0]  # no trainer
+    dm.trainer = CPUTrainer()
+    assert dm.loader_tensors("train")[0] is dm.tensors("train")[0]
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.device.type == "cpu" and images.dtype == torch.uint8
