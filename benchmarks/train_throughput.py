@@ -53,18 +53,19 @@ def autocast(device: str, precision: str):
 
 def peak_tflops(device: str, precision: str) -> float:
     """Measured matmul rate in the training precision (the MFU denominator)."""
-    n = 8192 if device == "cuda" else 1024
+    n = 8192 if device == "cuda" else 2048
     dtype = torch.bfloat16 if precision.startswith("bf16") and device == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    sync(device)
-    repeats = 20 if device == "cuda" else 5
-    start = time.perf_counter()
-    for _ in range(repeats):
+    best = 0.0
+    for _ in range(10):  # the best of several: a peak, not an average of a noisy machine
+        sync(device)
+        start = time.perf_counter()
         a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e12)
+    return best
 
 
 def bare_step(model_name: str, device: str, batch: int, precision: str, steps: int, warmup: int, compile_: bool):
@@ -118,7 +119,10 @@ def full_step(model_name: str, device: str, batch: int, precision: str, steps: i
     data = ImageDataModule(
         source="synthetic", synthetic_train_per_class=per_class, synthetic_test_per_class=1, batch_size=batch
     )
-    module = GeneralistModule(model_name=model_name, num_classes=100, warmup_epochs=0.1, compile=compile_)
+    # same network as the bare step (no stochastic depth); everything else is the users' recipe
+    module = GeneralistModule(
+        model_name=model_name, num_classes=100, warmup_epochs=0.1, drop_path_rate=0.0, compile=compile_
+    )
     timer = Timer()
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
@@ -191,8 +195,8 @@ def main() -> None:
     models = args.models or defaults["models"]
     batch = args.batch or defaults["batch"]
     precision = args.precision or defaults["precision"]
-    steps = args.steps or (50 if device == "cuda" else 8)
-    warmup = args.warmup or (10 if device == "cuda" else 2)
+    steps = args.steps or (50 if device == "cuda" else 20)
+    warmup = args.warmup or (10 if device == "cuda" else 3)
     workers = args.workers or ([4, 15] if device == "cuda" else [2])
     torch.manual_seed(0)
 
@@ -200,8 +204,10 @@ def main() -> None:
     results = []
     for name in models:
         flops = 3 * gflops_per_image(name, 100) * 1e9  # forward + backward ~ 3x forward
+        # bare, full, bare again: on a shared machine the speed drifts; the better bare run is the ceiling
         bare = bare_step(name, device, batch, precision, steps, warmup, args.compile)
         full = full_step(name, device, batch, precision, steps, warmup, args.compile)
+        bare = max(bare, bare_step(name, device, batch, precision, steps, warmup, args.compile))
         row = {
             "model": name,
             "bare_img_s": bare,

@@ -15,6 +15,8 @@ import torch
 from askexpert.cli import cli_main, main
 
 REPO = Path(__file__).resolve().parent.parent
+from conftest import TINY_ARGS  # noqa: E402
+
 # Configs of later subcommands live in these folders and are checked by their own subcommand's tests.
 NON_FIT_DIRS = ("pipeline", "ablations", "sweeps", "profiles")
 FIT_CONFIGS = sorted(
@@ -197,3 +199,18 @@ def test_resumed_run_keeps_its_wandb_id(tmp_path, capsys, monkeypatch):
     assert (root / "wandb_id.txt").read_text().strip() != run_id
     assert {row["epoch"] for row in csv.DictReader(open(root / "metrics.csv"))} == {"0"}
     wandb.finish()
+
+
+@pytest.mark.slow
+def test_one_model_trains_with_ddp_on_two_cpu_processes(tmp_path, cli_env):
+    """Lightning's DDP from the command line (2 CPU processes stand in for 2 GPUs): loaders, metrics and
+    checkpoints work across processes. About 30 s."""
+    run_dir = tmp_path / "ddp"
+    args = [sys.executable, "-m", "askexpert", "fit", *TINY_ARGS, "--trainer.devices", "2"]
+    args += ["--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(run_dir)]
+    done = subprocess.run(args, env=cli_env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sync_dist=True" not in done.stderr  # metrics are reduced by torchmetrics, logged without warnings
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("val/acc")]
+    assert [r["epoch"] for r in rows] == ["0", "1"]

@@ -186,7 +186,8 @@ class ClassifierModule(pl.LightningModule):
         results = metrics.compute()
         main = {"acc", "superclass_acc"}
         for name, value in results.items():
-            self.log(f"{prefix}/{name}", value, prog_bar=name in main)
+            # torchmetrics already reduced the value over DDP processes; sync_dist only averages equal copies
+            self.log(f"{prefix}/{name}", value, prog_bar=name in main, sync_dist=True)
         metrics.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -204,7 +204,7 @@ class ExpertModule(ClassifierModule):
         results = metrics.compute()
         for name in ("acc", "superclass_acc"):
             if name in results:
-                self.log(f"{prefix}/subset_{name}", results[name], prog_bar=name == "acc")
+                self.log(f"{prefix}/subset_{name}", results[name], prog_bar=name == "acc", sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
