@@ -175,7 +175,7 @@ def pareto_figure(report: dict):
         axis.set_xlabel(title)
         axis.set_ylabel("accuracy (%)")
         axis.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].legend(loc="upper left", fontsize=8)
     stand_in = " - STAND-IN data, not CIFAR-100" if report["data"]["stand_in"] else ""
     figure.suptitle(f"accuracy vs cost{stand_in}")
     figure.tight_layout()
