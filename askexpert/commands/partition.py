@@ -35,6 +35,21 @@ def validation_confusion(checkpoint: str, datamodule: ImageDataModule) -> torch.
     return matrix.compute().cpu()
 
 
+def partition_from_settings(settings, datamodule: ImageDataModule, confusion: torch.Tensor | None) -> Partition:
+    """`build_partition` from settings with the partition options (this command's, or a pipeline's section)."""
+    return build_partition(
+        settings.method,
+        datamodule.class_names,
+        num_experts=settings.num_experts,
+        class_to_superclass=datamodule.class_to_superclass,
+        confusion=confusion,
+        experts=settings.experts,
+        overlap=settings.overlap if confusion is not None else 0,
+        seed=settings.seed,
+        allow_uncovered=settings.allow_uncovered,
+    )
+
+
 def parser():
     p = command_parser("partition", "Split the classes into expert subsets and save them as JSON.")
     p.add_argument("--method", type=str, default="superclass", help=f"one of: {', '.join(METHODS)}")
@@ -61,17 +76,7 @@ def run(argv: list[str]) -> Partition:
         confusion = validation_confusion(args.generalist, datamodule)
     elif args.generalist:
         raise UserError("--generalist is read by --method confusion and --overlap only")
-    partition = build_partition(
-        args.method,
-        datamodule.class_names,
-        num_experts=args.num_experts,
-        class_to_superclass=datamodule.class_to_superclass,
-        confusion=confusion,
-        experts=args.experts,
-        overlap=args.overlap,
-        seed=args.seed,
-        allow_uncovered=args.allow_uncovered,
-    )
+    partition = partition_from_settings(args, datamodule, confusion)
     if args.generalist:
         partition.details["generalist"] = os.path.abspath(args.generalist)
     out_dir = os.path.dirname(os.path.abspath(args.out))

@@ -41,7 +41,7 @@ from askexpert.collab.system import Budget, RoutingConfig
 from askexpert.errors import UserError, find_user_error
 from askexpert.run_folder import last_checkpoint
 from datamodules.datamodule import ImageDataModule
-from datamodules.partitions import METHODS, build_partition
+from datamodules.partitions import METHODS
 
 DEFAULT_PROFILE = "configs/profiles/pi4_wifi_orin.yaml"
 # Keys of `data` that define the dataset: every stage must see the same ones, so only the pipeline sets them.
@@ -300,24 +300,14 @@ def _remove(path: str) -> None:
 
 
 def run_partition(settings, layout: RunLayout) -> None:
-    from askexpert.commands.partition import validation_confusion
+    from askexpert.commands.partition import partition_from_settings, validation_confusion
 
     part = settings.partition
     datamodule = ImageDataModule(**settings.data.as_dict())
     confusion = None
     if part.method == "confusion" or part.overlap:
         confusion = validation_confusion(layout.best(layout.stage_dir("generalist")), datamodule)
-    partition = build_partition(
-        part.method,
-        datamodule.class_names,
-        num_experts=part.num_experts,
-        class_to_superclass=datamodule.class_to_superclass,
-        confusion=confusion,
-        experts=part.experts,
-        overlap=part.overlap,
-        seed=part.seed,
-        allow_uncovered=part.allow_uncovered,
-    )
+    partition = partition_from_settings(part, datamodule, confusion)
     partition.save(layout.partition)
     sizes = ", ".join(str(len(c)) for c in partition.experts)
     print(
@@ -386,15 +376,9 @@ def check_partition_settings(settings, datamodule: ImageDataModule) -> None:
                 f"--partition.num_experts {part.num_experts} is more than the {datamodule.num_classes} classes"
             )
         return
-    build_partition(
-        part.method,
-        datamodule.class_names,
-        num_experts=part.num_experts,
-        class_to_superclass=datamodule.class_to_superclass,
-        experts=part.experts,
-        seed=part.seed,
-        allow_uncovered=part.allow_uncovered,
-    )
+    from askexpert.commands.partition import partition_from_settings
+
+    partition_from_settings(part, datamodule, confusion=None)  # overlap needs the trained generalist: not here
 
 
 def check_budget_is_reachable(routing: RoutingConfig, profile, generalist_config: dict, datamodule) -> None:
