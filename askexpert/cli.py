@@ -78,6 +78,10 @@ EXTRA_COMMANDS: dict[str, Command] = {
         "re-evaluate a pipeline run (another gate, budget or device profile) from its cached logits",
         _lazy("askexpert.commands.evaluate"),
     ),
+    "ablate": Command(
+        "a grid of pipeline settings x seeds, sharing common stages, to results.csv/.md",
+        _lazy("askexpert.commands.ablate"),
+    ),
     "route": Command("classify a folder of images with a trained system, to CSV", _lazy("askexpert.commands.route")),
     "profile": Command(
         "time each model on this machine and write a device profile", _lazy("askexpert.commands.profile")

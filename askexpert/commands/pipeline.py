@@ -206,13 +206,26 @@ def _instantiate(args: list[str]) -> None:
     check_image_size(cli.model, cli.datamodule)
 
 
-def plan_stages(settings, layout: RunLayout) -> list[Stage]:
+def _resolve_cached(args: list[str], what: str, root: str, cache: dict | None) -> dict:
+    """`resolve_fit`, remembered by the arguments with the run folder's path left out: the cells of an
+    ablation differ from each other in their folder, and resolving costs a second or two each."""
+    if cache is None:
+        return resolve_fit(args, what)
+    placeholder = json.dumps(root)[1:-1]
+    key = json.dumps(args).replace(placeholder, "$OUT")
+    if key not in cache:
+        cache[key] = json.dumps(resolve_fit(args, what)).replace(placeholder, "$OUT")
+    return json.loads(cache[key].replace("$OUT", placeholder))
+
+
+def plan_stages(settings, layout: RunLayout, cache: dict | None = None) -> list[Stage]:
+    """Every stage of a run with its resolved config and identity (`cache`: see `_resolve_cached`)."""
     data = settings.data.as_dict()
     seed, wandb_project = settings.seed, settings.wandb_project
     stages = []
     for name in ("generalist", "base"):
         args = _fit_arguments(settings[name], name, data, seed, layout.stage_dir(name), wandb_project)
-        stages.append(Stage(name, resolve_fit(args, name), [], args))
+        stages.append(Stage(name, _resolve_cached(args, name, layout.root, cache), [], args))
     part = settings.partition
     reads_generalist = part.method == "confusion" or part.overlap > 0
     dataset = {key: data[key] for key in DATASET_KEYS}
@@ -229,7 +242,7 @@ def plan_stages(settings, layout: RunLayout) -> list[Stage]:
             args += ["--model.init_args.base_path", base_ckpt]
             # experts of one family differ only in index and folder: resolve the first, derive the others
             if i == 0:
-                config = resolve_fit(args, f"experts/{family}/0")
+                config = _resolve_cached(args, f"experts/{family}/0", layout.root, cache)
             else:
                 config = {"same_as": f"experts/{family}/0", "expert_index": i}
             depends = ["base", "partition"] if i == 0 else [f"experts/{family}/0"]
@@ -293,13 +306,15 @@ def _stage_path(layout: RunLayout, name: str) -> str:
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path):
+    if os.path.islink(path):  # a stage shared through an ablation's store: drop the link, keep the stage
+        os.unlink(path)
+    elif os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
 
 
-def run_partition(settings, layout: RunLayout) -> None:
+def run_partition(settings, layout: RunLayout, path: str | None = None) -> None:
     from askexpert.commands.partition import partition_from_settings, validation_confusion
 
     part = settings.partition
@@ -308,11 +323,10 @@ def run_partition(settings, layout: RunLayout) -> None:
     if part.method == "confusion" or part.overlap:
         confusion = validation_confusion(layout.best(layout.stage_dir("generalist")), datamodule)
     partition = partition_from_settings(part, datamodule, confusion)
-    partition.save(layout.partition)
+    path = path or layout.partition
+    partition.save(path)
     sizes = ", ".join(str(len(c)) for c in partition.experts)
-    print(
-        f"partition: {part.method}, {partition.num_experts} experts ({sizes} classes) -> {layout.partition}", flush=True
-    )
+    print(f"partition: {part.method}, {partition.num_experts} experts ({sizes} classes) -> {path}", flush=True)
 
 
 def run_fit(stage: Stage, layout: RunLayout, resume: bool) -> None:
@@ -411,14 +425,25 @@ def routing_config(namespace) -> RoutingConfig:
     return RoutingConfig(**{**values, "budget": Budget(**budget)})
 
 
-def run(argv: list[str]) -> dict:
-    p = parser()
-    settings = p.parse_args(argv)
+@dataclass
+class PreparedRun:
+    """A pipeline run checked and planned, with nothing written yet."""
+
+    settings: Any
+    layout: RunLayout
+    routing: RoutingConfig
+    stages: list[Stage]
+    record: dict
+    stale: list[str]
+    settings_yaml: str
+
+
+def prepare(settings, overwrite: bool, cache: dict | None = None) -> PreparedRun:
+    """Check everything that can be checked without training and plan the stages; writes nothing."""
     for section in ("data", "generalist", "base", "partition", "experts"):
         section_of(settings, section)
     layout = RunLayout(settings.out)
-    # Everything that can be checked without training is checked here, before the first stage writes:
-    # the cheap checks first, then every stage's arguments.
+    # the cheap checks first, then every stage's arguments
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
         raise UserError(f"--out {layout.root} is a file, not a folder")
     record = load_record(layout)
@@ -435,12 +460,20 @@ def run(argv: list[str]) -> dict:
     check_partition_settings(settings, datamodule)
     for family in expert_families(settings.specialization, settings.static_baseline):
         strategies.class_path(family)  # unknown names fail here, listing the known ones
-    stages = plan_stages(settings, layout)
+    stages = plan_stages(settings, layout, cache)
     check_budget_is_reachable(routing, profile, stages[0].config, datamodule)
-    stale = check_out_folder(layout, stages, record, settings.overwrite)
-    if stale:  # --overwrite: forget what changed and everything that depends on it
+    stale = check_out_folder(layout, stages, record, overwrite)
+    return PreparedRun(settings, layout, routing, stages, record, stale, parser().dump(settings, skip_none=False))
+
+
+def execute(run_: PreparedRun, store=None) -> None:
+    """Run (or skip, or resume) every stage of a prepared run. With a `store` (an ablation's
+    `askexpert.ablation.store.StageStore`), each stage lives in the store under its identity and the run
+    folder links to it, so runs that share a stage train it once."""
+    layout, record, stages = run_.layout, run_.record, run_.stages
+    if run_.stale:  # --overwrite: forget what changed and everything that depends on it
         planned = {s.name for s in stages}
-        dropped = set(stale)
+        dropped = set(run_.stale)
         for stage in stages:
             if any(d in dropped for d in stage.depends_on):
                 dropped.add(stage.name)
@@ -450,31 +483,55 @@ def run(argv: list[str]) -> dict:
             if name not in planned:
                 print(f"{name}: removed (not part of this config)", flush=True)
     os.makedirs(layout.root, exist_ok=True)
-    atomic_write_text(layout.settings, p.dump(settings, skip_none=False))
+    atomic_write_text(layout.settings, run_.settings_yaml)
+    if store is not None:
+        os.makedirs(store.logits, exist_ok=True)
+        store.link(store.logits, layout.logits)
     for number, stage in enumerate(stages, 1):
         entry = record.get(stage.name, {})
-        folder = _stage_path(layout, stage.name)
+        local = _stage_path(layout, stage.name)
+        folder = local if store is None else store.path(stage)
         header = f"[{number}/{len(stages)}] {stage.name}"
-        if (
-            entry.get("identity") == stage.identity
-            and entry.get("done")
-            and os.path.exists(layout.partition if stage.fit_args is None else layout.best(folder))
+        done_here = entry.get("identity") == stage.identity and entry.get("done")
+        if (store.is_done(stage) if store is not None else done_here) and os.path.exists(
+            folder if stage.fit_args is None else layout.best(folder)
         ):
+            if store is not None:
+                store.link(folder, local)
+                if not done_here:
+                    record[stage.name] = {"identity": stage.identity, "done": True, "config": stage.config}
+                    save_record(layout, record)
             print(f"{header}: done, config unchanged, skipped", flush=True)
             continue
-        resume = stage.fit_args is not None and entry.get("identity") == stage.identity and _can_resume(folder)
+        same = store is not None or entry.get("identity") == stage.identity
+        resume = stage.fit_args is not None and same and _can_resume(folder)
         if not resume:
             _remove(folder)
+        if store is not None:
+            _remove(local)
+            if stage.fit_args is not None:
+                os.makedirs(folder, exist_ok=True)
+                store.link(folder, local)
         print(f"{header}: {'resuming from its last checkpoint' if resume else 'running'} ({folder})", flush=True)
         record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config}
         save_record(layout, record)
         if stage.fit_args is None:
-            run_partition(settings, layout)
+            run_partition(run_.settings, layout, folder)
+            if store is not None:
+                store.link(folder, local)
         else:
             run_fit(stage, layout, resume)
+        if store is not None:
+            store.mark_done(stage)
         record[stage.name]["done"] = True
         save_record(layout, record)
-    return evaluate_and_report(settings, layout, routing)
+
+
+def run(argv: list[str]) -> dict:
+    settings = parser().parse_args(argv)
+    prepared = prepare(settings, settings.overwrite)
+    execute(prepared)
+    return evaluate_and_report(settings, prepared.layout, prepared.routing)
 
 
 def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out_dir: str | None = None) -> dict:

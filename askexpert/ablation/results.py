@@ -1,0 +1,175 @@
+"""An ablation's results: one CSV row per (cell, seed, expert), then mean ± std over seeds per setting.
+
+`results.csv` holds fractions (accuracy 0.4, not 40 %); `results.md` shows accuracies in percent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections import defaultdict
+
+# The columns the issue asks for, then context for the research claims (baselines of the same run).
+METRICS = ["subset_test_acc", "system_acc", "offload_ratio", "latency_ms", "energy_mj"]
+CONTEXT = [
+    "generalist_subset_test_acc",
+    "threshold",
+    "routing_acc",
+    "system_energy_mj",
+    "edge_only_acc",
+    "edge_medium_acc",
+    "edge_medium_latency_ms",
+    "full_offload_energy_mj",
+    "static_system_acc",
+    "oracle_acc",
+]
+# per-setting table columns: (csv column, header, scale, per expert?)
+TABLE = [
+    ("subset_test_acc", "expert acc on own classes %", 100, True),
+    ("generalist_subset_test_acc", "generalist acc there %", 100, True),
+    ("system_acc", "system acc %", 100, False),
+    ("offload_ratio", "offload %", 100, False),
+    ("latency_ms", "latency ms", 1, False),
+    ("energy_mj", "edge energy mJ", 1, False),
+    ("routing_acc", "routing acc %", 100, False),
+]
+
+
+def header(grid_columns: list[str]) -> list[str]:
+    return [*grid_columns, "seed", "expert", *METRICS, *CONTEXT]
+
+
+def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
+    """One row per expert of a pipeline report (`askexpert.collab.evaluation.evaluate_run`)."""
+    sel, base = report["selected"], report["baselines"]
+
+    def get(name: str, key: str):
+        return base[name][key] if name in base else ""
+
+    shared = {
+        "system_acc": sel["acc"],
+        "offload_ratio": sel["offload_ratio"],
+        "latency_ms": sel["latency_ms"],
+        "energy_mj": sel["energy_mj"],
+        "threshold": sel["threshold"],
+        "routing_acc": "" if sel.get("routing_acc") is None else sel["routing_acc"],
+        "system_energy_mj": sel["system_energy_mj"],
+        "edge_only_acc": get("edge_only", "acc"),
+        "edge_medium_acc": get("edge_medium", "acc"),
+        "edge_medium_latency_ms": get("edge_medium", "latency_ms"),
+        "full_offload_energy_mj": get("full_offload", "energy_mj"),
+        "static_system_acc": get("static_experts", "acc"),
+        "oracle_acc": get("oracle_expert", "acc"),
+    }
+    return [
+        {
+            **cell_columns,
+            "seed": seed,
+            "expert": expert["name"],
+            "subset_test_acc": expert["subset_test_acc"],
+            "generalist_subset_test_acc": expert["generalist_subset_test_acc"],
+            **shared,
+        }
+        for expert in report["experts"]
+    ]
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _format(row.get(key, "")) for key in columns})
+    return buffer.getvalue()
+
+
+def _format(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def read_csv(path: str) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _number(text) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(rows: list[dict], grid_columns: list[str]) -> list[dict]:
+    """Per setting (grid values): each metric's mean ± std over seeds. Per-expert metrics are first averaged
+    over a seed's experts, so every seed counts once."""
+    per_setting: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    seeds: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        seeds[tuple(row[c] for c in grid_columns)][str(row["seed"])].append(row)
+    out = []
+    for setting, by_seed in seeds.items():
+        values = per_setting[setting]
+        for seed_rows in by_seed.values():
+            for key, _, _, _ in TABLE:
+                found = [v for v in (_number(r.get(key)) for r in seed_rows) if v is not None]
+                if found:
+                    values[key].append(statistics.fmean(found))
+        entry = dict(zip(grid_columns, setting, strict=True))
+        entry["seeds"] = len(by_seed)
+        for key, found in values.items():
+            entry[key] = mean_std(found)
+        out.append(entry)
+    return out
+
+
+def markdown_table(aggregated: list[dict], grid_columns: list[str]) -> str:
+    lines = [
+        "| " + " | ".join([*grid_columns, "seeds", *(h for _, h, _, _ in TABLE)]) + " |",
+        "|" + "---|" * (len(grid_columns) + 1 + len(TABLE)),
+    ]
+    for entry in aggregated:
+        cells = [str(entry[c]) for c in grid_columns] + [str(entry["seeds"])]
+        for key, _, scale, _ in TABLE:
+            found = entry.get(key)
+            if found is None:
+                cells.append("–")
+                continue
+            mean, std = found
+            digits = 2
+            cells.append(f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(aggregated: list[dict], grid_columns: list[str], path: str, title: str) -> None:
+    """Bar chart of system accuracy and the experts' own-class accuracy per setting, with ±1 std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(str(e[c]) for c in grid_columns) or "default" for e in aggregated]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.6), sharey=True)
+    for ax, (key, name) in zip(
+        axes, (("system_acc", "system accuracy (%)"), ("subset_test_acc", "expert accuracy on own classes (%)"))
+    ):
+        means = [100 * e[key][0] if key in e else 0.0 for e in aggregated]
+        stds = [100 * (e[key][1] or 0.0) if key in e else 0.0 for e in aggregated]
+        ax.barh(range(len(labels)), means, xerr=stds, color="#4c72b0", capsize=3)
+        ax.set_xlabel(name)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(labels)), labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

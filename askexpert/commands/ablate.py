@@ -1,0 +1,311 @@
+"""`python -m askexpert ablate`: a grid of pipeline runs x seeds, sharing the stages they have in common.
+
+    python -m askexpert ablate --config configs/ablations/strategies.yaml --out runs/ablations/strategies
+
+An ablation config names a pipeline config (`pipeline`), the keys to vary (`grid`, see
+`askexpert.ablation.grid`), settings for every cell (`fixed`) and `seeds`. Each (cell, seed) is a pipeline
+run in `DIR/cells/<cell>/seed<k>/`; its stages live in a store (`--store`, default `DIR/store`) under
+their identity, so a generalist is trained once per seed and data setting, not once per cell, and cells
+that differ only in routing (`routing.*`) train nothing at all. Before anything trains, every cell is
+planned and checked (a bad key or value fails at once). A finished cell is skipped; an interrupted one
+resumes. Results go to `DIR/results.csv`, `results.md` and `results.png`, rewritten after every cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+from askexpert.ablation import grid as grids
+from askexpert.ablation import results
+from askexpert.ablation.store import StageStore
+from askexpert.callbacks import atomic_write_text
+from askexpert.errors import UserError, find_user_error
+
+SPEC_FILE = "ablation.json"
+CELL_FILE = "cell.json"
+
+
+def parser():
+    from askexpert.commands import command_parser
+
+    p = command_parser("ablate", "Run a grid of pipeline settings x seeds and tabulate the results.", with_data=False)
+    p.add_argument("--pipeline", type=str, required=True, help="pipeline config every cell starts from")
+    p.add_argument("--grid", type=dict[str, list[Any]], required=True, help="{pipeline key: [values]}")
+    p.add_argument("--fixed", type=dict[str, Any], default={}, help="{pipeline key: value} for every cell")
+    p.add_argument("--seeds", type=list[int], default=[0], help="every cell runs once per seed")
+    p.add_argument("--out", type=str, required=True, help="ablation folder (cells, results)")
+    p.add_argument("--store", type=str | None, default=None, help="shared stages (default: OUT/store)")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace results of a different grid or config")
+    p.add_argument("--dry_run", type=bool, default=False, help="print the plan (cells, stages to train) and stop")
+    return p
+
+
+class PlannedRun:
+    def __init__(self, cell: grids.Cell, seed: int, prepared, identity: str) -> None:
+        self.cell, self.seed, self.prepared, self.identity = cell, seed, prepared, identity
+
+    @property
+    def folder(self) -> str:
+        return self.prepared.layout.root
+
+
+def _spec(args, pipeline_path: str) -> dict:
+    return {"pipeline": pipeline_path, "grid": args.grid, "fixed": args.fixed, "seeds": args.seeds}
+
+
+def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str):
+    """The pipeline settings of one (cell, seed): the pipeline config, then `fixed`, then the cell's values."""
+    from askexpert.commands.pipeline import parser as pipeline_parser
+
+    fixed_args, fixed_overrides = grids.cell_arguments(args.fixed)
+    cell_args, cell_overrides = grids.cell_arguments(dict(cell.values))
+    argv = ["--config", pipeline_path, *fixed_args, *cell_args, "--out", folder, "--seed", str(seed)]
+    settings = pipeline_parser().parse_args(argv)
+    for overrides in (fixed_overrides, cell_overrides):
+        for stage, values in overrides.items():
+            section = settings.get(stage)
+            section.overrides = {**(section.overrides or {}), **values}
+    return settings
+
+
+def _cell_identity(prepared) -> str:
+    """What a cell's result depends on: its stages and its evaluation settings (routing, profile file)."""
+    settings = prepared.settings
+    with open(settings.profile, "rb") as handle:
+        profile = hashlib.sha256(handle.read()).hexdigest()
+    text = json.dumps(
+        {
+            "stages": [(s.name, s.identity) for s in prepared.stages],
+            "routing": settings.routing.as_dict(),
+            "profile": profile,
+            "specialization": settings.specialization,
+            "static_baseline": settings.static_baseline,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def check_out_folder(out: str, spec: dict, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder")
+    saved_path = os.path.join(out, SPEC_FILE)
+    saved = _load_json(saved_path)
+    if saved is None:
+        if os.path.isdir(out) and os.listdir(out):
+            raise UserError(f"--out {out} already holds files that are not an ablation; choose another folder")
+        return
+    if saved != json.loads(json.dumps(spec)) and not overwrite:
+        changed = [key for key in spec if saved.get(key) != json.loads(json.dumps(spec[key]))]
+        raise UserError(
+            f"--out {out} holds the results of a different ablation ({', '.join(changed)} differ); use another "
+            "--out, or --overwrite to replace them (stages already trained are reused)"
+        )
+
+
+def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
+    """Every (cell, seed) checked and planned, nothing written."""
+    from askexpert.commands.pipeline import find_config_file, prepare
+
+    grids.check_seeds(args.seeds)
+    if not isinstance(args.fixed, dict):
+        raise UserError(f"--fixed must map pipeline keys to values, got {args.fixed!r}")
+    grids.check_keys(list(args.fixed), "fixed")
+    both = set(args.fixed) & set(args.grid)
+    if both:
+        raise UserError(f"keys both fixed and in the grid: {', '.join(sorted(both))}")
+    cells = grids.expand(args.grid)
+    pipeline_path = find_config_file(args.pipeline, "pipeline config")
+    out = os.path.abspath(args.out)
+    spec = _spec(args, pipeline_path)
+    check_out_folder(out, spec, args.overwrite)
+    store = StageStore(args.store or os.path.join(out, "store"))
+    cache: dict = {}
+    runs = []
+    for seed in args.seeds:
+        for cell in cells:
+            folder = os.path.join(out, "cells", cell.name, f"seed{seed}")
+            try:
+                settings = _settings(args, pipeline_path, cell, seed, folder)
+                prepared = prepare(settings, args.overwrite, cache)
+            except Exception as err:
+                found = find_user_error(err)
+                if found is None:
+                    raise
+                values = ", ".join(f"{k}={v}" for k, v in cell.columns().items())
+                raise UserError(f"cell {values or 'default'} (seed {seed}): {found}") from None
+            identity = _cell_identity(prepared)
+            saved = _load_json(os.path.join(folder, CELL_FILE))
+            if saved and saved.get("identity") != identity and not args.overwrite:
+                raise UserError(
+                    f"{folder} holds a result made with another config; use another --out, or --overwrite to redo it"
+                )
+            runs.append(PlannedRun(cell, seed, prepared, identity))
+    return spec, runs, store
+
+
+def describe_plan(runs: list[PlannedRun], store: StageStore) -> str:
+    unique: dict[str, str] = {}
+    for planned in runs:
+        for stage in planned.prepared.stages:
+            unique.setdefault(stage.identity, stage.name)
+    kinds: dict[str, int] = {}
+    todo = 0
+    seen = set()
+    for planned in runs:
+        for stage in planned.prepared.stages:
+            if stage.identity in seen:
+                continue
+            seen.add(stage.identity)
+            kind = stage.name.split("/")[0] if not stage.name.startswith("experts/") else "experts"
+            kinds[kind] = kinds.get(kind, 0) + 1
+            todo += not store.is_done(stage)
+    stage_counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    cells = len({p.cell for p in runs})
+    seeds = len({p.seed for p in runs})
+    return (
+        f"{cells} cells x {seeds} seeds = {len(runs)} runs, sharing {len(unique)} distinct stages ({stage_counts}); "
+        f"{todo} still to train"
+    )
+
+
+def _finished(planned: PlannedRun) -> dict | None:
+    saved = _load_json(os.path.join(planned.folder, CELL_FILE))
+    return saved if saved and saved.get("identity") == planned.identity else None
+
+
+def _remove_stale(out: str, runs: list[PlannedRun]) -> None:
+    """--overwrite: drop cell folders that are not part of this grid, and the old result files."""
+    keep = {os.path.abspath(p.folder) for p in runs}
+    cells_dir = os.path.join(out, "cells")
+    for cell_name in os.listdir(cells_dir) if os.path.isdir(cells_dir) else []:
+        cell_dir = os.path.join(cells_dir, cell_name)
+        for seed_dir in os.listdir(cell_dir):
+            path = os.path.abspath(os.path.join(cell_dir, seed_dir))
+            if path not in keep:
+                shutil.rmtree(path)
+        if not os.listdir(cell_dir):
+            os.rmdir(cell_dir)
+    for name in ("results.csv", "results.md", "results.png"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+def run_cell(planned: PlannedRun, store: StageStore) -> dict:
+    from askexpert.collab.evaluation import evaluate_run
+    from askexpert.collab.report import write_report
+    from askexpert.commands.pipeline import execute
+
+    prepared = planned.prepared
+    settings = prepared.settings
+    execute(prepared, store)
+    part = settings.partition
+    report = evaluate_run(
+        prepared.layout,
+        settings.data.as_dict(),
+        settings.specialization,
+        settings.static_baseline,
+        copy.deepcopy(prepared.routing),
+        settings.profile,
+        settings.seed,
+        num_experts=len(part.experts) if part.experts else part.num_experts,
+    )
+    write_report(report, planned.folder)
+    rows = results.report_rows(report, planned.cell.columns(), planned.seed)
+    record = {
+        "cell": planned.cell.columns(),
+        "seed": planned.seed,
+        "identity": planned.identity,
+        "rows": rows,
+        "stand_in": report["data"]["stand_in"],
+        "provenance": report["provenance"],
+        "settings": prepared.settings_yaml,
+        "stages": {s.name: {"identity": s.identity, "config": s.config} for s in prepared.stages},
+    }
+    atomic_write_text(os.path.join(planned.folder, CELL_FILE), json.dumps(record, indent=1, default=str) + "\n")
+    return record
+
+
+def write_results(out: str, args, runs: list[PlannedRun]) -> dict[str, str] | None:
+    """results.csv, .md and .png from every finished cell (in grid order); None before the first one."""
+    records = [r for r in (_finished(p) for p in runs) if r]
+    if not records:
+        return None
+    columns = [grids.column(k) for k in args.grid]
+    rows = [row for record in records for row in record["rows"]]
+    paths = {name: os.path.join(out, name) for name in ("results.csv", "results.md", "results.png")}
+    atomic_write_text(paths["results.csv"], results.csv_text(rows, results.header(columns)))
+    aggregated = results.aggregate(rows, columns)
+    stand_in = any(r["stand_in"] for r in records)
+    label = "STAND-IN synthetic data, not CIFAR-100" if stand_in else "real data"
+    done = f"{len(records)} of {len(runs)} runs finished"
+    text = [
+        f"# Ablation results ({label})",
+        "",
+        f"Grid: {', '.join(columns) or 'none'}; seeds {', '.join(str(s) for s in args.seeds)}; {done}. "
+        "Mean ± sample std over seeds; expert columns are first averaged over a run's experts.",
+        "",
+        results.markdown_table(aggregated, columns),
+        "",
+    ]
+    atomic_write_text(paths["results.md"], "\n".join(text))
+    results.plot(aggregated, columns, paths["results.png"], f"{os.path.basename(out)} ({label}; {done})")
+    return paths
+
+
+def run(argv: list[str]) -> list[dict]:
+    args = parser().parse_args(argv)
+    spec, runs, store = plan(args)
+    out = os.path.abspath(args.out)
+    print(f"ablation: {describe_plan(runs, store)}", flush=True)
+    if args.dry_run:
+        for planned in runs:
+            state = "done" if _finished(planned) else "to run"
+            print(f"  {planned.cell.name} seed {planned.seed}: {state}", flush=True)
+        return []
+    os.makedirs(out, exist_ok=True)
+    if args.overwrite:
+        _remove_stale(out, runs)
+    atomic_write_text(os.path.join(out, SPEC_FILE), json.dumps(spec, indent=2, default=str) + "\n")
+    records = []
+    for number, planned in enumerate(runs, 1):
+        header = f"[ablate {number}/{len(runs)}] {planned.cell.name} seed {planned.seed}"
+        found = _finished(planned)
+        if found:
+            print(f"{header}: done, skipped", flush=True)
+            records.append(found)
+            continue
+        print(f"{header}: running ({planned.folder})", flush=True)
+        record = run_cell(planned, store)
+        first = record["rows"][0] if record["rows"] else {}
+        if first:
+            print(
+                f"{header}: system acc {100 * first['system_acc']:.2f} % at {100 * first['offload_ratio']:.1f} % "
+                f"offload; experts on own classes "
+                f"{100 * sum(r['subset_test_acc'] for r in record['rows']) / len(record['rows']):.2f} %",
+                flush=True,
+            )
+        records.append(record)
+        write_results(out, args, runs)
+    paths = write_results(out, args, runs)
+    if paths:
+        print(f"\nresults: {paths['results.csv']}, {paths['results.md']}, {paths['results.png']}", flush=True)
+        with open(paths["results.md"], encoding="utf-8") as handle:
+            print(handle.read(), flush=True)
+    return records
