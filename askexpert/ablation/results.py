@@ -25,15 +25,15 @@ CONTEXT = [
     "static_system_acc",
     "oracle_acc",
 ]
-# per-setting table columns: (csv column, header, scale, per expert?)
+# per-setting table columns: (csv column, header, scale)
 TABLE = [
-    ("subset_test_acc", "expert acc on own classes %", 100, True),
-    ("generalist_subset_test_acc", "generalist acc there %", 100, True),
-    ("system_acc", "system acc %", 100, False),
-    ("offload_ratio", "offload %", 100, False),
-    ("latency_ms", "latency ms", 1, False),
-    ("energy_mj", "edge energy mJ", 1, False),
-    ("routing_acc", "routing acc %", 100, False),
+    ("subset_test_acc", "expert acc on own classes %", 100),
+    ("generalist_subset_test_acc", "generalist acc there %", 100),
+    ("system_acc", "system acc %", 100),
+    ("offload_ratio", "offload %", 100),
+    ("latency_ms", "latency ms", 1),
+    ("energy_mj", "edge energy mJ", 1),
+    ("routing_acc", "routing acc %", 100),
 ]
 
 
@@ -119,7 +119,7 @@ def aggregate(rows: list[dict], grid_columns: list[str]) -> list[dict]:
     for setting, by_seed in seeds.items():
         values = per_setting[setting]
         for seed_rows in by_seed.values():
-            for key, _, _, _ in TABLE:
+            for key, _, _ in TABLE:
                 found = [v for v in (_number(r.get(key)) for r in seed_rows) if v is not None]
                 if found:
                     values[key].append(statistics.fmean(found))
@@ -133,19 +133,18 @@ def aggregate(rows: list[dict], grid_columns: list[str]) -> list[dict]:
 
 def markdown_table(aggregated: list[dict], grid_columns: list[str]) -> str:
     lines = [
-        "| " + " | ".join([*grid_columns, "seeds", *(h for _, h, _, _ in TABLE)]) + " |",
+        "| " + " | ".join([*grid_columns, "seeds", *(h for _, h, _ in TABLE)]) + " |",
         "|" + "---|" * (len(grid_columns) + 1 + len(TABLE)),
     ]
     for entry in aggregated:
         cells = [str(entry[c]) for c in grid_columns] + [str(entry["seeds"])]
-        for key, _, scale, _ in TABLE:
+        for key, _, scale in TABLE:
             found = entry.get(key)
             if found is None:
                 cells.append("–")
                 continue
             mean, std = found
-            digits = 2
-            cells.append(f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}"))
+            cells.append(f"{scale * mean:.2f}" + ("" if std is None else f" ± {scale * std:.2f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,9 +158,8 @@ def plot(aggregated: list[dict], grid_columns: list[str], path: str, title: str)
 
     labels = [", ".join(str(e[c]) for c in grid_columns) or "default" for e in aggregated]
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(labels) + 1.6), sharey=True)
-    for ax, (key, name) in zip(
-        axes, (("system_acc", "system accuracy (%)"), ("subset_test_acc", "expert accuracy on own classes (%)"))
-    ):
+    panels = (("system_acc", "system accuracy (%)"), ("subset_test_acc", "expert accuracy on own classes (%)"))
+    for ax, (key, name) in zip(axes, panels, strict=True):
         means = [100 * e[key][0] if key in e else 0.0 for e in aggregated]
         stds = [100 * (e[key][1] or 0.0) if key in e else 0.0 for e in aggregated]
         ax.barh(range(len(labels)), means, xerr=stds, color="#4c72b0", capsize=3)
