@@ -36,6 +36,7 @@ from askexpert.run_folder import (
     checkpoint_dir,
     last_checkpoint,
     save_wandb_run_id,
+    sweep_run,
     wandb_run_id,
     wandb_should_be_offline,
 )
@@ -188,6 +189,8 @@ class AskExpertCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         # A fresh `fit` starts a new metrics.csv and W&B run; a resumed one (or an evaluation) continues them.
         fresh_fit = self.subcommand == "fit" and not config.get("ckpt_path")
+        if self.subcommand == "fit" and sweep_run():
+            self._configure_sweep_run(config, *sweep_run())
         self._configure_loggers(config.trainer, append_metrics=not fresh_fit)
         self._configure_expert(config)
         if config.data.val_fraction == 0:  # nothing to validate on: keep the newest weights as "best"
@@ -230,6 +233,24 @@ class AskExpertCLI(LightningCLI):
         if config.checkpoint.monitor == "val/acc":  # an expert is judged on its own classes
             config.checkpoint.monitor = "val/subset_acc"
 
+    @staticmethod
+    def _configure_sweep_run(config: Namespace, sweep_id: str, run_id: str) -> None:
+        """A W&B sweep agent's run: its own folder under the configured one (runs of a sweep share a config,
+        so they would overwrite each other), and a W&B logger even if the config has none (the sweep reads
+        its metric from W&B). The agent's run id and project reach the logger in `_configure_loggers`."""
+        root = os.path.join(config.trainer.default_root_dir, f"sweep-{sweep_id}", run_id)
+        config.trainer.default_root_dir = root
+        config.checkpoint.dirpath = checkpoint_dir(root)
+        logger = config.trainer.logger
+        loggers = [] if logger in (None, True) else logger if isinstance(logger, list) else [logger]
+        if logger is False:
+            loggers = []
+        if not any(isinstance(x, Namespace) and x.get("class_path") in WANDB_LOGGERS for x in loggers):
+            if not any(isinstance(x, Namespace) and x.get("class_path") == CSV_LOGGER for x in loggers):
+                loggers.append(Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=root)))
+            loggers.append(Namespace(class_path=WANDB_LOGGERS[0], init_args=Namespace(save_dir=root)))
+        config.trainer.logger = loggers
+
     def _configure_loggers(self, trainer: Namespace, append_metrics: bool) -> None:
         """Default to a CSV logger writing into the run folder; point W&B loggers at the run's fixed id."""
         root = trainer.default_root_dir
@@ -250,7 +271,10 @@ class AskExpertCLI(LightningCLI):
             init = logger.init_args
             if init.get("save_dir") in (None, "", "."):  # WandbLogger's own default is "."
                 init.save_dir = root
-            if not init.get("id") and not init.get("version"):
+            if sweep_run():  # the agent created the run (id and project in the environment): log into it
+                init.id = sweep_run()[1]
+                init.project = os.environ.get("WANDB_PROJECT") or init.get("project")
+            elif not init.get("id") and not init.get("version"):
                 run_id, new = wandb_run_id(root, reuse=append_metrics)
                 init.id = run_id
                 if new:

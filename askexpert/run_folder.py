@@ -48,3 +48,9 @@ def save_wandb_run_id(root: str, run_id: str) -> None:
 def wandb_should_be_offline() -> bool:
     """Offline unless the user chose a mode (WANDB_MODE) or a sweep agent started this run."""
     return not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_SWEEP_ID")
+
+
+def sweep_run() -> tuple[str, str] | None:
+    """(sweep id, run id) when a W&B sweep agent started this process (it sets both variables), else None."""
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return (sweep_id, run_id) if sweep_id and run_id else None
