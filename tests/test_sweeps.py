@@ -8,7 +8,6 @@ import contextlib
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
 import pytest
