@@ -1,0 +1,259 @@
+"""`ablate`: grid expansion, one shared generalist per seed, resume, results files and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cli import run_main
+from test_cli_errors import assert_clean_failure
+from test_pipeline import write_configs
+
+from askexpert.ablation import grid as grids
+from askexpert.ablation import results
+from askexpert.errors import UserError
+
+GRID = {"specialization": ["static", "progressive"], "routing.top_k": [1, 3]}
+
+
+def write_ablation(folder: Path, grid: dict, seeds=(0, 1), **extra) -> Path:
+    spec = {"pipeline": str(write_configs(folder)), "seeds": list(seeds), "fixed": {"static_baseline": False}}
+    path = folder / "ablation.yaml"
+    path.write_text(yaml.safe_dump({**spec, "grid": grid, **extra}, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny ablation (2 strategies x 2 top_k x 2 seeds, 2 experts each), shared read-only."""
+    from askexpert.cli import cli_main
+
+    folder = tmp_path_factory.mktemp("ablation")
+    config = write_ablation(folder, GRID)
+    out = folder / "out"
+    records = cli_main(["ablate", "--config", str(config), "--out", str(out)])
+    return config, out, records
+
+
+# -- the grid ----------------------------------------------------------------------------------------------
+def test_grid_expands_to_every_combination_in_key_order():
+    cells = grids.expand({"specialization": ["full", "static"], "experts.overrides.model.init_args.init": ["a", "b"]})
+    assert [c.columns() for c in cells] == [
+        {"specialization": "full", "experts.init": "a"},
+        {"specialization": "full", "experts.init": "b"},
+        {"specialization": "static", "experts.init": "a"},
+        {"specialization": "static", "experts.init": "b"},
+    ]
+    assert cells[1].name == "specialization=full_experts.init=b"
+    assert len({c.name for c in grids.expand({"routing.top_k": [1, 2, 3], "partition.num_experts": [2, 4]})}) == 6
+
+
+def test_cell_arguments_split_pipeline_options_from_stage_overrides():
+    args, overrides = grids.cell_arguments(
+        {"routing.top_k": 2, "partition.method": "random", "experts.overrides.trainer.max_epochs": 3}
+    )
+    assert args == ["--routing.top_k=2", "--partition.method=random"]
+    assert overrides == {"experts": {"trainer.max_epochs": 3}}
+
+
+@pytest.mark.parametrize(
+    "grid, fragments",
+    [
+        ({"routing.topk": [1]}, ["unknown grid key 'routing.topk'", "routing.top_k", "overrides"]),
+        ({"seed": [1, 2]}, ["set by the ablation itself"]),
+        ({"specialization": []}, ["non-empty list"]),
+        ({"routing.top_k": [1, 1]}, ["lists a value twice"]),
+        ({"models.overrides.trainer.max_epochs": [1]}, ["unknown grid key"]),
+    ],
+)
+def test_bad_grids_are_refused_with_the_valid_keys(grid, fragments):
+    with pytest.raises(UserError) as found:
+        grids.expand(grid)
+    for fragment in fragments:
+        assert fragment in str(found.value)
+
+
+# -- running -------------------------------------------------------------------------------------------------
+def test_shared_stages_one_generalist_and_base_per_seed(finished):
+    _, out, records = finished
+    store = out / "store"
+    assert len(records) == 8  # 4 cells x 2 seeds
+    assert len([p for p in store.glob("generalist-*") if p.is_dir()]) == 2  # one per seed, not one per cell
+    assert len([p for p in store.glob("base-*") if p.is_dir()]) == 2
+    assert len(list(store.glob("partition-*.json"))) == 1  # the seeds share the superclass partition
+    assert len([p for p in store.glob("experts-*") if p.is_dir()]) == 2 * 2 * 2  # strategy x expert x seed
+    cells = out / "cells"
+    seed0 = [
+        cells / name / "seed0"
+        for name in ("specialization=static_routing.top_k=1", "specialization=static_routing.top_k=3")
+    ]
+    # cells that differ only in routing link to the very same experts (trained once)
+    targets = {(cell / "experts" / "static" / "0").resolve() for cell in seed0}
+    assert len(targets) == 1 and next(iter(targets)).parent == store.resolve()
+    assert (seed0[0] / "generalist").resolve() == (
+        cells / "specialization=progressive_routing.top_k=1" / "seed0" / "generalist"
+    ).resolve()
+
+
+def test_results_csv_has_one_row_per_cell_seed_and_expert(finished):
+    _, out, _ = finished
+    with open(out / "results.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        header = reader.fieldnames
+    assert header[:9] == [
+        "specialization", "routing.top_k", "seed", "expert",
+        "subset_test_acc", "system_acc", "offload_ratio", "latency_ms", "energy_mj",
+    ]  # fmt: skip
+    assert len(rows) == 4 * 2 * 2
+    assert {(r["specialization"], r["routing.top_k"], r["seed"]) for r in rows} == {
+        (s, k, seed) for s in ("static", "progressive") for k in ("1", "3") for seed in ("0", "1")
+    }
+    assert {r["expert"] for r in rows if r["specialization"] == "static"} == {"static_0", "static_1"}
+    for row in rows:
+        for key in ("subset_test_acc", "system_acc", "offload_ratio"):
+            assert 0.0 <= float(row[key]) <= 1.0  # fractions, not percent
+        assert float(row["latency_ms"]) > 0 and float(row["energy_mj"]) > 0
+    # the values are the cell reports' own
+    report = json.loads(
+        (out / "cells" / "specialization=progressive_routing.top_k=3" / "seed1" / "report.json").read_text()
+    )
+    row = next(
+        r for r in rows if r["specialization"] == "progressive" and r["routing.top_k"] == "3" and r["seed"] == "1"
+    )
+    assert float(row["system_acc"]) == pytest.approx(report["selected"]["acc"], abs=1e-5)
+    assert float(row["subset_test_acc"]) == pytest.approx(report["experts"][0]["subset_test_acc"], abs=1e-5)
+    text = (out / "results.md").read_text()
+    assert "STAND-IN" in text and text.count("\n| ") == 1 + 4  # header + one line per setting
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_each_cell_records_config_seed_versions_and_revision(finished):
+    _, out, _ = finished
+    record = json.loads((out / "cells" / "specialization=static_routing.top_k=1" / "seed1" / "cell.json").read_text())
+    assert record["seed"] == 1 and record["cell"] == {"specialization": "static", "routing.top_k": "1"}
+    assert set(record["provenance"]["packages"]) >= {"torch", "lightning", "timm", "askexpert"}
+    assert record["provenance"]["git_revision"]
+    assert "seed: 1" in record["settings"] and "top_k: 1" in record["settings"]
+    assert record["stages"]["generalist"]["config"]["seed_everything"] == 1
+
+
+def test_a_second_run_skips_every_finished_cell(finished, tmp_path, capsys):
+    config, out, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    checkpoints = {p: p.stat().st_mtime_ns for p in (copy / "store").rglob("best.ckpt")}
+    (copy / "cells" / "specialization=progressive_routing.top_k=1" / "seed0" / "cell.json").unlink()
+    code, stdout, err = run_main(["ablate", "--config", str(config), "--out", str(copy)], capsys)
+    assert code == 0, err
+    assert stdout.count(": done, skipped") == 7  # the one without its result is evaluated again ...
+    assert "running (" not in stdout.replace("seed 0: running (", "")  # ... and trains nothing
+    assert {p: p.stat().st_mtime_ns for p in (copy / "store").rglob("best.ckpt")} == checkpoints
+    assert (copy / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_rerunning_a_cell_from_scratch_reproduces_its_metrics(finished, tmp_path):
+    from askexpert.cli import cli_main
+
+    _, out, records = finished
+    config = write_ablation(tmp_path, {"specialization": ["progressive"], "routing.top_k": [3]}, seeds=[1])
+    again = cli_main(["ablate", "--config", str(config), "--out", str(tmp_path / "again")])
+    before = next(
+        r for r in records if r["cell"] == {"specialization": "progressive", "routing.top_k": "3"} and r["seed"] == 1
+    )
+    for old, new in zip(before["rows"], again[0]["rows"], strict=True):
+        for key in results.METRICS:
+            assert new[key] == pytest.approx(old[key], abs=1e-4), key
+
+
+def test_out_with_a_different_grid_is_refused_then_replaced_with_overwrite(finished, tmp_path, capsys):
+    config, out, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    spec = yaml.safe_load(config.read_text())
+    spec["grid"] = {"specialization": ["static"], "routing.top_k": [1]}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec, sort_keys=False))
+    code, _, err = run_main(["ablate", "--config", str(changed), "--out", str(copy)], capsys)
+    assert code == 2 and "different ablation (grid differ)" in err and "--overwrite" in err
+    code, stdout, err = run_main(
+        ["ablate", "--config", str(changed), "--out", str(copy), "--overwrite", "true"], capsys
+    )
+    assert code == 0, err
+    assert stdout.count(": done, skipped") == 2  # both seeds' cell was already finished
+    assert [p.name for p in (copy / "cells").iterdir()] == ["specialization=static_routing.top_k=1"]
+    assert len((copy / "results.csv").read_text().splitlines()) == 1 + 2 * 2
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"grid": {"specialization": ["bogus"]}}, ["cell specialization=bogus (seed 0)", "progressive"]),
+        ({"grid": {"partition.method": ["clusters"]}}, ["unknown partition method 'clusters'", "superclass"]),
+        ({"grid": {"routing.gate": ["vote"]}}, ["vote", "max_prob"]),
+        ({"grid": {"experts.overrides.model.init_args.init": ["imagenet"]}}, ["experts", "imagenet"]),
+        ({"grid": {"routing.top_k": "3"}}, ["list"]),
+        ({"seeds": []}, ["at least one seed"]),
+        ({"fixed": {"bogus_key": 1}}, ["unknown fixed key 'bogus_key'"]),
+        ({"fixed": {"specialization": "static"}}, ["both fixed and in the grid"]),
+        ({"pipeline": "missing.yaml"}, ["pipeline config not found: missing.yaml"]),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(tmp_path, capsys, change, fragments):
+    config = write_ablation(tmp_path, GRID)
+    spec = {**yaml.safe_load(config.read_text()), **change}
+    config.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "out"
+    code, _, err = run_main(["ablate", "--config", str(config), "--out", str(out)], capsys)
+    assert_clean_failure(code, err, out, *fragments)
+
+
+def test_out_that_is_not_an_ablation_is_refused(tmp_path, capsys):
+    config = write_ablation(tmp_path, GRID)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_main(["ablate", "--config", str(config), "--out", str(out)], capsys)
+    assert code == 2 and "not an ablation" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
+    config = write_ablation(tmp_path, GRID)
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["ablate", "--config", str(config), "--out", str(out), "--dry_run", "true"], capsys)
+    assert code == 0, err
+    assert (
+        "4 cells x 2 seeds = 8 runs, sharing 13 distinct stages (2 generalist, 2 base, 1 partition, 8 experts)"
+        in stdout
+    )
+    assert not out.exists()
+
+
+# -- aggregation -----------------------------------------------------------------------------------------------
+def test_mean_and_std_over_seeds_on_a_hand_made_csv(tmp_path):
+    path = tmp_path / "results.csv"
+    columns = results.header(["specialization"])
+    rows = [
+        # seed 0: experts 0.2 and 0.4 (mean 0.3); seed 1: 0.5 and 0.7 (mean 0.6); system acc 0.1 / 0.3
+        {"specialization": "static", "seed": 0, "expert": "static_0", "subset_test_acc": 0.2, "system_acc": 0.1},
+        {"specialization": "static", "seed": 0, "expert": "static_1", "subset_test_acc": 0.4, "system_acc": 0.1},
+        {"specialization": "static", "seed": 1, "expert": "static_0", "subset_test_acc": 0.5, "system_acc": 0.3},
+        {"specialization": "static", "seed": 1, "expert": "static_1", "subset_test_acc": 0.7, "system_acc": 0.3},
+        {"specialization": "full", "seed": 0, "expert": "full_0", "subset_test_acc": 0.9, "system_acc": 0.5},
+    ]
+    path.write_text(results.csv_text(rows, columns))
+    _, read = results.read_csv(str(path))
+    table = {e["specialization"]: e for e in results.aggregate(read, ["specialization"])}
+    mean, std = table["static"]["subset_test_acc"]
+    assert mean == pytest.approx(0.45) and std == pytest.approx(0.212132, abs=1e-6)  # sample std of 0.3, 0.6
+    assert table["static"]["system_acc"] == pytest.approx((0.2, 0.141421), abs=1e-6)
+    assert table["static"]["seeds"] == 2
+    assert table["full"]["system_acc"] == (pytest.approx(0.5), None)  # one seed: no std
+    markdown = results.markdown_table(list(table.values()), ["specialization"])
+    assert "| static | 2 | 45.00 ± 21.21 |" in markdown
+    assert "| full | 1 | 90.00 |" in markdown
