@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from test_cli import run_main
 from test_cli_errors import assert_clean_failure
 from test_pipeline import write_configs
@@ -257,3 +258,33 @@ def test_mean_and_std_over_seeds_on_a_hand_made_csv(tmp_path):
     markdown = results.markdown_table(list(table.values()), ["specialization"])
     assert "| static | 2 | 45.00 ± 21.21 |" in markdown
     assert "| full | 1 | 90.00 |" in markdown
+
+
+# -- the shipped ablations ----------------------------------------------------------------------------------------
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs" / "ablations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_ablations_name_valid_keys_and_files(path):
+    from askexpert.commands.ablate import parser
+
+    args = parser().parse_args(["--config", str(path), "--out", "unused"])
+    assert (REPO / args.pipeline).is_file()
+    assert len(grids.expand(args.grid)) >= 3 and len(args.seeds) == 3
+    grids.check_keys(list(args.fixed), "fixed")
+
+
+def test_topk_cells_share_every_stage_of_their_expert_count(tmp_path, capsys, monkeypatch):
+    """The shipped experts_topk grid plans 9 cells x 3 seeds but trains only 3 runs' worth per seed."""
+    monkeypatch.chdir(REPO)
+    args = ["ablate", "--config", "configs/ablations/experts_topk.yaml", "--seeds", "[0]", "--dry_run", "true"]
+    code, stdout, err = run_main([*args, "--out", str(tmp_path / "out"), "--store", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    # one generalist, one base, 3 partitions (2, 4, 10 experts), 2 + 4 + 10 experts: 21 stages for 9 cells
+    assert "9 cells x 1 seeds = 9 runs, sharing 21 distinct stages" in stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s").exists()
+
+
+def test_values_that_are_not_plain_names_get_distinct_folders():
+    cells = grids.expand({"experts.config": [["a/b.yaml"], ["a-b.yaml"]]})
+    assert len({c.name for c in cells}) == 2 and all("/" not in c.name for c in cells)

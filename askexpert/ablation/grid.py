@@ -65,9 +65,9 @@ class Cell:
         """A folder name made of the values, e.g. `specialization=full_experts.init=base`."""
         if not self.values:
             return "default"
-        text = "_".join(f"{column(k)}={_value_text(v)}" for k, v in self.values)
-        text = re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-")
-        if len(text) > 80:
+        raw = "_".join(f"{column(k)}={_value_text(v)}" for k, v in self.values)
+        text = re.sub(r"[^A-Za-z0-9._=+-]+", "-", raw).strip("-")
+        if text != raw or len(text) > 80:  # values that are not plain names: a hash keeps the folders apart
             digest = hashlib.sha256(json.dumps(self.values, default=str).encode()).hexdigest()[:8]
             text = f"{text[:70]}-{digest}"
         return text
