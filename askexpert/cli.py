@@ -119,6 +119,8 @@ class AskExpertCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self._new_wandb_id: tuple[str, str] | None = None
+        # only the process's own `fit` is a sweep run: not the stages a pipeline or ablation runs in-process
+        self._sweep = sweep_run() if args is None else None
         super().__init__(
             model_class=ClassifierModule,
             subclass_mode_model=True,
@@ -189,8 +191,8 @@ class AskExpertCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         # A fresh `fit` starts a new metrics.csv and W&B run; a resumed one (or an evaluation) continues them.
         fresh_fit = self.subcommand == "fit" and not config.get("ckpt_path")
-        if self.subcommand == "fit" and sweep_run():
-            self._configure_sweep_run(config, *sweep_run())
+        if self.subcommand == "fit" and self._sweep:
+            self._configure_sweep_run(config, *self._sweep)
         self._configure_loggers(config.trainer, append_metrics=not fresh_fit)
         self._configure_expert(config)
         if config.data.val_fraction == 0:  # nothing to validate on: keep the newest weights as "best"
@@ -271,8 +273,8 @@ class AskExpertCLI(LightningCLI):
             init = logger.init_args
             if init.get("save_dir") in (None, "", "."):  # WandbLogger's own default is "."
                 init.save_dir = root
-            if sweep_run():  # the agent created the run (id and project in the environment): log into it
-                init.id = sweep_run()[1]
+            if self._sweep:  # the agent created the run (id and project in the environment): log into it
+                init.id = self._sweep[1]
                 init.project = os.environ.get("WANDB_PROJECT") or init.get("project")
             elif not init.get("id") and not init.get("version"):
                 run_id, new = wandb_run_id(root, reuse=append_metrics)

@@ -45,7 +45,7 @@ def per_seed(rows: list[dict], key: str, **match) -> dict[str, float]:
     """A metric per seed for the rows matching `match` (per-expert metrics averaged over the seed's experts)."""
     found = defaultdict(list)
     for row in rows:
-        if all(row[k] == v for k, v in match.items()):
+        if all(row[k] == v for k, v in match.items()) and row[key] not in ("", None):
             found[row["seed"]].append(float(row[key]))
     return {seed: statistics.fmean(values) for seed, values in found.items()}
 

@@ -157,6 +157,34 @@ def test_a_second_run_skips_every_finished_cell(finished, tmp_path, capsys):
     assert (copy / "results.csv").read_text() == (out / "results.csv").read_text()
 
 
+def test_an_interrupted_shared_stage_resumes_in_the_store(finished, tmp_path, capsys):
+    config, out, _ = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    generalist = (copy / "cells" / "specialization=static_routing.top_k=1" / "seed1" / "generalist").resolve()
+    (generalist.parent / f"{generalist.name}.done").unlink()  # as if the process died while it trained
+    for record in (copy / "cells").glob("*/seed1/cell.json"):
+        record.unlink()
+    code, stdout, err = run_main(["ablate", "--config", str(config), "--out", str(copy)], capsys)
+    assert code == 0, err
+    assert stdout.count("generalist: resuming from its last checkpoint") == 1  # once, by the first seed-1 cell
+    assert stdout.count(": done, skipped") == 4  # the seed-0 cells
+    assert (generalist.parent / f"{generalist.name}.done").is_file()
+    assert (copy / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_a_second_ablate_on_the_same_store_is_refused_while_the_first_runs(tmp_path):
+    from askexpert.ablation.store import StageStore
+
+    store = StageStore(str(tmp_path / "store"))
+    with store.locked():
+        with pytest.raises(UserError, match="in use by another"):
+            with StageStore(str(tmp_path / "store")).locked():
+                pass
+    with store.locked():  # released when the first is done
+        pass
+
+
 def test_rerunning_a_cell_from_scratch_reproduces_its_metrics(finished, tmp_path):
     from askexpert.cli import cli_main
 
@@ -181,10 +209,12 @@ def test_out_with_a_different_grid_is_refused_then_replaced_with_overwrite(finis
     changed.write_text(yaml.safe_dump(spec, sort_keys=False))
     code, _, err = run_main(["ablate", "--config", str(changed), "--out", str(copy)], capsys)
     assert code == 2 and "different ablation (grid differ)" in err and "--overwrite" in err
+    store = {p.name for p in (copy / "store").iterdir()}
     code, stdout, err = run_main(
         ["ablate", "--config", str(changed), "--out", str(copy), "--overwrite", "true"], capsys
     )
     assert code == 0, err
+    assert {p.name for p in (copy / "store").iterdir()} >= store  # trained stages are kept for reuse
     assert stdout.count(": done, skipped") == 2  # both seeds' cell was already finished
     assert [p.name for p in (copy / "cells").iterdir()] == ["specialization=static_routing.top_k=1"]
     assert len((copy / "results.csv").read_text().splitlines()) == 1 + 2 * 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, TINY_ARGS
+from test_cli import run_main
 
 SWEEPS = sorted(p for p in (REPO / "configs" / "sweeps").glob("*.yaml") if "program" in yaml.safe_load(p.read_text()))
 COMMANDS = ("fit", "validate", "test", "predict")
@@ -121,10 +122,8 @@ def demo_artefacts(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_a_run_started_like_an_agent_logs_the_metric_to_its_own_run(path, demo_artefacts, monkeypatch):
+def test_a_run_started_like_an_agent_logs_the_metric_to_its_own_run(path, demo_artefacts, monkeypatch, capsys):
     import wandb
-
-    from askexpert.cli import cli_main
 
     sweep = yaml.safe_load(path.read_text())
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep123")
@@ -133,12 +132,25 @@ def test_a_run_started_like_an_agent_logs_the_metric_to_its_own_run(path, demo_a
     args = command_args(agent_argv(sweep, sampled(sweep)[1]))
     tiny = TINY_ARGS[2:]  # without --seed_everything
     assert TINY_ARGS[0] == "--seed_everything"
-    cli = cli_main([*args, *tiny, "--trainer.limit_train_batches", "2"])
+    code, _, err = run_main([*args, *tiny, "--trainer.limit_train_batches", "2"], capsys)  # as the agent's process
+    assert code == 0, err
     wandb.finish()
-    root = Path(cli.trainer.default_root_dir)
-    assert root.parts[-2:] == ("sweep-sweep123", "run45678")
+    configured = yaml.safe_load((REPO / sweep["command"][6]).read_text())["trainer"]["default_root_dir"]
+    root = Path(configured) / "sweep-sweep123" / "run45678"
     assert (root / "checkpoints" / "best.ckpt").is_file()
     with open(root / "metrics.csv") as handle:
         assert sweep["metric"]["name"] in next(csv.reader(handle))
     runs = list((root / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith("run45678")
+
+
+def test_stages_run_in_process_are_not_moved_into_the_sweep(tmp_path, monkeypatch):
+    """Only the agent's own `fit` is the sweep run; a pipeline's in-process stages keep their folders."""
+    from askexpert.cli import cli_main
+
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep123")
+    monkeypatch.setenv("WANDB_RUN_ID", "run45678")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "stage"
+    cli = cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)])
+    assert Path(cli.trainer.default_root_dir) == root and (root / "checkpoints" / "best.ckpt").is_file()

@@ -9,11 +9,13 @@ finished stage; a stage without it is resumed from its last checkpoint or retrai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 
 from askexpert.callbacks import atomic_write_text
+from askexpert.errors import UserError
 
 
 class StageStore:
@@ -39,14 +41,32 @@ class StageStore:
         text = json.dumps({"name": stage.name, "identity": stage.identity, "config": stage.config}, default=str)
         atomic_write_text(self._marker(stage), text + "\n")
 
-    def entries(self) -> set[str]:
-        """File names in the store (stages, their markers and the logits cache)."""
-        return set(os.listdir(self.root)) if os.path.isdir(self.root) else set()
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the store for this process: two ablations training into one store would delete each other's
+        unfinished stages. A second process gets a clear error instead of waiting."""
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, ".lock"), "w") as handle:
+            try:
+                import fcntl
+
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # no fcntl (Windows): no lock, run one ablation per store at a time
+                pass
+            except OSError:
+                raise UserError(
+                    f"the stage store {self.root} is in use by another `ablate` process; wait for it or give "
+                    "another --store"
+                ) from None
+            yield
 
     @staticmethod
     def link(target: str, link_path: str) -> None:
-        """Point `link_path` at `target` with a relative link, so the ablation folder can be moved whole."""
-        relative = os.path.relpath(target, os.path.dirname(os.path.abspath(link_path)))
+        """Point `link_path` at `target` with a relative link, so a folder holding both can be moved whole."""
+        parent = os.path.dirname(os.path.abspath(link_path))
+        os.makedirs(parent, exist_ok=True)
+        # real paths on both sides: a folder reached through a symlink would make a relative link wrong
+        relative = os.path.relpath(os.path.realpath(target), os.path.realpath(parent))
         if os.path.islink(link_path):
             if os.readlink(link_path) == relative:
                 return
@@ -55,5 +75,4 @@ class StageStore:
             shutil.rmtree(link_path)
         elif os.path.exists(link_path):
             os.remove(link_path)
-        os.makedirs(os.path.dirname(os.path.abspath(link_path)), exist_ok=True)
         os.symlink(relative, link_path)

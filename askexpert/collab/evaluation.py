@@ -27,9 +27,10 @@ PACKAGES = ("askexpert", "torch", "lightning", "timm", "torchmetrics")
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Where a pipeline run keeps each artefact."""
+    """Where a pipeline run keeps each artefact (`shared_logits`: its logits cache is shared by many runs)."""
 
     root: str
+    shared_logits: bool = False
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.root, stage)
@@ -119,7 +120,7 @@ def evaluate_run(
 
     def logits_of(name: str, stage_dir: str) -> dict:
         checkpoint = _require(layout.best(stage_dir), f"{name} checkpoint")
-        return cached_logits(name, checkpoint, datamodule, SPLITS, layout.logits)
+        return cached_logits(name, checkpoint, datamodule, SPLITS, layout.logits, layout.shared_logits)
 
     generalist = logits_of("generalist", layout.stage_dir("generalist"))
     base = logits_of("base", layout.stage_dir("base"))

@@ -74,13 +74,21 @@ def compute_logits(model, datamodule: ImageDataModule, split: str, label: str = 
 
 
 def cached_logits(
-    name: str, checkpoint: str, datamodule: ImageDataModule, splits: tuple[str, ...], cache_dir: str
+    name: str,
+    checkpoint: str,
+    datamodule: ImageDataModule,
+    splits: tuple[str, ...],
+    cache_dir: str,
+    by_checkpoint: bool = False,
 ) -> dict:
     """{"meta": describe_model(...), "labels": {split: (N,)}, "logits": {split: (N, K)}} for `checkpoint`.
 
-    Loads the model only when some split is not cached yet.
+    Loads the model only when some split is not cached yet. `by_checkpoint` puts the checkpoint's hash in
+    the file names, for a cache that many runs share (an ablation's), where one name has many checkpoints.
     """
     key = {"version": CACHE_VERSION, "checkpoint": _checkpoint_key(checkpoint)}
+    if by_checkpoint:
+        name = f"{name}-{key['checkpoint']['sha256'][:16]}"
     result: dict = {"logits": {}, "labels": {}}
     model = None
     device = "cuda" if torch.cuda.is_available() else "cpu"

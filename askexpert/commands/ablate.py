@@ -14,9 +14,11 @@ resumes. Results go to `DIR/results.csv`, `results.md` and `results.png`, rewrit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any
 
@@ -111,8 +113,9 @@ def check_out_folder(out: str, spec: dict, overwrite: bool) -> None:
         if os.path.isdir(out) and os.listdir(out):
             raise UserError(f"--out {out} already holds files that are not an ablation; choose another folder")
         return
-    if saved != json.loads(json.dumps(spec)) and not overwrite:
-        changed = [key for key in spec if saved.get(key) != json.loads(json.dumps(spec[key]))]
+    same_order = list(saved.get("grid") or {}) == list(spec["grid"])  # the order names the cells and columns
+    if (saved != json.loads(json.dumps(spec)) or not same_order) and not overwrite:
+        changed = [key for key in spec if saved.get(key) != json.loads(json.dumps(spec[key]))] or ["grid order"]
         raise UserError(
             f"--out {out} holds the results of a different ablation ({', '.join(changed)} differ); use another "
             "--out, or --overwrite to replace them (stages already trained are reused)"
@@ -136,6 +139,8 @@ def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
     spec = _spec(args, pipeline_path)
     check_out_folder(out, spec, args.overwrite)
     store = StageStore(args.store or os.path.join(out, "store"))
+    if os.path.exists(store.root) and not os.path.isdir(store.root):
+        raise UserError(f"--store {args.store} is a file, not a folder")
     cache: dict = {}
     runs = []
     for seed in args.seeds:
@@ -177,7 +182,7 @@ def describe_plan(runs: list[PlannedRun], store: StageStore) -> str:
             kinds[kind] = kinds.get(kind, 0) + 1
             todo += not store.is_done(stage)
     stage_counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
-    cells = len({p.cell for p in runs})
+    cells = len({p.cell.name for p in runs})
     seeds = len({p.seed for p in runs})
     return (
         f"{cells} cells x {seeds} seeds = {len(runs)} runs, sharing {len(unique)} distinct stages ({stage_counts}); "
@@ -196,9 +201,11 @@ def _remove_stale(out: str, runs: list[PlannedRun]) -> None:
     cells_dir = os.path.join(out, "cells")
     for cell_name in os.listdir(cells_dir) if os.path.isdir(cells_dir) else []:
         cell_dir = os.path.join(cells_dir, cell_name)
-        for seed_dir in os.listdir(cell_dir):
+        if not os.path.isdir(cell_dir) or os.path.islink(cell_dir):
+            continue
+        for seed_dir in os.listdir(cell_dir):  # only the ablation's own seed<k> run folders are removed
             path = os.path.abspath(os.path.join(cell_dir, seed_dir))
-            if path not in keep:
+            if re.fullmatch(r"seed-?\d+", seed_dir) and os.path.isdir(path) and path not in keep:
                 shutil.rmtree(path)
         if not os.listdir(cell_dir):
             os.rmdir(cell_dir)
@@ -217,7 +224,7 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
     execute(prepared, store)
     part = settings.partition
     report = evaluate_run(
-        prepared.layout,
+        dataclasses.replace(prepared.layout, shared_logits=True),
         settings.data.as_dict(),
         settings.specialization,
         settings.static_baseline,
@@ -279,6 +286,11 @@ def run(argv: list[str]) -> list[dict]:
             state = "done" if _finished(planned) else "to run"
             print(f"  {planned.cell.name} seed {planned.seed}: {state}", flush=True)
         return []
+    with store.locked():
+        return _run_all(args, spec, runs, store, out)
+
+
+def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: str) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     if args.overwrite:
         _remove_stale(out, runs)

@@ -54,6 +54,8 @@ def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5) -> 
             if slot not in running and pending and not failed:
                 job = pending.pop(0)
                 env = dict(os.environ)
+                for name in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):  # an expert is not the sweep agent's run
+                    env.pop(name, None)
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = slot
                 os.makedirs(os.path.dirname(job.log), exist_ok=True)

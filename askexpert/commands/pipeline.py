@@ -503,6 +503,8 @@ def execute(run_: PreparedRun, store=None) -> None:
                     save_record(layout, record)
             print(f"{header}: done, config unchanged, skipped", flush=True)
             continue
+        if store is None and os.path.islink(local):  # a stage shared from an ablation's store: train our own
+            os.unlink(local)
         same = store is not None or entry.get("identity") == stage.identity
         resume = stage.fit_args is not None and same and _can_resume(folder)
         if not resume:
