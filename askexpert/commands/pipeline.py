@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -188,7 +189,11 @@ def resolve_fit(args: list[str], what: str) -> dict:
         found = find_user_error(err)
         if found is None:
             raise
-        raise UserError(f"stage {what}: {str(found).replace('python -m askexpert fit --help', 'fit --help')}") from None
+        # the parser that failed may be a nested one named after the script: point at `fit --help` instead
+        text = re.sub(
+            r"\(see `python -m askexpert [^`]*--help`\)", "(see `python -m askexpert fit --help`)", str(found)
+        )
+        raise UserError(f"stage {what}: {text}") from None
     return config
 
 
