@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,17 +109,26 @@ def test_a_parameter_that_is_not_a_flag_is_refused(monkeypatch):
         cli_main([*args, "--print_config"])
 
 
-@pytest.fixture
-def demo_artefacts(tmp_path, monkeypatch):
-    """A folder that looks like an askexpert checkout after `make demo`, with a tiny base model and partition."""
+@pytest.fixture(scope="module")
+def demo_checkout(tmp_path_factory):
+    """A folder that looks like an askexpert checkout after `make demo`, with a tiny base model and partition
+    (made once; each test works in its own copy)."""
     from askexpert.cli import cli_main
 
-    (tmp_path / "configs").symlink_to(REPO / "configs")
-    monkeypatch.chdir(tmp_path)
-    base = ["fit", "--config", "configs/base_demo.yaml", *TINY_ARGS, "--trainer.default_root_dir", "runs/demo/base"]
-    cli_main(base)
-    cli_main(["partition", "--out", "runs/demo/partition.json", "--num_experts", "4"])
-    return tmp_path
+    folder = tmp_path_factory.mktemp("checkout")
+    base = ["fit", "--config", str(REPO / "configs/base_demo.yaml"), *TINY_ARGS]
+    cli_main([*base, "--trainer.default_root_dir", str(folder / "runs/demo/base")])
+    cli_main(["partition", "--out", str(folder / "runs/demo/partition.json"), "--num_experts", "4"])
+    return folder
+
+
+@pytest.fixture
+def demo_artefacts(demo_checkout, tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    shutil.copytree(demo_checkout, checkout)
+    (checkout / "configs").symlink_to(REPO / "configs")
+    monkeypatch.chdir(checkout)
+    return checkout
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
