@@ -24,7 +24,7 @@ demo: install
 strategy-table: install
 	$(PY) experiments/strategy_table.py --reuse
 
-# The three shipped ablations on the stand-in, 3 seeds each, sharing one store (docs/results.md; about 75
+# The three shipped ablations on the stand-in, 3 seeds each, sharing one store (docs/results.md; about 65
 # minutes on 2 CPU cores). Finished cells are skipped, so this also just rebuilds the tables.
 ablations: install
 	$(PY) -m askexpert ablate --config configs/ablations/strategies.yaml --out runs/ablations/strategies
