@@ -2,6 +2,7 @@
 
     make ablations                     # runs (or, when finished, just re-reads) the three ablations
     python experiments/results_doc.py  # rewrites the blocks between <!-- generated:NAME --> markers
+                                       # and copies each results.png to docs/results/<name>_stand_in.png
 
 Each block is rebuilt from `runs/ablations/<name>/results.csv` (the tables are `ablate`'s own results.md
 tables) and, for the research claims, from the same rows: paired differences per seed, then mean ± sample
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import sys
 from collections import defaultdict
@@ -136,6 +138,7 @@ def main() -> None:
         if not (folder / "results.csv").is_file():
             raise SystemExit(f"{folder}/results.csv not found: run `make ablations` first")
         columns, rows = load(folder)
+        shutil.copyfile(folder / "results.png", doc.parent / "results" / f"{name}_stand_in.png")
         text = replace_block(text, name, table(columns, rows))
         if name == "strategies":
             text = replace_block(text, "claims", claims(rows))
