@@ -2,7 +2,8 @@
 
 Everything downstream (gates, thresholds, baselines, other profiles) is computed from these tensors, so
 `evaluate` with another gate or profile costs seconds. A cache file is reused only if it was computed from
-a checkpoint with the same content (SHA-256) and the same data split.
+a checkpoint with the same content (SHA-256) and the same data split. A cache shared by many runs (an
+ablation's store) names its files `<name>-<checkpoint hash>_<split>.pt`, one per checkpoint.
 """
 
 from __future__ import annotations
