@@ -47,9 +47,14 @@ def parser():
     return p
 
 
+@dataclasses.dataclass
 class PlannedRun:
-    def __init__(self, cell: grids.Cell, seed: int, prepared, identity: str) -> None:
-        self.cell, self.seed, self.prepared, self.identity = cell, seed, prepared, identity
+    """One (cell, seed): its prepared pipeline run and the identity its finished result must carry."""
+
+    cell: grids.Cell
+    seed: int
+    prepared: Any
+    identity: str
 
     @property
     def folder(self) -> str:
@@ -166,21 +171,12 @@ def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
 
 
 def describe_plan(runs: list[PlannedRun], store: StageStore) -> str:
-    unique: dict[str, str] = {}
-    for planned in runs:
-        for stage in planned.prepared.stages:
-            unique.setdefault(stage.identity, stage.name)
+    unique = {stage.identity: stage for planned in runs for stage in planned.prepared.stages}
     kinds: dict[str, int] = {}
-    todo = 0
-    seen = set()
-    for planned in runs:
-        for stage in planned.prepared.stages:
-            if stage.identity in seen:
-                continue
-            seen.add(stage.identity)
-            kind = stage.name.split("/")[0] if not stage.name.startswith("experts/") else "experts"
-            kinds[kind] = kinds.get(kind, 0) + 1
-            todo += not store.is_done(stage)
+    for stage in unique.values():
+        kind = stage.name.split("/")[0]  # generalist, base, partition, experts
+        kinds[kind] = kinds.get(kind, 0) + 1
+    todo = sum(not store.is_done(stage) for stage in unique.values())
     stage_counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
     cells = len({p.cell.name for p in runs})
     seeds = len({p.seed for p in runs})
