@@ -3,7 +3,7 @@
 `fit`, `validate`, `test` and `predict` are LightningCLI subcommands (built from the Trainer's methods).
 Commands that are not a Trainer method (later: `pipeline`, `evaluate`, `ablate`, `profile`, `route`) register
 in `EXTRA_COMMANDS` with their own jsonargparse parser; this module's dispatcher hands each its arguments.
-`main()` turns a `UserError` into one line on stderr and exit status 2.
+`main()` turns a `UserError` into one line on stderr and exit status 2 (3 for a diverged training run).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from askexpert.checkpoints import (
     strip_training_state,
 )
 from askexpert.errors import UserError, find_user_error, one_line_parse_error
+from askexpert.guard import NonFiniteGuard
 from askexpert.modules import ClassifierModule, ExpertModule
 from askexpert.run_folder import (
     CSV_LOGGER,
@@ -298,7 +299,8 @@ class AskExpertCLI(LightningCLI):
         )
         # the specialization slot is empty (None) for generalists and base models
         callbacks = [c for c in callbacks if c is not None]
-        return super()._instantiate_trainer(config, [*callbacks, last])
+        # Always on: a run never trains on (or saves) after a non-finite loss (askexpert/guard.py).
+        return super()._instantiate_trainer(config, [*callbacks, NonFiniteGuard(), last])
 
     # -- running -----------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:
@@ -448,4 +450,4 @@ def main() -> None:
         if user_error is None:
             raise
         print(f"askexpert: error: {user_error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(user_error, "exit_status", 2))

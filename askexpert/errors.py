@@ -10,6 +10,25 @@ class UserError(Exception):
     """A problem with the user's input, reported as one clear line."""
 
 
+class DivergenceError(UserError):
+    """Training produced a non-finite loss, gradient or weight (`askexpert.guard`); exit status 3.
+
+    `step` and `epoch` locate the first bad step, `last_good` is the checkpoint that is still intact (or None),
+    `stage` the pipeline stage that diverged (None for a plain `fit`).
+    """
+
+    exit_status = 3
+
+    def __init__(
+        self, message: str, step: int, epoch: int, last_good: str | None, stage: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.epoch = epoch
+        self.last_good = last_good
+        self.stage = stage
+
+
 def find_user_error(ex: BaseException | None) -> UserError | None:
     """The UserError behind an exception chain (e.g. one a class raised while jsonargparse built it)."""
     seen = set()

@@ -1,29 +1,40 @@
-"""Framework overhead end to end: the pipeline's wall time vs the bare compute for the same samples.
+"""Framework overhead end to end: a pipeline's wall time vs the bare compute of the same work, stage by stage.
 
-Runs `python -m askexpert pipeline` (in this process) into a fresh folder, then counts what it computed:
-per training stage the optimizer steps x batch size (from its last checkpoint) and the validation images
-per epoch, plus one pass over val + test per model for the evaluation. The "bare" time of that work is
-those image counts divided by the bare training step's and the plain forward pass's img/s for each model,
-measured afterwards in the same process (benchmarks/train_throughput.py and benchmarks/inference.py).
-Overhead = wall / bare - 1: process start, data generation, Lightning, checkpoints, metrics, reports.
+Runs `python -m askexpert pipeline --config CONFIG` in this process into a fresh folder, with probes that
+change nothing it computes:
+* every `fit` stage gets one extra callback (added where the CLI builds its Trainer) that counts the images
+  it trained and validated, its model, batch and precision, and timestamps: start-up (from the stage's
+  start to its first training step: CLI parse, model build, data, sanity check), training, validation,
+  checkpoint writes (timed around `Trainer.save_checkpoint`) and the finish (end of training to the stage's
+  end: teardown, an expert's weights-only rewrite of last.ckpt);
+* planning (`prepare`: every stage resolved), the partition and the evaluation (each model's logits pass
+  counted by `compute_logits`) are timed as wholes.
+Bare compute of a stage = trained images / the bare step's img/s (fwd + bwd + AdamW on a batch already on
+the device, `benchmarks/train_throughput.py`, at the stage's model, batch and precision) + validated images
+/ the plain forward's img/s (`benchmarks/inference.py`, at the stage's eval batch); the evaluation's is its
+forward images at forward speed. Those rates are measured afterwards in the same process.
+Ratio = wall / bare (the goal: at most 1.3); the table shows where the rest goes. Experts trained as
+subprocesses (`parallel_experts` > 1) are timed as one block, their images read from their metrics.csv.
 
-    python benchmarks/pipeline_overhead.py                                    # the demo pipeline (~5 min)
-    python benchmarks/pipeline_overhead.py --config configs/pipeline/demo.yaml --device cpu
+    python benchmarks/pipeline_overhead.py                                          # the CPU demo (~5 min)
+    python benchmarks/pipeline_overhead.py --config configs/pipeline/standin_full.yaml --device cuda
 
-Writes benchmarks/results/pipeline_overhead_<device>.json and prints a one-line summary.
+Writes benchmarks/results/pipeline_overhead_<device>.json (or --out) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import csv
 import json
 import os
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import yaml
 
@@ -36,58 +47,272 @@ from inference import throughput  # noqa: E402
 from train_throughput import bare_step  # noqa: E402
 
 
-def stage_work(run: Path) -> dict[str, dict]:
-    """Per model name: training images, validation images and evaluation images the run computed."""
-    work: dict[str, dict] = {}
-    for ckpt in glob.glob(str(run / "**" / "checkpoints" / "last.ckpt"), recursive=True):
-        stage = Path(ckpt).parents[1]
-        config = yaml.safe_load((stage / "config.yaml").read_text())
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-        name = config["model"]["init_args"]["model_name"]
-        entry = work.setdefault(name, {"train": 0, "forward": 0, "batch": config["data"]["batch_size"]})
-        entry["train"] += checkpoint["global_step"] * config["data"]["batch_size"]
-        val = json.loads((run / "report.json").read_text())["data"]["val_size"]
-        entry["forward"] += val * (checkpoint["epoch"] + 1)
-    report = json.loads((run / "report.json").read_text())
-    images = report["data"]["val_size"] + report["data"]["test_size"]
-    models = [report["generalist"]["model_name"], report["base"]["model_name"]]
-    models += [e["model_name"] for e in report["experts"] + report["static_experts"]]
-    for name in models:
-        work[name]["forward"] += images
-    return work
+class StageProbe(pl.Callback):
+    """Counts and timestamps of one `fit` stage (see the module docstring); touches nothing it measures."""
+
+    def __init__(self, record: dict) -> None:
+        self.r = record
+        self.r.update(train_images=0, val_images=0, sanity_images=0, val_s=0.0, sanity_val_s=0.0)
+        self.r.update(ckpt_s=0.0, ckpt_count=0)
+        self.r.update(ckpt_mb=0.0, epochs=0)
+        self._val_start = 0.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        h, data = pl_module.hparams, trainer.datamodule
+        self.r.update(model=h.get("model_name"), precision=str(trainer.precision), setup_t=time.perf_counter())
+        self.r.update(batch=data.hparams.batch_size, eval_batch=data.hparams.eval_batch_size)
+        save = trainer.save_checkpoint
+
+        def timed_save(filepath, weights_only: bool = False, storage_options=None) -> None:
+            start = time.perf_counter()
+            save(filepath, weights_only=weights_only, storage_options=storage_options)
+            self.r["ckpt_s"] += time.perf_counter() - start
+            self.r["ckpt_count"] += 1
+            if os.path.isfile(filepath):
+                self.r["ckpt_mb"] += os.path.getsize(filepath) / 1e6
+
+        trainer.save_checkpoint = timed_save  # ModelCheckpoint calls trainer.save_checkpoint
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.r["train_start_t"] = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.r["train_images"] += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.r["epochs"] += 1
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.r["train_end_t"] = time.perf_counter()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # the sanity check is the framework's own check, not work the pipeline asked for: counted apart
+        self.r["sanity_images" if trainer.sanity_checking else "val_images"] += len(batch[1])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._val_start
+        self.r["sanity_val_s" if trainer.sanity_checking else "val_s"] += seconds
+
+
+class Probes:
+    """Wraps the pipeline's stage functions and the CLI's Trainer construction (restored by `undo`)."""
+
+    def __init__(self) -> None:
+        from askexpert.cli import AskExpertCLI
+        from askexpert.collab import logits
+        from askexpert.commands import pipeline
+
+        self.stages: list[dict] = []
+        self.blocks: dict[str, float] = defaultdict(float)
+        self.forward: list[dict] = []
+        self._current: dict | None = None
+        self._undo: list[tuple[object, str, object]] = []
+        probes = self
+
+        def instantiate(cli, config, callbacks):
+            trainer = original_instantiate(cli, config, callbacks)
+            if probes._current is not None:
+                trainer.callbacks.append(StageProbe(probes._current))
+            return trainer
+
+        original_instantiate = AskExpertCLI._instantiate_trainer
+        self._patch(AskExpertCLI, "_instantiate_trainer", instantiate)
+
+        def run_fit(stage, layout, resume):
+            record = {"stage": stage.name, "start_t": time.perf_counter(), "resumed": resume}
+            probes._current = record
+            try:
+                return original_run_fit(stage, layout, resume)
+            finally:
+                record["end_t"] = time.perf_counter()
+                probes._current = None
+                probes.stages.append(record)
+
+        original_run_fit = pipeline.run_fit
+        self._patch(pipeline, "run_fit", run_fit)
+        for name, label in (("prepare", "plan (resolve every stage)"), ("run_partition", "partition")):
+            self._patch(pipeline, name, self._timed(getattr(pipeline, name), label))
+        self._patch(pipeline, "evaluate_and_report", self._timed(pipeline.evaluate_and_report, "evaluation"))
+        if hasattr(pipeline, "_run_side_by_side"):
+            side = self._timed(pipeline._run_side_by_side, "experts side by side (subprocesses)")
+            self._patch(pipeline, "_run_side_by_side", side)
+
+        def compute_logits(model, datamodule, split, label=""):
+            start = time.perf_counter()
+            out = original_logits(model, datamodule, split, label)
+            images = len(datamodule.tensors(split)[1])
+            batch = datamodule.hparams.eval_batch_size
+            entry = {"model": model.hparams.get("model_name"), "split": split, "images": images, "batch": batch}
+            probes.forward.append({**entry, "label": label, "seconds": time.perf_counter() - start})
+            return out
+
+        original_logits = logits.compute_logits
+        self._patch(logits, "compute_logits", compute_logits)
+
+    def _patch(self, owner, name: str, value) -> None:
+        self._undo.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def _timed(self, function, label: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.blocks[label] += time.perf_counter() - start
+
+        return timed
+
+    def undo(self) -> None:
+        for owner, name, value in reversed(self._undo):
+            setattr(owner, name, value)
+
+
+def subprocess_stages(run: Path, done: set[str]) -> list[dict]:
+    """Expert stages that ran as subprocesses: images from their metrics.csv and resolved config."""
+    found = []
+    for config_file in sorted(run.glob("experts/*/*/config.yaml")):
+        folder = config_file.parent
+        name = str(folder.relative_to(run))
+        if name in done:
+            continue
+        config = yaml.safe_load(config_file.read_text())
+        batch = config["data"]["batch_size"]
+        steps, val_rows = 0, 0
+        with open(folder / "metrics.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                steps = max(steps, int(row.get("step") or 0) + 1)
+                val_rows += bool(row.get("val/acc"))
+        val_size = json.loads((run / "report.json").read_text())["data"]["val_size"]
+        trainer = config["trainer"]
+        found.append(
+            {
+                "stage": name,
+                "model": config["model"]["init_args"]["model_name"],
+                "precision": str(trainer.get("precision")),
+                "batch": batch,
+                "eval_batch": config["data"]["eval_batch_size"],
+                "train_images": steps * batch,
+                "val_images": val_rows * val_size,
+                "subprocess": True,
+            }
+        )
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/pipeline/demo.yaml")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--bare-steps", type=int, default=None, help="timed steps of each bare-step measurement")
+    parser.add_argument("--keep", default=None, help="run folder to keep (default: a temporary one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from askexpert.cli import cli_main
 
     os.chdir(ROOT)
+    probes = Probes()
     with tempfile.TemporaryDirectory() as folder:
-        run = Path(folder) / "run"
+        run = Path(args.keep) if args.keep else Path(folder) / "run"
         start = time.perf_counter()
-        cli_main(["pipeline", "--config", args.config, "--out", str(run)])
+        try:
+            cli_main(["pipeline", "--config", args.config, "--out", str(run)])
+        finally:
+            probes.undo()
         wall = time.perf_counter() - start
-        work = stage_work(run)
-    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
-    bare_seconds, rows = 0.0, []
-    for name, entry in work.items():
-        train_rate = bare_step(name, args.device, entry["batch"], precision, steps=5, warmup=2, compile_=False)
-        forward_rate = throughput(name, args.device, 512, repeats=3)
-        seconds = entry["train"] / train_rate + entry["forward"] / forward_rate
-        bare_seconds += seconds
-        rows.append({**entry, "model": name, "bare_train_img_s": train_rate, "forward_img_s": forward_rate})
-    result = {"config": args.config, "device": args.device, "wall_s": wall, "bare_s": bare_seconds}
-    result.update(overhead=wall / bare_seconds - 1, models=rows)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"pipeline_overhead_{args.device}.json"
+        stages = [dict(s) for s in probes.stages]
+        stages += subprocess_stages(run, {s["stage"] for s in stages})
+
+    # the bare rates, at each stage's own model, batch and precision
+    steps = args.bare_steps or (20 if args.device == "cuda" else 5)
+    train_rates: dict[tuple, float] = {}
+    forward_rates: dict[tuple, float] = {}
+    for s in stages:
+        key = (s["model"], s["batch"], s["precision"])
+        if key not in train_rates:
+            train_rates[key] = bare_step(s["model"], args.device, s["batch"], s["precision"], steps, 2, False)
+    for model, batch in {(s["model"], s["eval_batch"]) for s in stages} | {
+        (f["model"], f["batch"]) for f in probes.forward
+    }:
+        forward_rates[(model, batch)] = throughput(
+            model, args.device, batch, repeats=10 if args.device == "cuda" else 3
+        )
+
+    rows = []
+    for s in stages:
+        train_rate = train_rates[(s["model"], s["batch"], s["precision"])]
+        forward_rate = forward_rates[(s["model"], s["eval_batch"])]
+        bare = s["train_images"] / train_rate + s["val_images"] / forward_rate
+        row = {k: s.get(k) for k in ("stage", "model", "precision", "batch", "eval_batch", "train_images")}
+        row.update(val_images=s["val_images"], bare_train_img_s=train_rate, forward_img_s=forward_rate, bare_s=bare)
+        if not s.get("subprocess"):
+            stage_wall = s["end_t"] - s["start_t"]
+            train_loop = s.get("train_end_t", s["end_t"]) - s.get("train_start_t", s["end_t"])
+            row.update(
+                wall_s=stage_wall,
+                startup_s=s.get("train_start_t", s["end_t"]) - s["start_t"] - s["sanity_val_s"],
+                train_s=train_loop - s["val_s"] - s["ckpt_s"],
+                validation_s=s["val_s"] + s["sanity_val_s"],
+                checkpoint_s=s["ckpt_s"],
+                checkpoints=s["ckpt_count"],
+                checkpoint_mb=s["ckpt_mb"],
+                finish_s=s["end_t"] - s.get("train_end_t", s["end_t"]),
+                epochs=s["epochs"],
+                sanity_images=s["sanity_images"],
+                ratio=stage_wall / bare if bare else None,
+            )
+        rows.append(row)
+    evaluation_bare = sum(f["images"] / forward_rates[(f["model"], f["batch"])] for f in probes.forward)
+    bare_total = sum(r["bare_s"] for r in rows) + evaluation_bare
+    blocks = dict(probes.blocks)
+    accounted = sum(r.get("wall_s", 0.0) for r in rows) + sum(blocks.values())
+    result = {
+        "config": args.config,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "wall_s": wall,
+        "bare_s": bare_total,
+        "ratio": wall / bare_total,
+        "overhead": wall / bare_total - 1,
+        "stages": rows,
+        "blocks_s": blocks,
+        "evaluation": {"bare_s": evaluation_bare, "passes": probes.forward},
+        "other_s": wall - accounted,
+    }
+    name = f"pipeline_overhead_{args.device}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"-> {out}")
+
+
+def print_table(result: dict) -> None:
     print(
-        f"pipeline {args.config}: {wall:.0f} s wall, {bare_seconds:.0f} s of bare compute: "
-        f"overhead {100 * result['overhead']:.0f} % -> {out}"
+        f"\npipeline {result['config']} on {result['device']}: {result['wall_s']:.1f} s wall, "
+        f"{result['bare_s']:.1f} s bare compute, wall / bare = {result['ratio']:.2f}"
     )
+    head = f"{'stage':<24} {'wall':>7} {'bare':>7} {'ratio':>6} {'start':>6} {'train':>7} {'val':>6} {'ckpt':>6}"
+    print(head + f" {'(n)':>4} {'finish':>6}")
+    for r in result["stages"]:
+        if "wall_s" not in r:
+            print(f"{r['stage']:<24} {'':>7} {r['bare_s']:7.1f}   (subprocess: in the side-by-side block)")
+            continue
+        print(
+            f"{r['stage']:<24} {r['wall_s']:7.1f} {r['bare_s']:7.1f} {r['ratio']:6.2f} {r['startup_s']:6.1f} "
+            f"{r['train_s']:7.1f} {r['validation_s']:6.1f} {r['checkpoint_s']:6.1f} {r['checkpoints']:4d} "
+            f"{r['finish_s']:6.1f}"
+        )
+    for label, seconds in result["blocks_s"].items():
+        bare = f"{result['evaluation']['bare_s']:7.1f}" if label == "evaluation" else f"{'':>7}"
+        print(f"{label:<24} {seconds:7.1f} {bare}")
+    print(f"{'other (imports, glue)':<24} {result['other_s']:7.1f}")
 
 
 if __name__ == "__main__":

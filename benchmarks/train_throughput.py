@@ -14,6 +14,19 @@ the same precision on the same device).
     python benchmarks/train_throughput.py                      # CPU: patch-8 models, fp32, small batches
     python benchmarks/train_throughput.py --device cuda        # GPU: patch-4 models, bf16, batch 512
 
+Per-step framework overhead (`overhead` in the JSON): for one model at a small batch (CPU: the micro model at
+batch 32), milliseconds per step of the bare step, of the full step as above (no progress bar, no logger)
+and of the full step as users run it: the Trainer the CLI builds (`fit` defaults: CSV logger, progress bar,
+checkpoint callbacks, the CLI's own callbacks), median of `--repeats` interleaved repeats; overhead = full
+minus bare. On a GPU it also runs a few steps under `torch.cuda.set_sync_debug_mode("warn")` and counts
+the synchronising calls per step (0 means the CPU can run ahead of the GPU).
+
+    python benchmarks/train_throughput.py --overhead-only              # the CPU overhead figures only
+    python benchmarks/train_throughput.py --overhead-only --checkout /tmp/askexpert_before   # another checkout
+
+`--checkout` measures the askexpert code of another checkout (put first on `sys.path`; the JSON records
+which files were imported); `benchmarks/overhead_before_after.py` alternates two checkouts.
+
 Writes benchmarks/results/train_throughput_<device>.json and prints one summary line per model.
 """
 
@@ -21,9 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,12 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from askexpert.collab.costs import gflops_per_image  # noqa: E402
-
 DEFAULTS = {
     "cpu": {"models": ["vit_edge_patch8_32", "vit_medium_patch8_32"], "batch": 128, "precision": "32-true"},
     "cuda": {"models": ["vit_edge_patch4_32", "vit_medium_patch4_32"], "batch": 512, "precision": "bf16-mixed"},
 }
+# the per-step overhead measurement: a small model at a small batch, so the framework's share shows
+OVERHEAD_DEFAULTS = {"cpu": ("vit_micro_patch8_32", 32), "cuda": ("vit_edge_patch4_32", 512)}
 
 
 def sync(device: str) -> None:
@@ -98,13 +115,13 @@ def bare_step(model_name: str, device: str, batch: int, precision: str, steps: i
     return batch * steps / (time.perf_counter() - start)
 
 
-def full_step(model_name: str, device: str, batch: int, precision: str, steps: int, warmup: int, compile_: bool):
+def _timer(device: str, warmup: int, steps: int):
+    """A callback timing training batches warmup .. warmup + steps - 1 (synchronised at both ends)."""
     import lightning.pytorch as pl
 
-    from askexpert.modules import GeneralistModule
-    from datamodules.datamodule import ImageDataModule
-
     class Timer(pl.Callback):
+        seconds = float("nan")
+
         def on_train_batch_start(self, trainer, module, batch_, index):
             if index == warmup:
                 sync(device)
@@ -115,7 +132,78 @@ def full_step(model_name: str, device: str, batch: int, precision: str, steps: i
                 sync(device)
                 self.seconds = time.perf_counter() - self.start
 
-    per_class = max(10, -(-batch * (warmup + steps) // 90))  # enough training images for the steps
+    return Timer()
+
+
+def _sync_counter(first: int, count: int):
+    """A callback counting CUDA synchronisations (torch's sync debug mode, "warn") over training batches
+    first .. first + count - 1, from each batch's start to the next one's (data fetch included)."""
+    import lightning.pytorch as pl
+
+    class SyncCounter(pl.Callback):
+        def __init__(self) -> None:
+            self.caught: list = []
+            self._context = None
+            self.per_step: list[int] = []
+
+        def on_train_batch_start(self, trainer, module, batch_, index):
+            if index == first:
+                self._context = warnings.catch_warnings(record=True)
+                self.caught = self._context.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            elif first < index <= first + count and self._context is not None:
+                found = sum(1 for w in self.caught if "synchroniz" in str(w.message))
+                self.per_step.append(found - sum(self.per_step))
+                if index == first + count:
+                    self.stop()
+
+        def stop(self) -> None:
+            if self._context is not None:
+                torch.cuda.set_sync_debug_mode("default")
+                self._context.__exit__(None, None, None)
+                self._context = None
+
+        def on_train_end(self, trainer, module):
+            self.stop()
+
+        def report(self) -> dict:
+            syncs = [w for w in self.caught if "synchroniz" in str(w.message)]
+            places: dict[str, int] = {}
+            for w in syncs:
+                where = f"{os.path.relpath(w.filename, ROOT) if w.filename.startswith(str(ROOT)) else w.filename}"
+                places[f"{where}:{w.lineno}"] = places.get(f"{where}:{w.lineno}", 0) + 1
+            return {
+                "steps": len(self.per_step),
+                "syncs_per_step": self.per_step,
+                "syncs_total": len(syncs),
+                "where": dict(sorted(places.items(), key=lambda kv: -kv[1])[:12]),
+            }
+
+    return SyncCounter()
+
+
+def full_step(
+    model_name: str,
+    device: str,
+    batch: int,
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_: bool,
+    sync_steps: int = 0,
+    details: dict | None = None,
+):
+    """img/s of `Trainer.fit` with our DataModule and module, no progress bar, no logger (the issue's
+    "full step"). With `sync_steps` on CUDA, `details["syncs"]` counts synchronisations per step after the
+    timed steps."""
+    import lightning.pytorch as pl
+
+    from askexpert.modules import GeneralistModule
+    from datamodules.datamodule import ImageDataModule
+
+    total = warmup + steps + (sync_steps + 1 if sync_steps else 0)
+    per_class = max(10, -(-batch * total // 90))  # enough training images for the steps
     data = ImageDataModule(
         source="synthetic", synthetic_train_per_class=per_class, synthetic_test_per_class=1, batch_size=batch
     )
@@ -123,23 +211,128 @@ def full_step(model_name: str, device: str, batch: int, precision: str, steps: i
     module = GeneralistModule(
         model_name=model_name, num_classes=100, warmup_epochs=0.1, drop_path_rate=0.0, compile=compile_
     )
-    timer = Timer()
+    timer = _timer(device, warmup, steps)
+    callbacks = [timer]
+    counter = _sync_counter(warmup + steps, sync_steps) if sync_steps and device == "cuda" else None
+    if counter is not None:
+        callbacks.append(counter)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         precision=precision,
         max_epochs=1,
-        limit_train_batches=warmup + steps,
+        limit_train_batches=total,
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data)
+    if counter is not None and details is not None:
+        details["syncs"] = counter.report()
     return batch * steps / timer.seconds
+
+
+def cli_step(
+    model_name: str,
+    device: str,
+    batch: int,
+    precision: str,
+    steps: int,
+    warmup: int,
+    sync_steps: int = 0,
+    details: dict | None = None,
+) -> float:
+    """img/s of the full step as users run it: the model, data and Trainer that `python -m askexpert fit`
+    builds (its defaults: CSV logger in the run folder, progress bar, checkpoint callbacks and whatever else
+    the CLI installs), with no validation split; timed like `full_step`. `details` receives what was used."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from askexpert.cli import AskExpertCLI
+
+    total = warmup + steps + (sync_steps + 1 if sync_steps else 0)
+    per_class = max(10, -(-batch * total // 100))
+    with tempfile.TemporaryDirectory() as root:
+        args = [
+            "--model=askexpert.modules.GeneralistModule",
+            f"--model.model_name={model_name}",
+            "--model.warmup_epochs=0.1",
+            "--model.drop_path_rate=0.0",
+            "--data.source=synthetic",
+            f"--data.synthetic_train_per_class={per_class}",
+            "--data.synthetic_test_per_class=1",
+            "--data.val_fraction=0",
+            f"--data.batch_size={batch}",
+            f"--trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+            "--trainer.devices=1",
+            f"--trainer.precision={precision}",
+            "--trainer.max_epochs=1",
+            f"--trainer.limit_train_batches={total}",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={root}",
+        ]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli = AskExpertCLI(args=args, run=False)
+        trainer = cli.trainer
+        bars = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, ProgressBar)]
+        bar = type(trainer.callbacks[bars[0]]).__name__ if bars else None
+        try:  # the checkout's own sync-free bar, where it has one that the CLI does not install yet
+            from askexpert.progress import IntervalProgressBar
+
+            if bars and not isinstance(trainer.callbacks[bars[0]], IntervalProgressBar):
+                trainer.callbacks[bars[0]] = IntervalProgressBar()
+                bar = f"IntervalProgressBar (in place of the CLI's {bar})"
+        except ImportError:
+            pass
+        timer = _timer(device, warmup, steps)
+        trainer.callbacks.append(timer)
+        counter = _sync_counter(warmup + steps, sync_steps) if sync_steps and device == "cuda" else None
+        if counter is not None:
+            trainer.callbacks.append(counter)
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+    if details is not None:
+        details.update(progress_bar=bar, callbacks=sorted({type(c).__name__ for c in trainer.callbacks}))
+        details.update(loggers=[type(x).__name__ for x in trainer.loggers], log_every_n_steps=trainer.log_every_n_steps)
+        if counter is not None:
+            details["syncs"] = counter.report()
+    return batch * steps / timer.seconds
+
+
+def overhead(device: str, model: str, batch: int, precision: str, steps: int, warmup: int, repeats: int) -> dict:
+    """Per-step milliseconds of the bare step, the full step (no bar, no logger) and the users' full step
+    (CLI), interleaved `repeats` times; medians, and full minus bare (the framework's overhead)."""
+    runs: dict[str, list[float]] = {"bare": [], "full": [], "cli": []}
+    details: dict = {}
+    for r in range(repeats):
+        sync_steps = 5 if device == "cuda" and r == repeats - 1 else 0  # counted once, after the timed steps
+        runs["bare"].append(1e3 * batch / bare_step(model, device, batch, precision, steps, warmup, False))
+        full_details: dict = {}
+        runs["full"].append(
+            1e3 * batch / full_step(model, device, batch, precision, steps, warmup, False, sync_steps, full_details)
+        )
+        runs["cli"].append(1e3 * batch / cli_step(model, device, batch, precision, steps, warmup, sync_steps, details))
+        if "syncs" in full_details:
+            details["syncs_full_step"] = full_details["syncs"]
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    return {
+        "model": model,
+        "batch": batch,
+        "precision": precision,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "bare_ms": med["bare"],
+        "full_ms": med["full"],
+        "cli_ms": med["cli"],
+        "overhead_full_ms": med["full"] - med["bare"],
+        "overhead_cli_ms": med["cli"] - med["bare"],
+        "runs_ms": runs,
+        "cli": details,
+    }
 
 
 def reference_loader(batch: int, workers: int, batches: int) -> float:
@@ -178,6 +371,21 @@ def reference_loader(batch: int, workers: int, batches: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def use_checkout(path: str | None) -> dict:
+    """Import askexpert, datamodules and strategies from `path` (first on sys.path; the editable install's
+    finder comes after sys.path) and say which files were imported."""
+    if path:
+        sys.path.insert(0, str(Path(path).resolve()))
+    import askexpert
+    import datamodules
+    import strategies
+
+    return {
+        name: str(Path(m.__file__).parent)
+        for name, m in (("askexpert", askexpert), ("datamodules", datamodules), ("strategies", strategies))
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -188,8 +396,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="reference loader workers")
     parser.add_argument("--compile", action="store_true", help="torch.compile both steps")
+    parser.add_argument("--overhead-only", action="store_true", help="only the per-step overhead figures")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the per-step overhead figures")
+    parser.add_argument("--overhead-model", default=None, help="model of the overhead figures")
+    parser.add_argument("--overhead-batch", type=int, default=None, help="batch of the overhead figures")
+    parser.add_argument("--overhead-steps", type=int, default=None, help="timed steps per overhead repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of the overhead figures")
+    parser.add_argument("--checkout", default=None, help="measure the askexpert code of this checkout")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    imported = use_checkout(args.checkout)
     device = args.device
     defaults = DEFAULTS[device]
     models = args.models or defaults["models"]
@@ -199,48 +415,67 @@ def main() -> None:
     warmup = args.warmup or (10 if device == "cuda" else 3)
     workers = args.workers or ([4, 15] if device == "cuda" else [2])
     torch.manual_seed(0)
-
-    peak = peak_tflops(device, precision)
-    results = []
-    for name in models:
-        flops = 3 * gflops_per_image(name, 100) * 1e9  # forward + backward ~ 3x forward
-        # bare, full, bare again: on a shared machine the speed drifts; the better bare run is the ceiling
-        bare = bare_step(name, device, batch, precision, steps, warmup, args.compile)
-        full = full_step(name, device, batch, precision, steps, warmup, args.compile)
-        bare = max(bare, bare_step(name, device, batch, precision, steps, warmup, args.compile))
-        row = {
-            "model": name,
-            "bare_img_s": bare,
-            "full_img_s": full,
-            "full_over_bare": full / bare,
-            "bare_mfu": flops * bare / (peak * 1e12),
-            "full_mfu": flops * full / (peak * 1e12),
-        }
-        results.append(row)
-        print(
-            f"{name}: full step {full:,.0f} img/s = {100 * full / bare:.1f} % of the bare step ({bare:,.0f} img/s); "
-            f"MFU {100 * row['full_mfu']:.1f} % (peak {peak:.1f} TFLOP/s)",
-            flush=True,
-        )
-    loaders = {str(w): reference_loader(batch, w, 20 if device == "cuda" else 6) for w in workers}
-    for w, rate in loaders.items():
-        ratios = ", ".join(f"{r['model']} full step {r['full_img_s'] / rate:.2f}x" for r in results)
-        print(f"reference PIL loader, {w} workers: {rate:,.0f} img/s ({ratios})", flush=True)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_throughput_{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "precision": precision,
-        "batch": batch,
-        "steps": steps,
-        "warmup": warmup,
-        "compile": args.compile,
-        "peak_tflops": peak,
-        "models": results,
-        "reference_loader_img_s": loaders,
+        "imported": imported,
     }
+
+    if not args.overhead_only:
+        from askexpert.collab.costs import gflops_per_image
+
+        peak = peak_tflops(device, precision)
+        results = []
+        for name in models:
+            flops = 3 * gflops_per_image(name, 100) * 1e9  # forward + backward ~ 3x forward
+            # bare, full, bare again: on a shared machine the speed drifts; the better bare run is the ceiling
+            bare = bare_step(name, device, batch, precision, steps, warmup, args.compile)
+            full = full_step(name, device, batch, precision, steps, warmup, args.compile)
+            bare = max(bare, bare_step(name, device, batch, precision, steps, warmup, args.compile))
+            row = {
+                "model": name,
+                "bare_img_s": bare,
+                "full_img_s": full,
+                "full_over_bare": full / bare,
+                "bare_mfu": flops * bare / (peak * 1e12),
+                "full_mfu": flops * full / (peak * 1e12),
+            }
+            results.append(row)
+            print(
+                f"{name}: full step {full:,.0f} img/s = {100 * full / bare:.1f} % of the bare step "
+                f"({bare:,.0f} img/s); MFU {100 * row['full_mfu']:.1f} % (peak {peak:.1f} TFLOP/s)",
+                flush=True,
+            )
+        loaders = {str(w): reference_loader(batch, w, 20 if device == "cuda" else 6) for w in workers}
+        for w, rate in loaders.items():
+            ratios = ", ".join(f"{r['model']} full step {r['full_img_s'] / rate:.2f}x" for r in results)
+            print(f"reference PIL loader, {w} workers: {rate:,.0f} img/s ({ratios})", flush=True)
+        report.update(precision=precision, batch=batch, steps=steps, warmup=warmup, compile=args.compile)
+        report.update(peak_tflops=peak, models=results, reference_loader_img_s=loaders)
+
+    if not args.no_overhead:
+        model, small = OVERHEAD_DEFAULTS[device]
+        model, small = args.overhead_model or model, args.overhead_batch or small
+        o_steps = args.overhead_steps or (50 if device == "cuda" else 30)
+        repeats = args.repeats or (3 if device == "cuda" else 5)
+        row = overhead(device, model, small, precision, o_steps, 5, repeats)
+        report["overhead"] = row
+        print(
+            f"overhead {model} batch {small}: bare {row['bare_ms']:.2f} ms/step, full (no bar, no logger) "
+            f"{row['full_ms']:.2f} ms (+{row['overhead_full_ms']:.2f}), as users run it (CLI: "
+            f"{row['cli'].get('progress_bar')}, {', '.join(row['cli'].get('loggers', []))}) {row['cli_ms']:.2f} ms "
+            f"(+{row['overhead_cli_ms']:.2f}); median of {repeats}",
+            flush=True,
+        )
+        for what in ("syncs_full_step", "syncs"):
+            if what in row["cli"]:
+                syncs = row["cli"][what]
+                print(f"  CUDA syncs per step ({what}): {syncs['syncs_per_step']} at {syncs['where']}", flush=True)
+
+    name = f"train_throughput_{device}" + ("_overhead" if args.overhead_only else "") + ".json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"-> {out}")
 

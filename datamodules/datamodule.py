@@ -42,6 +42,11 @@ class TensorImageDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.images.is_cuda and idx.device.type == "cpu":
+            # Indexing a GPU tensor with a host index copies the index with a blocking copy, which waits for
+            # every queued kernel (a sync per batch). From pinned memory the copy is asynchronous (torch keeps
+            # the pinned block until the copy is done).
+            idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         return self.images[idx], self.labels[idx]
 
 

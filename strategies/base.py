@@ -68,6 +68,7 @@ class SpecializationStrategy(Callback):
         self.total_steps = 1
         self.batches_per_epoch = 1
         self.natural_out_share = 0.0
+        self.batch_out_count: int | None = None  # out-of-subset samples of the current batch, when known
 
     # -- what subclasses define ----------------------------------------------------------------------
     def out_share(self, progress: float, natural: float) -> float:
@@ -140,6 +141,10 @@ class SpecializationStrategy(Callback):
         # progress counted in batches, like the sampler's (global_step counts optimizer steps)
         done = trainer.current_epoch * self.batches_per_epoch + batch_idx
         self.on_progress(pl_module, min(1.0, done / max(1, self.total_steps - 1)))
+        # this batch's out-of-subset count as the sampler drew it (host side), for losses that need a shape
+        self.batch_out_count = self.sampler.next_drawn() if self.sampler is not None else None
         labels = batch[1]
-        drawn = (~torch.isin(labels, pl_module.subset)).float().mean()
+        # measured on the device (a look-up, not `torch.isin`, which syncs for large subsets); logging a host
+        # number instead would copy it to the GPU with a blocking copy, a sync of its own
+        drawn = (~pl_module.in_subset(labels)).float().mean()
         pl_module.log("specialization/out_share", drawn, on_step=True, on_epoch=True, batch_size=len(labels))

@@ -95,6 +95,7 @@ class ProgressiveSpecialization(SpecializationStrategy):
         self.temperature = temperature
         self.unfreeze_until = unfreeze_until
         self.teacher: torch.nn.Module | None = None
+        self._unfrozen: tuple[int, int] | None = None  # (module id, trainable blocks) last applied
 
     def check(self, natural: float) -> None:
         start = natural if self.start is None else self.start
@@ -123,6 +124,7 @@ class ProgressiveSpecialization(SpecializationStrategy):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._unfrozen = None
         if stage == "fit" and self.distill_weight > 0:
             self.teacher = pl_module.base_network()  # frozen copy of the base model (raises without one)
 
@@ -138,6 +140,9 @@ class ProgressiveSpecialization(SpecializationStrategy):
             raise UserError("progressive unfreezing needs a ViT with `blocks` (set unfreeze_until: 0)")
         depth = len(blocks)
         trainable = depth if progress >= self.unfreeze_until else 1 + int((depth - 1) * progress / self.unfreeze_until)
+        if (id(module), trainable) == self._unfrozen:  # unchanged since the last step: nothing to walk
+            return
+        self._unfrozen = (id(module), trainable)
         for i, block in enumerate(blocks):
             block.requires_grad_(i >= depth - trainable)
         everything = trainable == depth
@@ -150,18 +155,38 @@ class ProgressiveSpecialization(SpecializationStrategy):
 
     def loss(self, module, inputs, logits, labels, in_subset):
         per_sample = F.cross_entropy(logits, labels, label_smoothing=module.hparams.label_smoothing, reduction="none")
-        outside = ~in_subset
-        if self.teacher is None or self.distill_weight == 0 or not outside.any():
+        if self.teacher is None or self.distill_weight == 0:
             return per_sample.mean()
+        outside = ~in_subset
+        rows = self._outside_rows(outside)
+        if rows is not None and len(rows) == 0:
+            return per_sample.mean()
+        if rows is None:  # not drawn by our sampler: find the rows from the mask (waits for the GPU)
+            if not outside.any():
+                return per_sample.mean()
+            rows = torch.nonzero(outside).flatten()
         t = self.temperature
         with torch.no_grad():
-            teacher_logits = self.teacher(inputs[outside])
+            teacher_logits = self.teacher(inputs[rows])
         distill = F.kl_div(
-            F.log_softmax(logits[outside] / t, -1),
+            F.log_softmax(logits[rows] / t, -1),
             F.log_softmax(teacher_logits / t, -1),
             log_target=True,
             reduction="none",
         ).sum(-1) * (t * t)
         mixed = per_sample.clone()
-        mixed[outside] = (1 - self.distill_weight) * per_sample[outside] + self.distill_weight * distill
+        mixed[rows] = (1 - self.distill_weight) * per_sample[rows] + self.distill_weight * distill
         return mixed.mean()
+
+    def _outside_rows(self, outside: torch.Tensor) -> torch.Tensor | None:
+        """Indices (ascending, like a boolean mask's) of the out-of-subset rows, without a host sync.
+
+        The teacher runs on those rows only, so their number must be known on the host: the sampler drew it
+        (`batch_out_count`). `nonzero_static` with that size never waits for the GPU, unlike `nonzero` or
+        boolean indexing; an asynchronous device assert checks that the count matches the batch.
+        """
+        count = self.batch_out_count
+        if count is None:
+            return None
+        torch._assert_async(outside.sum() == count, "sampler's out-of-subset count differs from the batch")
+        return torch.nonzero_static(outside, size=count).flatten()

@@ -16,6 +16,7 @@ that function into index batches:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
@@ -84,6 +85,9 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.epoch_fn = epoch_fn
         self.batches_run_per_epoch = batches_run_per_epoch or self.steps_per_epoch
+        # out-of-subset count of every batch handed out and not yet trained on, oldest first: the loader
+        # fetches ahead, so the count of the batch being trained is the oldest one (see `next_drawn`)
+        self.drawn: deque[int] = deque()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every training epoch."""
@@ -92,6 +96,14 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def next_drawn(self) -> int | None:
+        """Out-of-subset count of the next batch in training order (None when none was recorded).
+
+        Batches are consumed in the order they were drawn; batches drawn ahead but not trained when an epoch
+        stops early (`limit_train_batches`) are dropped when the next epoch's iteration starts.
+        """
+        return self.drawn.popleft() if self.drawn else None
+
     def progress(self, step: int) -> float:
         return min(1.0, step / max(1, self.total_steps - 1))
 
@@ -99,6 +111,7 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
         if self.epoch_fn is not None:
             self.epoch = int(self.epoch_fn())
         generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        self.drawn.clear()
         inside, outside = _Pool(self.in_subset, generator), _Pool(self.out_of_subset, generator)
         for s in range(self.steps_per_epoch):
             step = self.epoch * self.batches_run_per_epoch + s
@@ -108,4 +121,5 @@ class SubsetMixBatchSampler(Sampler[list[int]]):
             expected = share * self.batch_size
             n_out = int(expected) + int(torch.rand((), generator=generator).item() < expected - int(expected))
             batch = torch.cat([inside.take(self.batch_size - n_out), outside.take(n_out)])
+            self.drawn.append(n_out)
             yield batch[torch.randperm(len(batch), generator=generator)].tolist()

@@ -15,6 +15,7 @@ import torch
 
 from askexpert.collab.costs import CostModel, load_profile, model_cost
 from askexpert.collab.logits import cached_logits
+from askexpert.collab.sanity import findings
 from askexpert.collab.system import CollaborativeSystem, ExpertSet, RoutingConfig
 from askexpert.errors import UserError
 from datamodules.datamodule import ImageDataModule
@@ -88,6 +89,12 @@ def check_expert_classes(subset, partition: Partition, index: int, name: str, pa
         raise UserError(f"expert {name} was trained on other classes than {partition_path} gives it")
 
 
+def images_of(labels: torch.Tensor, classes: list[int]) -> int:
+    """How many of `labels` are in `classes`: the n of an expert's own-class accuracy (its standard error in
+    `collab/sanity.py`)."""
+    return int(torch.isin(labels, torch.tensor(classes, dtype=labels.dtype)).sum())
+
+
 def expert_families(specialization: str, static_baseline: bool) -> list[str]:
     """The expert folders a run trains: its strategy's, and static ones for the baseline."""
     families = [specialization]
@@ -106,7 +113,8 @@ def evaluate_run(
     seed: int,
     num_experts: int | None = None,
 ) -> dict:
-    """The report dictionary of a finished run (computing and caching any missing logits)."""
+    """The report dictionary of a finished run (computing and caching any missing logits), opening with its
+    sanity findings (`collab/sanity.py`)."""
     profile = load_profile(profile_path)
     datamodule = ImageDataModule(**data)
     routing.check(datamodule.num_classes)
@@ -176,6 +184,7 @@ def evaluate_run(
                     "params": meta["params"],
                     "subset_test_acc": own,
                     "generalist_subset_test_acc": generalist_own,
+                    "subset_test_images": images_of(generalist["labels"]["test"], classes),
                     "test_acc": test_acc(member),
                 }
             )
@@ -187,7 +196,7 @@ def evaluate_run(
         "base": base["meta"],
         **{f: fs[0]["meta"] for f, fs in families.items()},
     }
-    return {
+    report = {
         "data": {
             "source": described["source"],
             "root": described["root"],
@@ -227,3 +236,5 @@ def evaluate_run(
             "torch_threads": torch.get_num_threads(),
         },
     }
+    # Warnings first, so that report.json opens with what a reader must know before trusting any number.
+    return {"findings": findings(report), **report}

@@ -9,6 +9,7 @@ import json
 import os
 
 from askexpert.callbacks import atomic_write_bytes, atomic_write_text
+from askexpert.collab.sanity import OFFLOAD_EVERYTHING_MIN, OFFLOAD_NOTHING_MAX, Finding, findings
 
 # Rows of the headline table, in reading order: what the system is compared with, then the system.
 HEADLINE_ROWS = (
@@ -26,6 +27,32 @@ COLUMNS_HELP = (
     "edge device's mean energy per image (compute, radio, idle wait); system energy: edge energy plus the "
     "near-edge accelerator's compute energy."
 )
+
+
+ALL_PASSED = (
+    "All sanity checks passed: no model near chance, the base model and every expert above the generalist, "
+    f"and the operating point offloads between {100 * OFFLOAD_NOTHING_MAX:g} % and {100 * OFFLOAD_EVERYTHING_MIN:g} % "
+    "of the test images."
+)
+
+
+def report_findings(report: dict) -> list[Finding]:
+    """The report's sanity findings (computed here for a report dictionary made without them)."""
+    return report["findings"] if "findings" in report else findings(report)
+
+
+def findings_lines(report: dict) -> list[str]:
+    """The sanity findings as lines for a person, each `WARNING: ...`, or one line saying that all passed."""
+    found = report_findings(report)
+    return [f"WARNING: {f['message']}" for f in found] if found else [ALL_PASSED]
+
+
+def findings_markdown(report: dict) -> list[str]:
+    """The "Sanity findings" block that opens report.md (before any number a reader could quote)."""
+    lines = ["## Sanity findings", "", *[f"- {line}" for line in findings_lines(report)], ""]
+    if report_findings(report):
+        lines += ["Warnings, not errors: the thresholds are defined in docs/collaborative.md, *Sanity findings*.", ""]
+    return lines
 
 
 def headline_rows(report: dict) -> list[tuple[str, dict]]:
@@ -78,6 +105,9 @@ def markdown(report: dict) -> str:
     label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
     lines = [
         f"# askexpert report ({label})",
+        "",
+        *findings_markdown(report),
+        "## Results",
         "",
         f"{data['num_classes']} classes, {data['train_size']} training and {data['test_size']} test images. "
         f"Operating point chosen on {sel['chosen_on']}: threshold {sel['threshold']:.2f} on the "
@@ -225,5 +255,7 @@ def log_to_wandb(report: dict, paths: dict[str, str], folder: str, project: str,
             }
         )
         run.summary.update({f"selected/{k}": v for k, v in report["selected"].items() if isinstance(v, float)})
+        found = report_findings(report)
+        run.summary.update({"findings/count": len(found), "findings/text": "\n".join(findings_lines(report))})
     finally:
         run.finish()

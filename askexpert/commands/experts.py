@@ -7,7 +7,9 @@ Everything after `--` goes to each expert's `python -m askexpert fit`, which add
 `--expert_index I` and `--trainer.default_root_dir ROOT/expert<I>`. Lightning has no launcher for N
 different models, so with several GPUs every expert is its own subprocess pinned to one GPU
 (`CUDA_VISIBLE_DEVICES`), one expert per GPU at a time; with one GPU or none they run one after another.
-Each expert's output goes to `ROOT/expert<I>/fit.log`.
+`--per_device N` runs N experts at once on each GPU (or on this machine): one medium expert leaves most of a
+large GPU idle, and separate processes train exactly what each would alone. Each expert's output goes to
+`ROOT/expert<I>/fit.log`; a diverged expert exits with status 3 and stops new ones from starting.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from askexpert.errors import UserError
@@ -45,42 +48,64 @@ def parse_devices(spec: str) -> list[str]:
     return devices
 
 
-def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5) -> None:
-    """Run `jobs` one per device at a time (sequentially without devices); raise UserError on a failure."""
-    slots = devices or [None]  # no GPU: one slot, the jobs run one after another
-    pending, running, failed = list(jobs), {}, []
+def device_slots(devices: list[str], per_device: int = 1) -> list[str | None]:
+    """One slot per job that may run at once: `per_device` per GPU id, or `per_device` on this machine (None)."""
+    per_device = max(1, per_device)
+    return [d for d in devices for _ in range(per_device)] if devices else [None] * per_device
+
+
+def launch_jobs(
+    jobs: list[Job],
+    slots: list[str | None],
+    poll_seconds: float = 0.5,
+    on_done: Callable[[Job, int], None] | None = None,
+) -> dict[str, int]:
+    """Run `jobs`, one per slot at a time (a slot is a GPU id, or None: this machine); returns each started
+    job's exit status. After a failure no new job starts, and the running ones finish."""
+    pending, running, codes = list(jobs), {}, {}
     while pending or running:
-        for slot in slots:
-            if slot not in running and pending and not failed:
-                job = pending.pop(0)
-                env = dict(os.environ)
-                for name in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):  # an expert is not the sweep agent's run
-                    env.pop(name, None)
-                if slot is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = slot
-                os.makedirs(os.path.dirname(job.log), exist_ok=True)
-                log = open(job.log, "w")  # noqa: SIM115 - closed when the job ends
-                where = f"GPU {slot}" if slot is not None else "this machine"
-                print(f"{job.name}: training on {where} (log: {job.log})", flush=True)
-                running[slot] = (job, subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-        for slot, (job, process, log) in list(running.items()):
+        for index, slot in enumerate(slots):
+            if index in running or not pending or any(code != 0 for code in codes.values()):
+                continue
+            job = pending.pop(0)
+            env = dict(os.environ)
+            for name in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):  # an expert is not the sweep agent's run
+                env.pop(name, None)
+            if slot is not None:
+                env["CUDA_VISIBLE_DEVICES"] = slot
+            os.makedirs(os.path.dirname(job.log), exist_ok=True)
+            log = open(job.log, "w")  # noqa: SIM115 - closed when the job ends
+            where = f"GPU {slot}" if slot is not None else "this machine"
+            print(f"{job.name}: training on {where} (log: {job.log})", flush=True)
+            process = subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[index] = (job, process, log)
+        for index, (job, process, log) in list(running.items()):
             code = process.poll()
             if code is None:
                 continue
             log.close()
-            del running[slot]
+            del running[index]
+            codes[job.name] = code
             print(f"{job.name}: {'done' if code == 0 else f'failed (exit {code})'}", flush=True)
-            if code != 0:
-                failed.append(job)
-        if failed and not running:
+            if on_done is not None:
+                on_done(job, code)
+        if any(code != 0 for code in codes.values()):
             pending.clear()
         time.sleep(poll_seconds if running else 0)
+    return codes
+
+
+def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5, per_device: int = 1) -> None:
+    """Run `jobs`, `per_device` at a time on each GPU (one after another without devices); raise UserError on a
+    failure."""
+    codes = launch_jobs(jobs, device_slots(devices, per_device), poll_seconds)
+    failed = [job for job in jobs if codes.get(job.name, 0) != 0]
     if failed:
         names = ", ".join(f"{job.name} (log: {job.log})" for job in failed)
-        raise UserError(f"training failed for {names}: {_last_line(failed[0].log)}")
+        raise UserError(f"training failed for {names}: {last_line(failed[0].log)}")
 
 
-def _last_line(path: str) -> str:
+def last_line(path: str) -> str:
     """The last non-empty line of a log (for a failed fit, its `askexpert: error: ...` line)."""
     with open(path, errors="replace") as f:
         lines = [line.strip() for line in f if line.strip()]
@@ -146,6 +171,7 @@ def run(argv: list[str]) -> list[Job]:
             "--root",
             "--devices",
             "--experts",
+            "--per_device",
             "--help",
             "-h",
         ):
@@ -162,7 +188,12 @@ def run(argv: list[str]) -> list[Job]:
     parser.add_argument("--root", type=str, default="runs/experts", help="experts go to ROOT/expert<I>")
     parser.add_argument("--devices", type=str, default="auto", help="auto, cpu, or GPU ids like 0,1")
     parser.add_argument("--experts", type=list[int] | None, default=None, help="which experts (default: all)")
+    parser.add_argument(
+        "--per_device", type=int, default=1, help="experts trained at once on each GPU (separate processes)"
+    )
     args = parser.parse_args(own)
+    if args.per_device < 1:
+        raise UserError(f"--per_device must be at least 1, got {args.per_device}")
     devices = parse_devices(args.devices)
     if _wants_cpu(fit_args):
         devices = []  # CPU experts share the cores: one at a time
@@ -170,8 +201,9 @@ def run(argv: list[str]) -> list[Job]:
     check_fit_arguments(
         fit_args, args.partition, int(jobs[0].command[jobs[0].command.index("--expert_index") + 1]), args.root
     )
-    if len(devices) > 1:
+    concurrent = len(devices) > 1 or args.per_device > 1
+    if concurrent and devices:
         for job in jobs:  # each subprocess sees exactly one GPU
             job.command += ["--trainer.devices", "1"]
-    run_jobs(jobs, devices if len(devices) > 1 else [])
+    run_jobs(jobs, devices if concurrent else [], per_device=args.per_device)
     return jobs

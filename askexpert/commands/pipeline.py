@@ -7,12 +7,24 @@ Stages, each in its own folder under `--out` with its resolved config:
 then the evaluation writes report.json, report.md and pareto.png.
 
 Each training stage is a `fit` (the same LightningCLI as `python -m askexpert fit`), described by config
-files plus overrides; the pipeline's `data` section defines the dataset of every stage. Every stage's
-arguments are resolved (`--print_config`) before anything trains, so a typo in the last stage fails at once.
+files plus overrides. Where a stage's `data` settings come from (`DATASET_KEYS` below):
+- the dataset itself (source, root, image size, split fraction and seeds, stand-in sizes), `seed_everything`
+  and `default_root_dir` always come from the pipeline: every stage must see the same splits, so a stage file
+  that sets a dataset key to another value is refused;
+- every other `data` key (batch sizes, workers, augmentation), from lowest to highest precedence: the
+  DataModule's defaults, the stage's config files, a value the pipeline config or command line sets
+  explicitly, the stage's `overrides`. A pipeline default never replaces a stage file's value.
+Every stage's arguments are resolved (`--print_config`) before anything trains, so a typo in the last stage
+fails at once; `--dry_run true` prints each stage's essentials (model, batch, lr, epochs, precision) and stops
+(it builds models and data but no GPU trainer, so a GPU config can be checked on a laptop).
 `stages.json` records each stage's resolved config and whether it finished:
 - a finished stage whose config is unchanged is skipped;
 - a stage that was interrupted resumes from its last checkpoint;
+- a stage that diverged (non-finite loss, see askexpert/guard.py) stops the pipeline before any evaluation,
+  exit status 3; it counts as not done, so a rerun with a changed config retrains it without `--overwrite`;
 - a stage whose config changed is refused unless `--overwrite`, which retrains it and everything after it.
+`--parallel_experts N` trains up to N experts at once per device, each as its own `fit` process (the same
+training as one after another, see `askexpert experts --per_device`).
 Routing and profile settings only change the evaluation, which always runs (from cached logits).
 """
 
@@ -39,7 +51,7 @@ from askexpert.collab.costs import load_profile
 from askexpert.collab.evaluation import RunLayout, evaluate_run, expert_families
 from askexpert.collab.report import headline_table, write_report
 from askexpert.collab.system import Budget, RoutingConfig
-from askexpert.errors import UserError, find_user_error
+from askexpert.errors import DivergenceError, UserError, find_user_error
 from askexpert.run_folder import last_checkpoint
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS
@@ -111,6 +123,12 @@ def parser():
     p.add_class_arguments(RoutingConfig, "routing", help="routing and operating point")
     p.add_argument("--profile", type=str, default=DEFAULT_PROFILE, help="device profile YAML (latency and energy)")
     p.add_argument("--wandb_project", type=str | None, default=None, help="also log every stage and the report to W&B")
+    p.add_argument(
+        "--parallel_experts", type=int, default=1, help="experts trained at once per device, as separate processes"
+    )
+    p.add_argument(
+        "--dry_run", type=bool, default=False, help="print every stage's resolved essentials; train and write nothing"
+    )
     return p
 
 
@@ -128,9 +146,41 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def explicit_data_keys(argv: list[str]) -> set[str]:
+    """The `data` keys that the pipeline's config files or command line set (as opposed to defaults)."""
+    from jsonargparse import Namespace
+
+    given = parser().parse_args(argv, defaults=False).get("data")
+    return set(given.keys()) if isinstance(given, Namespace) else set()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, str) and isinstance(b, str):  # paths: data/x, ./data/x and ~/x name the same folder
+        return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+    return a == b
+
+
+def stage_file_data(paths: list[str]) -> dict[str, tuple[Any, str]]:
+    """The `data` values a stage's config files set, each with the (last) file that set it."""
+    found: dict[str, tuple[Any, str]] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"cannot read config file {path}: {reason}") from None
+        section = loaded.get("data") if isinstance(loaded, dict) else None
+        if isinstance(section, dict):
+            found.update({key: (value, path) for key, value in section.items()})
+    return found
+
+
 def _fit_arguments(
-    stage: FitStage, what: str, data: dict, seed: int, root: str, wandb_project: str | None
+    stage: FitStage, what: str, data: dict, explicit: set[str], seed: int, root: str, wandb_project: str | None
 ) -> list[str]:
+    """The `fit` arguments of one stage: its files, the pipeline's data (see the module docstring for which
+    keys), its overrides, then what the pipeline sets for every stage."""
     for key in stage.overrides:
         if key.startswith("data.") and key[5:] in DATASET_KEYS:
             raise UserError(f"{what}.overrides sets {key}; the dataset is the pipeline's: set it in its data section")
@@ -141,7 +191,14 @@ def _fit_arguments(
         if not os.path.isfile(path):
             raise UserError(f"{what}.config: file not found: {path}")
         args += ["--config", path]
-    args += [f"--data.{key}={_cli_value(value)}" for key, value in data.items()]
+    for key, (value, path) in stage_file_data(stage.config).items():
+        if key in DATASET_KEYS and not _same(value, data.get(key)):
+            raise UserError(
+                f"{what}.config {path} sets data.{key} to {value!r} but the pipeline's is {data.get(key)!r}: every "
+                "stage must see the same dataset, so set it only in the pipeline's data section"
+            )
+    passed = {key: value for key, value in data.items() if key in DATASET_KEYS or key in explicit}
+    args += [f"--data.{key}={_cli_value(value)}" for key, value in passed.items()]
     args += [f"--{key}={_cli_value(value)}" for key, value in stage.overrides.items()]
     if wandb_project:
         loggers = [
@@ -168,9 +225,9 @@ def quiet():
             logger.setLevel(level)
 
 
-def resolve_fit(args: list[str], what: str) -> dict:
+def resolve_fit(args: list[str], what: str, cpu_trainer: bool = False) -> dict:
     """The fit's resolved config (as `--print_config` shows it); raises UserError, naming the stage, for bad
-    arguments or values."""
+    arguments or values. `cpu_trainer`: check model and data but build the trainer on the CPU (dry runs)."""
     from askexpert.cli import cli_main
 
     buffer = io.StringIO()
@@ -184,7 +241,7 @@ def resolve_fit(args: list[str], what: str) -> dict:
         config = yaml.safe_load(buffer.getvalue()) or {}
         config.pop("ckpt_path", None)  # a resumed stage is the same stage
         with quiet():
-            _instantiate(args)
+            _instantiate(args, cpu_trainer)
     except Exception as err:
         found = find_user_error(err)
         if found is None:
@@ -197,40 +254,55 @@ def resolve_fit(args: list[str], what: str) -> dict:
     return config
 
 
-def _instantiate(args: list[str]) -> None:
+# A dry run checks a GPU config on any machine: same model and data, a plain one-device CPU trainer.
+CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
+
+
+def _instantiate(args: list[str], cpu_trainer: bool = False) -> None:
     """Build the stage's model, data and trainer without running them, so a bad value (a negative lr, an
     unknown model) fails now rather than after the stages before it trained. Experts get a stand-in subset:
     their partition does not exist yet."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from askexpert.cli import AskExpertCLI, check_image_size, map_specialization_names
 
     args = args[1:]  # without subcommands (run=False) LightningCLI takes the options of `fit` directly
     if "--partition" in args:
         i = args.index("--partition")
         args[i : i + 2] = ["--model.init_args.subset=[0]"]
-    cli = AskExpertCLI(args=map_specialization_names(args), run=False)
+    if cpu_trainer:
+        args = [*args, *CPU_TRAINER]
+    try:
+        cli = AskExpertCLI(args=map_specialization_names(args), run=False)
+    except MisconfigurationException as err:  # e.g. a GPU trainer on a machine without one
+        reason = str(err).strip().splitlines()[0]
+        raise UserError(f"{reason} (`--dry_run true` checks a config without building its trainer)") from None
     check_image_size(cli.model, cli.datamodule)
 
 
-def _resolve_cached(args: list[str], what: str, root: str, cache: dict | None) -> dict:
+def _resolve_cached(args: list[str], what: str, root: str, cache: dict | None, cpu_trainer: bool = False) -> dict:
     """`resolve_fit`, remembered by the arguments with the run folder's path left out: the cells of an
     ablation differ from each other in their folder, and resolving costs a second or two each."""
     if cache is None:
-        return resolve_fit(args, what)
+        return resolve_fit(args, what, cpu_trainer)
     placeholder = json.dumps(root)[1:-1]
-    key = json.dumps(args).replace(placeholder, "$OUT")
+    key = json.dumps([args, cpu_trainer]).replace(placeholder, "$OUT")
     if key not in cache:
-        cache[key] = json.dumps(resolve_fit(args, what)).replace(placeholder, "$OUT")
+        cache[key] = json.dumps(resolve_fit(args, what, cpu_trainer)).replace(placeholder, "$OUT")
     return json.loads(cache[key].replace("$OUT", placeholder))
 
 
-def plan_stages(settings, layout: RunLayout, cache: dict | None = None) -> list[Stage]:
-    """Every stage of a run with its resolved config and identity (`cache`: see `_resolve_cached`)."""
+def plan_stages(
+    settings, layout: RunLayout, cache: dict | None = None, explicit: set[str] = frozenset(), cpu_trainer: bool = False
+) -> list[Stage]:
+    """Every stage of a run with its resolved config and identity (`cache`: see `_resolve_cached`; `explicit`:
+    the data keys the pipeline set, see `explicit_data_keys`; `cpu_trainer`: see `resolve_fit`)."""
     data = settings.data.as_dict()
     seed, wandb_project = settings.seed, settings.wandb_project
     stages = []
     for name in ("generalist", "base"):
-        args = _fit_arguments(settings[name], name, data, seed, layout.stage_dir(name), wandb_project)
-        stages.append(Stage(name, _resolve_cached(args, name, layout.root, cache), [], args))
+        args = _fit_arguments(settings[name], name, data, explicit, seed, layout.stage_dir(name), wandb_project)
+        stages.append(Stage(name, _resolve_cached(args, name, layout.root, cache, cpu_trainer), [], args))
     part = settings.partition
     reads_generalist = part.method == "confusion" or part.overlap > 0
     dataset = {key: data[key] for key in DATASET_KEYS}
@@ -242,12 +314,12 @@ def plan_stages(settings, layout: RunLayout, cache: dict | None = None) -> list[
         strategy = strategies.class_path(family)  # unknown names fail here, listing the known ones
         for i in range(part.num_experts):
             root = layout.expert_dir(family, i)
-            args = _fit_arguments(settings.experts, "experts", data, seed, root, wandb_project)
+            args = _fit_arguments(settings.experts, "experts", data, explicit, seed, root, wandb_project)
             args += ["--partition", layout.partition, "--expert_index", str(i), "--specialization", strategy]
             args += ["--model.init_args.base_path", base_ckpt]
             # experts of one family differ only in index and folder: resolve the first, derive the others
             if i == 0:
-                config = _resolve_cached(args, f"experts/{family}/0", layout.root, cache)
+                config = _resolve_cached(args, f"experts/{family}/0", layout.root, cache, cpu_trainer)
             else:
                 config = {"same_as": f"experts/{family}/0", "expert_index": i}
             depends = ["base", "partition"] if i == 0 else [f"experts/{family}/0"]
@@ -284,7 +356,8 @@ def save_record(layout: RunLayout, record: dict) -> None:
 
 
 def check_out_folder(layout: RunLayout, stages: list[Stage], record: dict, overwrite: bool) -> list[str]:
-    """Names of stages whose recorded config differs; refuses them (and foreign folders) unless overwrite."""
+    """Names of stages whose recorded config differs; refuses them (and foreign folders) unless overwrite.
+    A stage that diverged is not done: a new config for it is what the user is expected to try."""
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
         raise UserError(f"--out {layout.root} is a file, not a folder")
     if not record and os.path.isdir(layout.root) and os.listdir(layout.root):
@@ -292,7 +365,9 @@ def check_out_folder(layout: RunLayout, stages: list[Stage], record: dict, overw
         raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")
     planned = {s.name: s for s in stages}
     changed = [
-        name for name, entry in record.items() if name in planned and entry.get("identity") != planned[name].identity
+        name
+        for name, entry in record.items()
+        if name in planned and entry.get("identity") != planned[name].identity and not entry.get("diverged")
     ]
     gone = [name for name in record if name not in planned]
     if (changed or gone) and not overwrite:
@@ -443,10 +518,16 @@ class PreparedRun:
     settings_yaml: str
 
 
-def prepare(settings, overwrite: bool, cache: dict | None = None) -> PreparedRun:
-    """Check everything that can be checked without training and plan the stages; writes nothing."""
+def prepare(
+    settings, overwrite: bool, cache: dict | None = None, explicit_data: set[str] = frozenset(), dry_run: bool = False
+) -> PreparedRun:
+    """Check everything that can be checked without training and plan the stages; writes nothing.
+    `explicit_data`: the data keys the pipeline config or command line set (`explicit_data_keys`); `dry_run`:
+    build no GPU trainer and accept a changed config (the plan says what would retrain)."""
     for section in ("data", "generalist", "base", "partition", "experts"):
         section_of(settings, section)
+    if settings.get("parallel_experts", 1) < 1:
+        raise UserError(f"--parallel_experts must be at least 1, got {settings.parallel_experts}")
     layout = RunLayout(settings.out)
     # the cheap checks first, then every stage's arguments
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
@@ -465,16 +546,68 @@ def prepare(settings, overwrite: bool, cache: dict | None = None) -> PreparedRun
     check_partition_settings(settings, datamodule)
     for family in expert_families(settings.specialization, settings.static_baseline):
         strategies.class_path(family)  # unknown names fail here, listing the known ones
-    stages = plan_stages(settings, layout, cache)
+    stages = plan_stages(settings, layout, cache, set(explicit_data), cpu_trainer=dry_run)
     check_budget_is_reachable(routing, profile, stages[0].config, datamodule)
-    stale = check_out_folder(layout, stages, record, overwrite)
+    stale = check_out_folder(layout, stages, record, overwrite or dry_run)
     return PreparedRun(settings, layout, routing, stages, record, stale, parser().dump(settings, skip_none=False))
+
+
+# -- running the stages -------------------------------------------------------------------------------------
+def _start_stage(run_: PreparedRun, stage: Stage, header: str, store) -> bool | None:
+    """Get a stage's folder ready and record it as started; returns whether it resumes, or None when it is
+    already done (and is skipped)."""
+    layout, record = run_.layout, run_.record
+    entry = record.get(stage.name, {})
+    local = _stage_path(layout, stage.name)
+    folder = local if store is None else store.path(stage)
+    done_here = entry.get("identity") == stage.identity and entry.get("done")
+    if (store.is_done(stage) if store is not None else done_here) and os.path.exists(
+        folder if stage.fit_args is None else layout.best(folder)
+    ):
+        if store is not None:
+            store.link(folder, local)
+            if not done_here:
+                record[stage.name] = {"identity": stage.identity, "done": True, "config": stage.config}
+                save_record(layout, record)
+        print(f"{header}: done, config unchanged, skipped", flush=True)
+        return None
+    if store is None and os.path.islink(local):  # a stage shared from an ablation's store: train our own
+        os.unlink(local)
+    same = store is not None or entry.get("identity") == stage.identity
+    resume = stage.fit_args is not None and same and _can_resume(folder)
+    if not resume:
+        _remove(folder)
+    if store is not None:
+        _remove(local)
+        if stage.fit_args is not None:
+            os.makedirs(folder, exist_ok=True)
+            store.link(folder, local)
+    print(f"{header}: {'resuming from its last checkpoint' if resume else 'running'} ({folder})", flush=True)
+    record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config}
+    save_record(layout, record)
+    return resume
+
+
+def _finish_stage(run_: PreparedRun, stage: Stage, store) -> None:
+    if store is not None:
+        store.mark_done(stage)
+    run_.record[stage.name]["done"] = True
+    save_record(run_.layout, run_.record)
+
+
+def _diverged(run_: PreparedRun, stage: Stage, err: DivergenceError) -> DivergenceError:
+    """Record a diverged stage (not done; a new config may replace it) and the error that stops the pipeline."""
+    run_.record[stage.name]["diverged"] = {"step": err.step, "epoch": err.epoch, "last_good": err.last_good}
+    save_record(run_.layout, run_.record)
+    message = f"stage {stage.name} diverged, so nothing was evaluated: {err}"
+    return DivergenceError(message, step=err.step, epoch=err.epoch, last_good=err.last_good, stage=stage.name)
 
 
 def execute(run_: PreparedRun, store=None) -> None:
     """Run (or skip, or resume) every stage of a prepared run. With a `store` (an ablation's
     `askexpert.ablation.store.StageStore`), each stage lives in the store under its identity and the run
-    folder links to it, so runs that share a stage train it once."""
+    folder links to it, so runs that share a stage train it once. A diverged stage raises `DivergenceError`
+    (with its `stage`) after it is recorded; nothing after it runs."""
     layout, record, stages = run_.layout, run_.record, run_.stages
     if run_.stale:  # --overwrite: forget what changed and everything that depends on it
         planned = {s.name for s in stages}
@@ -492,51 +625,134 @@ def execute(run_: PreparedRun, store=None) -> None:
     if store is not None:
         os.makedirs(store.logits, exist_ok=True)
         store.link(store.logits, layout.logits)
+    parallel = int(run_.settings.get("parallel_experts") or 1)
+    deferred: list[tuple[Stage, bool]] = []  # experts to train side by side once everything before them is done
     for number, stage in enumerate(stages, 1):
-        entry = record.get(stage.name, {})
-        local = _stage_path(layout, stage.name)
-        folder = local if store is None else store.path(stage)
-        header = f"[{number}/{len(stages)}] {stage.name}"
-        done_here = entry.get("identity") == stage.identity and entry.get("done")
-        if (store.is_done(stage) if store is not None else done_here) and os.path.exists(
-            folder if stage.fit_args is None else layout.best(folder)
-        ):
-            if store is not None:
-                store.link(folder, local)
-                if not done_here:
-                    record[stage.name] = {"identity": stage.identity, "done": True, "config": stage.config}
-                    save_record(layout, record)
-            print(f"{header}: done, config unchanged, skipped", flush=True)
+        resume = _start_stage(run_, stage, f"[{number}/{len(stages)}] {stage.name}", store)
+        if resume is None:
             continue
-        if store is None and os.path.islink(local):  # a stage shared from an ablation's store: train our own
-            os.unlink(local)
-        same = store is not None or entry.get("identity") == stage.identity
-        resume = stage.fit_args is not None and same and _can_resume(folder)
-        if not resume:
-            _remove(folder)
-        if store is not None:
-            _remove(local)
-            if stage.fit_args is not None:
-                os.makedirs(folder, exist_ok=True)
-                store.link(folder, local)
-        print(f"{header}: {'resuming from its last checkpoint' if resume else 'running'} ({folder})", flush=True)
-        record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config}
-        save_record(layout, record)
         if stage.fit_args is None:
+            folder = _stage_path(layout, stage.name) if store is None else store.path(stage)
             run_partition(run_.settings, layout, folder)
             if store is not None:
-                store.link(folder, local)
+                store.link(folder, _stage_path(layout, stage.name))
+        elif parallel > 1 and stage.name.startswith("experts/"):
+            deferred.append((stage, resume))
+            continue
         else:
-            run_fit(stage, layout, resume)
-        if store is not None:
-            store.mark_done(stage)
-        record[stage.name]["done"] = True
-        save_record(layout, record)
+            try:
+                run_fit(stage, layout, resume)
+            except DivergenceError as err:
+                raise _diverged(run_, stage, err) from None
+        _finish_stage(run_, stage, store)
+    if deferred:
+        _run_side_by_side(run_, deferred, parallel, store)
+
+
+def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], parallel: int, store) -> None:
+    """Train expert stages `parallel` at a time on each device, each as its own `fit` process (logs in
+    `<stage>/fit.log`): exactly the training each would get alone, while a large GPU runs several at once."""
+    import sys
+
+    from askexpert.commands.experts import Job, device_slots, last_line, launch_jobs
+
+    by_name = {stage.name: stage for stage, _ in stages}
+    jobs = []
+    for stage, resume in stages:
+        command = [sys.executable, "-m", "askexpert", *stage.fit_args, *(["--ckpt_path", "last"] if resume else [])]
+        jobs.append(Job(stage.name, command, os.path.join(_stage_path(run_.layout, stage.name), "fit.log")))
+    config = stages[0][0].config.get("trainer", {})
+    devices = _visible_gpus() if config.get("accelerator") in ("gpu", "cuda", "auto") else []
+    diverged: list[DivergenceError] = []
+
+    def done(job: Job, code: int) -> None:
+        stage = by_name[job.name]
+        if code == 0:
+            if not os.path.isfile(run_.layout.best(_stage_path(run_.layout, stage.name))):
+                raise UserError(f"stage {stage.name} finished without a best checkpoint (log: {job.log})")
+            _finish_stage(run_, stage, store)
+        elif code == DivergenceError.exit_status:
+            line = last_line(job.log).removeprefix("askexpert: error: ")
+            found = re.search(r"at step (\d+) \(epoch (\d+)", line)
+            step, epoch = (int(found[1]), int(found[2])) if found else (-1, -1)
+            diverged.append(_diverged(run_, stage, DivergenceError(line, step=step, epoch=epoch, last_good=None)))
+
+    codes = launch_jobs(jobs, device_slots(devices, parallel), on_done=done)
+    if diverged:
+        raise diverged[0]
+    failed = [job for job in jobs if codes.get(job.name, 0) != 0]
+    if failed:
+        raise UserError(f"stage {failed[0].name} failed: {last_line(failed[0].log)} (log: {failed[0].log})")
+
+
+def _visible_gpus() -> list[str]:
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def describe_plan(run_: PreparedRun) -> str:
+    """The dry run's table: every stage's essentials as resolved, and what a real run would do with it."""
+    first = {}
+    rows = [("stage", "model", "batch", "lr", "warm-up", "epochs", "precision", "device", "clip", "status")]
+    for stage in run_.stages:
+        entry = run_.record.get(stage.name, {})
+        if entry.get("identity") == stage.identity and entry.get("done"):
+            status = "done (skipped)"
+        elif entry.get("diverged"):
+            status = "diverged before: retrains" if entry.get("identity") != stage.identity else "diverged before"
+        elif entry and entry.get("identity") != stage.identity:
+            status = "changed: needs --overwrite"
+        else:
+            status = "resumes" if entry else "to train"
+        if stage.fit_args is None:
+            part = run_.settings.partition
+            rows.append((stage.name, f"{part.method}, {part.num_experts} experts", *["-"] * 7, status))
+            continue
+        config = stage.config if "same_as" not in stage.config else first[stage.config["same_as"]]
+        first[stage.name] = config
+        rows.append((stage.name, *_essentials(config), status))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths, strict=True)) for row in rows]
+    data = run_.settings.data
+    sizes = ""
+    if data.source == "synthetic":
+        sizes = f" ({data.synthetic_train_per_class} train / {data.synthetic_test_per_class} test per class)"
+    head = f"pipeline {run_.layout.root}: data {data.source}{sizes}, val_fraction {data.val_fraction}, "
+    head += f"seed {run_.settings.seed}"
+    return "\n".join([head, *lines, "dry run: nothing was trained or written"])
+
+
+def _essentials(config: dict) -> tuple[str, ...]:
+    model, trainer, data = config.get("model", {}), config.get("trainer", {}), config.get("data", {})
+    init = model.get("init_args", {})
+    name = f"{model.get('class_path', '?').rsplit('.', 1)[-1]} {init.get('model_name', '?')}"
+    epochs = str(trainer.get("max_epochs"))
+    if trainer.get("max_steps") not in (None, -1):
+        epochs += f" (max {trainer['max_steps']} steps)"
+    limit = trainer.get("limit_train_batches")
+    if limit not in (None, 1.0):
+        epochs += f" x {limit:g} batches" if isinstance(limit, (int, float)) else f" x {limit} batches"
+    device = f"{trainer.get('accelerator')}:{trainer.get('devices')}"
+    clip = trainer.get("gradient_clip_val")
+    return (
+        name,
+        str(data.get("batch_size")),
+        f"{init.get('lr', '?'):g}" if isinstance(init.get("lr"), float) else str(init.get("lr")),
+        str(init.get("warmup_epochs")),
+        epochs,
+        str(trainer.get("precision") or "32-true"),
+        device,
+        "none" if clip in (None, 0) else f"{clip:g}",
+    )
 
 
 def run(argv: list[str]) -> dict:
     settings = parser().parse_args(argv)
-    prepared = prepare(settings, settings.overwrite)
+    prepared = prepare(settings, settings.overwrite, explicit_data=explicit_data_keys(argv), dry_run=settings.dry_run)
+    if settings.dry_run:
+        print(describe_plan(prepared), flush=True)
+        return {}
     execute(prepared)
     return evaluate_and_report(settings, prepared.layout, prepared.routing)
 
@@ -564,6 +780,9 @@ def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out
 
 
 def print_headline(report: dict, paths: dict[str, str]) -> None:
+    from askexpert.collab.report import findings_lines  # the sanity findings come before any number
+
+    print("\n" + "\n".join(findings_lines(report)))
     data = report["data"]
     label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
     sel = report["selected"]

@@ -68,6 +68,11 @@ class ExpertModule(ClassifierModule):
         if bad:
             raise UserError(f"expert {expert_index}: class id {bad[0]} is out of range for {num_classes} classes")
         self.register_buffer("subset", torch.as_tensor(sorted(set(subset)), dtype=torch.long), persistent=False)
+        # class id -> in the subset: a gather answers membership on the device (`torch.isin` sorts and reads
+        # a count back to the host for subsets of more than ~20 classes, a sync on every step)
+        in_subset = torch.zeros(num_classes, dtype=torch.bool)
+        in_subset[self.subset] = True
+        self.register_buffer("in_subset_table", in_subset, persistent=False)
         self.specialization = None  # set by the strategy callback at setup("fit")
         self._initial_state: tuple[dict, str] | None = None
         self.resuming = False  # set by the CLI for `fit --ckpt_path`: the checkpoint brings the weights
@@ -159,15 +164,17 @@ class ExpertModule(ClassifierModule):
         images, labels = batch
         inputs = self.preprocess(images)
         logits = self.net(inputs)
-        in_subset = torch.isin(labels, self.subset)
+        in_subset = self.in_subset(labels)
         if self.specialization is not None:
             loss = self.specialization.loss(self, inputs, logits, labels, in_subset)
         else:  # trained without a strategy callback: plain cross-entropy on all classes
             loss = self.training_loss(logits, labels)
-        self.train_acc(self.answer_logits(logits.detach(), labels), labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log_training_step(loss, self.answer_logits(logits.detach(), labels), labels)
         return loss
+
+    def in_subset(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: which labels are this expert's classes (a table look-up on the device, no host sync)."""
+        return self.in_subset_table[labels]
 
     # -- evaluation ----------------------------------------------------------------------------------
     def answer_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -176,18 +183,17 @@ class ExpertModule(ClassifierModule):
             return logits
         num_classes = self.hparams.num_classes
         other = logits.argmax(-1) == num_classes
-        scores = logits[:, :num_classes].clone()
-        if other.any():
-            rows = torch.nonzero(other).flatten()
-            scores[rows] = 0.0
-            scores[rows, labels[rows]] = -1.0  # the true class ranks last
-            scores[rows, (labels[rows] + 1) % num_classes] = 1.0  # and some other class first
-        return scores
+        # the row every "other" answer gets, built for all rows and selected with `where` (selecting the rows
+        # with `nonzero` or `other.any()` would wait for the GPU on every step)
+        wrong = torch.zeros_like(logits[:, :num_classes])
+        wrong.scatter_(1, labels[:, None], -1.0)  # the true class ranks last
+        wrong.scatter_(1, ((labels + 1) % num_classes)[:, None], 1.0)  # and some other class first
+        return torch.where(other[:, None], wrong, logits[:, :num_classes])
 
     def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
         images, labels = batch
         raw = self(images)
-        inside = torch.isin(labels, self.subset)
+        inside = self.in_subset(labels)
         # the loss the expert is trained for: a dustbin expert's out-of-subset target is "other"
         targets = torch.where(inside, labels, self.hparams.num_classes) if self._other_output else labels
         loss = torch.nn.functional.cross_entropy(raw, targets)
@@ -195,11 +201,13 @@ class ExpertModule(ClassifierModule):
         logits = self.answer_logits(raw, labels)
         metrics.update(logits, labels)
         subset_metrics = self.val_subset_metrics if prefix == "val" else self.test_subset_metrics
-        if inside.any():
-            subset_metrics.update(logits[inside], labels[inside])
+        subset_metrics.update(logits, labels, mask=inside)  # a mask, not `logits[inside]`: no host sync
 
     def _log_subset_metrics(self, metrics: ClassificationMetrics, prefix: str) -> None:
-        if not metrics.scalars["acc"].update_called:
+        # no image of the subset in this split: nothing to report (an expert trains on one device, so the
+        # local count is the count; once per epoch, a sync is fine here)
+        if not metrics.update_called or int(metrics.total) == 0:
+            metrics.reset()
             return
         results = metrics.compute()
         for name in ("acc", "superclass_acc"):
