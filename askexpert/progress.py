@@ -7,8 +7,8 @@ whatever its refresh rate. `IntervalProgressBar` separates the two things a bar 
 
 - the counter (batch n of N, speed) needs no GPU value: it is redrawn at most every `min_seconds`;
 - metric values (`train/loss`, and the validation metrics Lightning keeps for the bar) are read only on the
-  steps where the logger writes anyway (`log_every_n_steps`), where the host waits for the GPU once for
-  everything, plus at the end of every epoch and validation.
+  steps where the loggers write anyway (`log_every_n_steps`), where the host waits for the GPU once for
+  everything, and at the end of every epoch and validation.
 
 Modules log `train/loss` without `prog_bar=True` (Lightning would otherwise read it after every batch, bar
 or no bar); this bar shows it from `trainer.callback_metrics`.
@@ -31,9 +31,8 @@ class IntervalProgressBar(TQDMProgressBar):
     """TQDM bar: counters redrawn at most every `min_seconds`, metrics read at the logging interval.
 
     Args:
-        keys: training metrics to show from `trainer.callback_metrics` (logged without `prog_bar`).
-        every: read the metrics every this many training batches; default: the trainer's
-            `log_every_n_steps` (10 when that is 0), on the same steps as the logger.
+        keys: training metrics to show from `trainer.callback_metrics` (logged without `prog_bar`; askexpert's
+            modules log `train/loss` on the logger's steps and on an epoch's last batch).
         min_seconds: shortest time between two redraws of a counter.
         process_position: as in `TQDMProgressBar`.
         leave: as in `TQDMProgressBar`.
@@ -42,14 +41,12 @@ class IntervalProgressBar(TQDMProgressBar):
     def __init__(
         self,
         keys: Sequence[str] = DEFAULT_KEYS,
-        every: int | None = None,
         min_seconds: float = 0.2,
         process_position: int = 0,
         leave: bool = False,
     ) -> None:
         super().__init__(refresh_rate=1, process_position=process_position, leave=leave)
         self.keys = tuple(keys)
-        self.every = every
         self.min_seconds = min_seconds
         self._last_draw = 0.0
 
@@ -63,13 +60,11 @@ class IntervalProgressBar(TQDMProgressBar):
             return True
         return False
 
-    def reads_metrics_now(self, trainer: pl.Trainer) -> bool:
-        """Whether this training batch is one where the metrics are read (the logger's steps by default)."""
-        if self.every is None and trainer.log_every_n_steps > 0:
-            # the logger's own test, so the bar reads values on the steps where the logger synchronises anyway
-            return trainer._logger_connector.should_update_logs
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-        return step % (self.every or 10) == 0
+    @staticmethod
+    def reads_metrics_now(trainer: pl.Trainer) -> bool:
+        """Whether metric values are read after this training batch: on the steps the loggers write (Lightning's
+        own test, which its LearningRateMonitor uses too), where the host waits for the GPU anyway."""
+        return trainer._logger_connector.should_update_logs
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -35,7 +35,7 @@ def run_once(checkout: Path, args: argparse.Namespace, folder: Path, tag: str) -
     out = folder / f"{tag}.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--overhead-only"]
     command += ["--device", args.device, "--checkout", str(checkout), "--repeats", str(args.repeats)]
-    command += ["--overhead-steps", str(args.steps), "--out", str(out)]
+    command += ["--overhead-steps", str(args.steps), "--threads", str(args.threads), "--out", str(out)]
     if args.batch:
         command += ["--overhead-batch", str(args.batch)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
@@ -59,6 +59,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats inside each run")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per repeat")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the measured runs: on a shared 2-core machine two threads that compete with other "
+        "processes make every operation 30-40x slower and the figures meaningless",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     checkouts = {"before": Path(args.before), "after": Path(args.after)}
@@ -98,6 +105,7 @@ def main() -> None:
         "batch": first["batch"],
         "precision": first["precision"],
         "steps_per_repeat": args.steps,
+        "torch_threads": args.threads,
         "rounds": args.rounds,
         "repeats_per_round": args.repeats,
         "variants": VARIANTS,

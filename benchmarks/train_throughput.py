@@ -85,7 +85,18 @@ def peak_tflops(device: str, precision: str) -> float:
     return best
 
 
-def bare_step(model_name: str, device: str, batch: int, precision: str, steps: int, warmup: int, compile_: bool):
+def bare_step(
+    model_name: str,
+    device: str,
+    batch: int,
+    precision: str,
+    steps: int,
+    warmup: int,
+    compile_: bool,
+    per_step: list[float] | None = None,
+) -> float:
+    """img/s of forward + backward + AdamW on one batch already on the device. On a CPU, `per_step` receives
+    each step's seconds (there, a step's wall time is its cost: nothing runs asynchronously)."""
     import timm
 
     import askexpert.models  # noqa: F401
@@ -108,9 +119,13 @@ def bare_step(model_name: str, device: str, batch: int, precision: str, steps: i
     for _ in range(warmup):
         step()
     sync(device)
-    start = time.perf_counter()
+    start = previous = time.perf_counter()
     for _ in range(steps):
         step()
+        if per_step is not None and device == "cpu":
+            now = time.perf_counter()
+            per_step.append(now - previous)
+            previous = now
     sync(device)
     return batch * steps / (time.perf_counter() - start)
 
@@ -122,15 +137,29 @@ def _timer(device: str, warmup: int, steps: int):
     class Timer(pl.Callback):
         seconds = float("nan")
 
+        def __init__(self) -> None:
+            self.starts: list[float] = []  # each timed batch's start, then the end of the last one
+
         def on_train_batch_start(self, trainer, module, batch_, index):
             if index == warmup:
                 sync(device)
                 self.start = time.perf_counter()
+            if warmup <= index < warmup + steps:
+                self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, module, outputs, batch_, index):
             if index == warmup + steps - 1:
                 sync(device)
                 self.seconds = time.perf_counter() - self.start
+                self.starts.append(time.perf_counter())
+
+        def step_seconds(self) -> list[float]:
+            """Start to start: a step with everything Lightning does around it (fetch, logging, callbacks)."""
+            return [b - a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)]
+
+        def on_train_end(self, trainer, module):
+            if self.seconds != self.seconds:  # NaN: the epoch was shorter than the timed steps
+                raise RuntimeError(f"the run ended before {warmup + steps} training batches")
 
     return Timer()
 
@@ -203,7 +232,8 @@ def full_step(
     from datamodules.datamodule import ImageDataModule
 
     total = warmup + steps + (sync_steps + 1 if sync_steps else 0)
-    per_class = max(10, -(-batch * total // 90))  # enough training images for the steps
+    # enough training images for the steps after the validation holdout (10 %, at least 1 per class, rounded)
+    per_class = max(10, -(-batch * total // 85) + 1)
     data = ImageDataModule(
         source="synthetic", synthetic_train_per_class=per_class, synthetic_test_per_class=1, batch_size=batch
     )
@@ -231,8 +261,10 @@ def full_step(
         callbacks=callbacks,
     )
     trainer.fit(module, datamodule=data)
-    if counter is not None and details is not None:
-        details["syncs"] = counter.report()
+    if details is not None:
+        details["step_seconds"] = timer.step_seconds()
+        if counter is not None:
+            details["syncs"] = counter.report()
     return batch * steps / timer.seconds
 
 
@@ -280,14 +312,10 @@ def cli_step(
         trainer = cli.trainer
         bars = [i for i, c in enumerate(trainer.callbacks) if isinstance(c, ProgressBar)]
         bar = type(trainer.callbacks[bars[0]]).__name__ if bars else None
-        try:  # the checkout's own sync-free bar, where it has one that the CLI does not install yet
-            from askexpert.progress import IntervalProgressBar
-
-            if bars and not isinstance(trainer.callbacks[bars[0]], IntervalProgressBar):
-                trainer.callbacks[bars[0]] = IntervalProgressBar()
-                bar = f"IntervalProgressBar (in place of the CLI's {bar})"
-        except ImportError:
-            pass
+        interval_bar = checkout_progress_bar()
+        if interval_bar is not None and bars and not isinstance(trainer.callbacks[bars[0]], interval_bar):
+            trainer.callbacks[bars[0]] = interval_bar()
+            bar = f"IntervalProgressBar (in place of the CLI's {bar})"
         timer = _timer(device, warmup, steps)
         trainer.callbacks.append(timer)
         counter = _sync_counter(warmup + steps, sync_steps) if sync_steps and device == "cuda" else None
@@ -295,6 +323,7 @@ def cli_step(
             trainer.callbacks.append(counter)
         trainer.fit(cli.model, datamodule=cli.datamodule)
     if details is not None:
+        details["step_seconds"] = timer.step_seconds()
         details.update(progress_bar=bar, callbacks=sorted({type(c).__name__ for c in trainer.callbacks}))
         details.update(loggers=[type(x).__name__ for x in trainer.loggers], log_every_n_steps=trainer.log_every_n_steps)
         if counter is not None:
@@ -302,19 +331,42 @@ def cli_step(
     return batch * steps / timer.seconds
 
 
+def checkout_progress_bar():
+    """The measured checkout's own sync-free progress bar class (askexpert.progress), or None where it has
+    none (the editable install would otherwise find this checkout's module for an older one)."""
+    import askexpert
+
+    try:
+        import askexpert.progress
+    except ImportError:
+        return None
+    if Path(askexpert.progress.__file__).parent != Path(askexpert.__file__).parent:
+        return None
+    return askexpert.progress.IntervalProgressBar
+
+
 def overhead(device: str, model: str, batch: int, precision: str, steps: int, warmup: int, repeats: int) -> dict:
     """Per-step milliseconds of the bare step, the full step (no bar, no logger) and the users' full step
-    (CLI), interleaved `repeats` times; medians, and full minus bare (the framework's overhead)."""
+    (CLI), interleaved `repeats` times; medians, and full minus bare (the framework's overhead).
+
+    A repeat's figure is, on a CPU, the median of its steps' times (another process's burst on a shared
+    machine hits a few steps, not the median); on a GPU, where steps overlap, the mean over the timed steps."""
     runs: dict[str, list[float]] = {"bare": [], "full": [], "cli": []}
     details: dict = {}
+
+    def per_step_ms(rate: float, seconds: list[float]) -> float:
+        return 1e3 * statistics.median(seconds) if device == "cpu" and seconds else 1e3 * batch / rate
+
     for r in range(repeats):
         sync_steps = 5 if device == "cuda" and r == repeats - 1 else 0  # counted once, after the timed steps
-        runs["bare"].append(1e3 * batch / bare_step(model, device, batch, precision, steps, warmup, False))
+        bare_seconds: list[float] = []
+        rate = bare_step(model, device, batch, precision, steps, warmup, False, bare_seconds)
+        runs["bare"].append(per_step_ms(rate, bare_seconds))
         full_details: dict = {}
-        runs["full"].append(
-            1e3 * batch / full_step(model, device, batch, precision, steps, warmup, False, sync_steps, full_details)
-        )
-        runs["cli"].append(1e3 * batch / cli_step(model, device, batch, precision, steps, warmup, sync_steps, details))
+        rate = full_step(model, device, batch, precision, steps, warmup, False, sync_steps, full_details)
+        runs["full"].append(per_step_ms(rate, full_details["step_seconds"]))
+        rate = cli_step(model, device, batch, precision, steps, warmup, sync_steps, details)
+        runs["cli"].append(per_step_ms(rate, details.pop("step_seconds")))
         if "syncs" in full_details:
             details["syncs_full_step"] = full_details["syncs"]
     med = {name: statistics.median(values) for name, values in runs.items()}
@@ -403,9 +455,17 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=None, help="timed steps per overhead repeat")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats of the overhead figures")
     parser.add_argument("--checkout", default=None, help="measure the askexpert code of this checkout")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's; on a shared CPU, 1 keeps the per-step figures stable)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     imported = use_checkout(args.checkout)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     defaults = DEFAULTS[device]
     models = args.models or defaults["models"]

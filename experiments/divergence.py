@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python experiments/divergence.py            # every group (~70 min on 1 core)
     OMP_NUM_THREADS=1 .venv/bin/python experiments/divergence.py --groups lr_sweep,clip
     .venv/bin/python experiments/divergence.py --list                       # the planned runs, nothing trained
-    .venv/bin/python experiments/divergence.py --plot                       # only redraw docs/divergence_*.png
+    .venv/bin/python experiments/divergence.py --plot        # only redraw docs/divergence_*.png, print the table
 
 Each run trains a reduced copy of the registered ViTs (`vit_edge_patch8_32` = width 192, `vit_medium_patch8_32`
 = width 384, with the depth cut to `DEPTH`: 16 tokens instead of 64) on the synthetic STAND-IN data (not
@@ -103,25 +103,27 @@ def plan() -> list[RunConfig]:
         for lr, n in medium_lrs.items()
         for seed in seeds[:n]
     ]
-    # 2. Gradient clipping at 1.0 and a longer warm-up, at and above the medium width's threshold.
-    runs += [RunConfig("clip", 384, lr, seed, clip=1.0) for lr in (3e-3, 1e-2) for seed in seeds[:2]]
-    runs += [RunConfig("warmup", 384, 3e-3, seed, warmup=150) for seed in seeds[:2]]
-    runs += [RunConfig("qk_norm", 384, lr, 0, qk_norm=True) for lr in (3e-3, 1e-2)]
-    # 3. bf16 autocast vs fp32 at the same seed (bf16 is ~15x slower on this CPU: few, short runs).
-    runs += [RunConfig("bf16", 384, 3e-3, 0, steps=300, warmup=30, precision=p) for p in ("fp32", "bf16")]
-    # 4. The experts' case: fine-tune a "hot" base (high lr, stopped before it blew up) and a calm one at
-    #    lr / 5 with a fresh AdamW, no Mixup, on a 25-class subset.
-    for base_lr in (1e-3, 3e-3):
-        base = RunConfig("base", 384, base_lr, 0, steps=300, snapshot_step=300)
-        runs.append(base)
-        runs += [
-            RunConfig("finetune", 384, base_lr / 5, seed, steps=300, warmup=30, mixup=False, subset=True,
-                      init_from=base.name, clip=clip)
-            for seed in seeds[:2]
-            for clip in (None, 1.0)
-        ]
-    # 5. Margin of the recommended recipe at reduced size: several seeds, and 3x above it with clipping.
-    runs += [RunConfig("margin", 384, 1e-3, seed, clip=1.0) for seed in seeds]
+    hot, calm, very_hot = (RunConfig("lr_sweep", 384, lr, 0, snapshot_step=300).name for lr in (3e-3, 5e-4, 1e-2))
+    # 2. Fixes applied to hot settings (6x and 20x the medium proxy's calm 5e-4; 2x that lr at width 192).
+    runs += [RunConfig("clip", 384, 3e-3, seed, clip=1.0) for seed in seeds[:2]]
+    runs += [RunConfig("clip", 192, lr, 0, clip=1.0) for lr in (6e-3, 2e-2)]
+    runs += [RunConfig("warmup", 192, 6e-3, seed, warmup=150) for seed in seeds[:2]]
+    runs += [RunConfig("qk_norm", 384, 1e-2, 0, qk_norm=True), RunConfig("qk_norm", 192, 2e-2, 0, qk_norm=True)]
+    # 3. Batch: does a larger batch at the same lr and step count grow the logits faster? (width 192: cheap)
+    runs += [RunConfig("batch", 192, 3e-3, 0, batch=64)]
+    # 4. bf16 autocast vs fp32 from the same hot weights (bf16 matmuls are ~15x slower on this CPU: 20 steps).
+    runs += [
+        RunConfig("bf16", 384, 2e-3, 0, steps=20, warmup=2, precision=p, init_from=very_hot) for p in ("fp32", "bf16")
+    ]
+    # 5. The experts' case: fine-tune with a fresh AdamW at 6e-4 (the hot base's lr / 5), no Mixup, on a
+    #    25-class subset, from the hot base and from the calm one; and the hot one with clipping.
+    finetune = dict(steps=200, warmup=20, mixup=False, subset=True)
+    runs += [RunConfig("finetune", 384, 6e-4, 0, init_from=base, **finetune) for base in (hot, calm)]
+    runs += [RunConfig("finetune", 384, 6e-4, 0, init_from=hot, clip=1.0, **finetune)]
+    # 6. Does the saturated regime end in a spike or NaN when it lasts longer? (4x the steps, width 192: cheap)
+    runs += [RunConfig("long", 192, 2e-2, 0, steps=1200, warmup=120)]
+    # 7. Margin of the calm proxy setting: a third seed, and 3x its lr with clipping.
+    runs += [RunConfig("margin", 384, 5e-4, 2, clip=1.0), RunConfig("margin", 384, 1.5e-3, 0, clip=1.0)]
     return runs
 
 
@@ -213,9 +215,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 
 def train(cfg: RunConfig, data: dict[str, torch.Tensor], cache: Path) -> dict:
     seed_all(cfg.seed)
-    net = timm.create_model(
-        MODELS[cfg.width], num_classes=100, depth=DEPTH, drop_path_rate=0.1, qk_norm=cfg.qk_norm
-    )
+    net = timm.create_model(MODELS[cfg.width], num_classes=100, depth=DEPTH, drop_path_rate=0.1, qk_norm=cfg.qk_norm)
     if cfg.init_from:
         net.load_state_dict(torch.load(cache / f"{safe(cfg.init_from)}.pt", weights_only=True))
     probe = AttentionProbe(net)
@@ -386,7 +386,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", help="comma-separated groups to run (default: all)")
     parser.add_argument("--list", action="store_true", help="print the planned runs and exit")
-    parser.add_argument("--plot", action="store_true", help="only redraw the plots from the results file")
+    parser.add_argument("--plot", action="store_true", help="only redraw the plots and print the table")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/askexpert_divergence"), help="weight snapshots")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core: the machine is shared, and it keeps timings comparable
@@ -402,9 +402,48 @@ def main() -> None:
         return
     results = load_results() if args.plot else run_plan(runs, args.cache)
     plot(results)
+    print(table(results))
 
 
-# -- plots -------------------------------------------------------------------------------------------------
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def status(summary: dict) -> str:
+    """What the table says about a run: non-finite, spike, or stable (the attention columns say how hot)."""
+    if summary["nonfinite_step"] is not None:
+        return f"NaN at step {summary['nonfinite_step']}"
+    if summary["spike_step"] is not None:
+        return f"loss spike at step {summary['spike_step']}"
+    return "finite, no spike"
+
+
+def table(results: dict) -> str:
+    """One markdown row per run, grouped as in `plan()` (the table of docs/divergence.md)."""
+    head = "| group | width | lr | prec. | clip | warm-up | other | seed | outcome | max attn logit | min entropy "
+    head += "| max out logit | final loss | stand-in acc |\n" + "|---" * 14 + "|"
+    rows = [head]
+    for run in results["runs"].values():
+        c, s = run["config"], run["summary"]
+        other = ", ".join(
+            x
+            for x, on in (
+                ("qk_norm", c["qk_norm"]),
+                ("no Mixup", not c["mixup"]),
+                ("25-class subset", c["subset"]),
+                (f"batch {c['batch']}", c["batch"] != 32),
+                (f"{c['steps']} steps", c["steps"] != 300),
+                (f"from {c['init_from']}", c["init_from"]),
+            )
+            if on
+        )
+        final = "-" if s["final_loss"] is None else f"{s['final_loss']:.3f}"
+        acc = "-" if s["test_acc"] is None else f"{100 * s['test_acc']:.1f} %"
+        rows.append(
+            f"| {c['group']} | {c['width']} | {c['lr']:g} | {c['precision']} | {c['clip'] or '-'} | {c['warmup']} "
+            f"| {other} | {c['seed']} | {status(s)} | {s['max_attn_logit']:.0f} | {s['min_entropy']:.3f} "
+            f"| {s['max_out_logit']:.1f} | {final} | {acc} |"
+        )
+    return "\n".join(rows)
 
 
 def plot(results: dict) -> None:
@@ -414,26 +453,62 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    sweep = [r for r in runs.values() if r["config"]["group"] in ("lr_sweep", "clip") and r["config"]["seed"] == 0]
+    sweep = [r for r in runs.values() if r["config"]["group"] == "lr_sweep"]
     if not sweep:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for r in sorted(sweep, key=lambda r: (r["config"]["width"], r["config"]["lr"], r["config"]["clip"] or 0)):
-        c, log = r["config"], r["log"]
-        label = f"w{c['width']} lr {c['lr']:g}" + (" clip" if c["clip"] else "")
-        style = dict(color=f"C{sorted({1e-3, 3e-3, 1e-2, 3e-2}).index(c['lr'])}", lw=1)
-        style["ls"] = ":" if c["clip"] else ("-" if c["width"] == 384 else "--")
-        loss = np.convolve(np.nan_to_num(log["loss"], nan=np.nan), np.ones(10) / 10, mode="valid")
-        axes[0].plot(np.arange(len(loss)) + 9, loss, label=label, **style)
-        axes[1].plot(log["probe_step"], [max(p["attn_max"]) for p in log["probes"]], **style)
-        axes[2].plot(log["grad_norm"], alpha=0.8, **style)
-    axes[0].set(title="train loss (10-step mean)", xlabel="step", ylim=(2.0, 6.0))
-    axes[1].set(title="max attention logit", xlabel="step", yscale="log")
-    axes[2].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.suptitle("Reduced ViTs on the synthetic stand-in, seed 0 (solid: width 384, dashed: 192, dotted: 384 + clip)")
+    colours = {192: "C0", 384: "C3"}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for width in colours:
+        mine = [r for r in sweep if r["config"]["width"] == width]
+        lrs = np.array([r["config"]["lr"] for r in mine])
+        attn = np.array([r["summary"]["last_attn_logit"] for r in mine])
+        entropy = np.array([r["summary"]["min_entropy"] for r in mine])
+        label = f"width {width}"
+        axes[0].scatter(lrs, attn, color=colours[width], s=14, label=label)
+        axes[1].scatter(lrs * width / 192, attn, color=colours[width], s=14, label=label)
+        axes[2].scatter(lrs, entropy, color=colours[width], s=14, label=label)
+    axes[0].set(xscale="log", yscale="log", xlabel="peak lr", title="max attention logit after 300 steps")
+    axes[1].set(xscale="log", yscale="log", xlabel="peak lr x width / 192", title="... against lr x width")
+    axes[2].set(xscale="log", yscale="log", xlabel="peak lr", title="lowest head attention entropy (nats)")
+    axes[2].axhline(math.log(16), color="grey", lw=0.6, ls=":")  # uniform attention over 16 tokens
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.suptitle("Reduced ViTs (depth 4, 16 tokens) on the synthetic stand-in, fp32, no clipping", fontsize=9)
     fig.tight_layout()
     fig.savefig(DOCS / "divergence_lr_sweep.png", dpi=80)
+    plt.close(fig)
+
+    # Trajectories: the medium width at a hot lr with each fix, and the experts' fine-tuning case.
+    panels = {
+        "width 384, lr 3e-3 / 1e-2: fixes": lambda c: (
+            c["width"] == 384
+            and c["seed"] == 0
+            and c["lr"] in (3e-3, 1e-2)
+            and c["group"] in ("lr_sweep", "clip", "qk_norm")
+        ),
+        "width 192, lr 6e-3 / 2e-2: fixes": lambda c: (
+            c["width"] == 192
+            and c["seed"] == 0
+            and c["lr"] in (6e-3, 2e-2)
+            and c["group"] in ("lr_sweep", "clip", "qk_norm", "warmup")
+        ),
+        "fine-tuning at 6e-4 (fresh AdamW)": lambda c: c["group"] == "finetune",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.4))
+    for ax, (title, wanted) in zip(axes, panels.items(), strict=True):
+        for i, run in enumerate(r for r in runs.values() if wanted(r["config"])):
+            c = run["config"]
+            label = f"lr {c['lr']:g}" + (" clip 1" if c["clip"] else "") + (" qk_norm" if c["qk_norm"] else "")
+            label += f" warm-up {c['warmup']}" if c["group"] == "warmup" else ""
+            label += " from hot base" if "0.003" in (c["init_from"] or "") else ""
+            label += " from calm base" if "0.0005" in (c["init_from"] or "") else ""
+            attn = [max(p["attn_max"]) for p in run["log"]["probes"]]
+            ax.plot(run["log"]["probe_step"], attn, color=f"C{i}", lw=1.2, label=label)
+        ax.set(yscale="log", xlabel="step", title=title)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("max attention logit")
+    fig.tight_layout()
+    fig.savefig(DOCS / "divergence_fixes.png", dpi=80)
     plt.close(fig)
 
 

@@ -318,3 +318,25 @@ def test_topk_cells_share_every_stage_of_their_expert_count(tmp_path, capsys, mo
 def test_values_that_are_not_plain_names_get_distinct_folders():
     cells = grids.expand({"experts.config": [["a/b.yaml"], ["a-b.yaml"]]})
     assert len({c.name for c in cells}) == 2 and all("/" not in c.name for c in cells)
+
+
+def test_a_diverged_cell_is_recorded_and_the_others_go_on(tmp_path, capsys):
+    grid = {"base.overrides.model.init_args.lr": [1e30, 1e-3], "routing.top_k": [1, 2]}
+    config = write_ablation(tmp_path, grid, seeds=[0])
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["ablate", "--config", str(config), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert stdout.count("DIVERGED at stage base, step ") == 1  # trained once...
+    assert stdout.count("shares stage base, which diverged") == 1  # ...and its other cell is not retrained
+    assert "2 of 4 runs diverged: they are listed in results.md" in stdout
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["base.lr"] for row in rows} == {"0.001"} and len(rows) == 2 * 2  # 2 cells x 2 experts
+    markdown = (out / "results.md").read_text()
+    assert "2 of 4 runs finished, 2 diverged" in markdown and "## Diverged runs" in markdown
+    assert markdown.count("| base | ") == 2
+    cell = json.loads(next((out / "cells").glob("base.lr=1e+30_routing.top_k=1/seed0/cell.json")).read_text())
+    assert cell["diverged"]["stage"] == "base" and cell["rows"] == []
+    # a rerun tries the diverged cells again (they are not done) and skips the finished ones
+    code, stdout, _ = run_main(["ablate", "--config", str(config), "--out", str(out), "--dry_run", "true"], capsys)
+    assert code == 0 and stdout.count("diverged before: to run again") == 2 and stdout.count(": done") == 2

@@ -8,7 +8,10 @@ run in `DIR/cells/<cell>/seed<k>/`; its stages live in a store (`--store`, defau
 their identity, so a generalist is trained once per seed and data setting, not once per cell, and cells
 that differ only in routing (`routing.*`) train nothing at all. Before anything trains, every cell is
 planned and checked (a bad key or value fails at once). A finished cell is skipped; an interrupted one
-resumes. Results go to `DIR/results.csv`, `results.md` and `results.png`, rewritten after every cell.
+resumes. A cell whose training diverges (askexpert/guard.py) is recorded as diverged, with the stage and step,
+and the ablation goes on; cells that share the diverged stage are recorded without training it again (in this
+process: a rerun tries diverged cells again). Results go to `DIR/results.csv`, `results.md` (which lists
+diverged cells) and `results.png`, rewritten after every cell.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from askexpert.ablation import grid as grids
 from askexpert.ablation import results
 from askexpert.ablation.store import StageStore
 from askexpert.callbacks import atomic_write_text
-from askexpert.errors import UserError, find_user_error
+from askexpert.errors import DivergenceError, UserError, find_user_error
 
 SPEC_FILE = "ablation.json"
 CELL_FILE = "cell.json"
@@ -67,6 +70,7 @@ def _spec(args, pipeline_path: str) -> dict:
 
 def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str):
     """The pipeline settings of one (cell, seed): the pipeline config, then `fixed`, then the cell's values."""
+    from askexpert.commands.pipeline import explicit_data_keys
     from askexpert.commands.pipeline import parser as pipeline_parser
 
     fixed_args, fixed_overrides = grids.cell_arguments(args.fixed)
@@ -77,7 +81,7 @@ def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str
         for stage, values in overrides.items():
             section = settings.get(stage)
             section.overrides = {**(section.overrides or {}), **values}
-    return settings
+    return settings, explicit_data_keys(argv)
 
 
 def _cell_identity(prepared) -> str:
@@ -152,8 +156,8 @@ def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
         for cell in cells:
             folder = os.path.join(out, "cells", cell.name, f"seed{seed}")
             try:
-                settings = _settings(args, pipeline_path, cell, seed, folder)
-                prepared = prepare(settings, args.overwrite, cache)
+                settings, explicit = _settings(args, pipeline_path, cell, seed, folder)
+                prepared = prepare(settings, args.overwrite, cache, explicit, args.dry_run, own_files=(CELL_FILE,))
             except Exception as err:
                 found = find_user_error(err)
                 if found is None:
@@ -186,9 +190,33 @@ def describe_plan(runs: list[PlannedRun], store: StageStore) -> str:
     )
 
 
-def _finished(planned: PlannedRun) -> dict | None:
+def _saved(planned: PlannedRun) -> dict | None:
+    """The cell's record when it was made with this cell's config (finished or diverged)."""
     saved = _load_json(os.path.join(planned.folder, CELL_FILE))
     return saved if saved and saved.get("identity") == planned.identity else None
+
+
+def _finished(planned: PlannedRun) -> dict | None:
+    saved = _saved(planned)
+    return saved if saved and not saved.get("diverged") else None
+
+
+def _diverged(planned: PlannedRun) -> dict | None:
+    saved = _saved(planned)
+    return saved if saved and saved.get("diverged") else None
+
+
+def record_divergence(planned: PlannedRun, divergence: dict) -> dict:
+    """cell.json of a cell that could not finish because one of its stages diverged (no result rows)."""
+    record = {
+        "cell": planned.cell.columns(),
+        "seed": planned.seed,
+        "identity": planned.identity,
+        "diverged": divergence,
+        "rows": [],
+    }
+    atomic_write_text(os.path.join(planned.folder, CELL_FILE), json.dumps(record, indent=1, default=str) + "\n")
+    return record
 
 
 def _remove_stale(out: str, runs: list[PlannedRun]) -> None:
@@ -248,27 +276,37 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
 def write_results(out: str, args, runs: list[PlannedRun]) -> dict[str, str] | None:
     """results.csv, .md and .png from every finished cell (in grid order); None before the first one."""
     records = [r for r in (_finished(p) for p in runs) if r]
-    if not records:
+    diverged = [r for r in (_diverged(p) for p in runs) if r]
+    if not records and not diverged:
         return None
     columns = [grids.column(k) for k in args.grid]
     rows = [row for record in records for row in record["rows"]]
     paths = {name: os.path.join(out, name) for name in ("results.csv", "results.md", "results.png")}
     atomic_write_text(paths["results.csv"], results.csv_text(rows, results.header(columns)))
     aggregated = results.aggregate(rows, columns)
-    stand_in = any(r["stand_in"] for r in records)
+    stand_in = any(r["stand_in"] for r in records) or not records
     label = "STAND-IN synthetic data, not CIFAR-100" if stand_in else "real data"
-    done = f"{len(records)} of {len(runs)} runs finished"
+    done = f"{len(records)} of {len(runs)} runs finished" + (f", {len(diverged)} diverged" if diverged else "")
     text = [
         f"# Ablation results ({label})",
         "",
         f"Grid: {', '.join(columns) or 'none'}; seeds {', '.join(str(s) for s in args.seeds)}; {done}. "
         "Mean ± sample std over seeds; expert columns are first averaged over a run's experts.",
         "",
-        results.markdown_table(aggregated, columns),
+        results.markdown_table(aggregated, columns) if rows else "No run has finished yet.",
         "",
     ]
+    if diverged:
+        text += ["## Diverged runs", "", "Training produced a non-finite loss; these runs have no results.", ""]
+        text += ["| cell | seed | stage | step | epoch |", "|---|---:|---|---:|---:|"]
+        for record in diverged:
+            cell = ", ".join(f"{k}={v}" for k, v in record["cell"].items()) or "default"
+            d = record["diverged"]
+            text.append(f"| {cell} | {record['seed']} | {d['stage']} | {d['step']} | {d['epoch']} |")
+        text.append("")
     atomic_write_text(paths["results.md"], "\n".join(text))
-    results.plot(aggregated, columns, paths["results.png"], f"{os.path.basename(out)} ({label}; {done})")
+    if rows:
+        results.plot(aggregated, columns, paths["results.png"], f"{os.path.basename(out)} ({label}; {done})")
     return paths
 
 
@@ -280,6 +318,7 @@ def run(argv: list[str]) -> list[dict]:
     if args.dry_run:
         for planned in runs:
             state = "done" if _finished(planned) else "to run"
+            state = "diverged before: to run again" if _diverged(planned) else state
             print(f"  {planned.cell.name} seed {planned.seed}: {state}", flush=True)
         return []
     with store.locked():
@@ -292,6 +331,7 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
         _remove_stale(out, runs)
     atomic_write_text(os.path.join(out, SPEC_FILE), json.dumps(spec, indent=2, default=str) + "\n")
     records = []
+    diverged: dict[str, dict] = {}  # identity of a stage that diverged in this process -> where
     for number, planned in enumerate(runs, 1):
         header = f"[ablate {number}/{len(runs)}] {planned.cell.name} seed {planned.seed}"
         found = _finished(planned)
@@ -299,8 +339,22 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
             print(f"{header}: done, skipped", flush=True)
             records.append(found)
             continue
+        shared = next((diverged[s.identity] for s in planned.prepared.stages if s.identity in diverged), None)
+        if shared is not None:
+            print(f"{header}: diverged (shares stage {shared['stage']}, which diverged), skipped", flush=True)
+            record_divergence(planned, shared)
+            write_results(out, args, runs)
+            continue
         print(f"{header}: running ({planned.folder})", flush=True)
-        record = run_cell(planned, store)
+        try:
+            record = run_cell(planned, store)
+        except DivergenceError as err:
+            stage = next(s for s in planned.prepared.stages if s.name == err.stage)
+            diverged[stage.identity] = {"stage": err.stage, "step": err.step, "epoch": err.epoch, "message": str(err)}
+            record_divergence(planned, diverged[stage.identity])
+            print(f"{header}: DIVERGED at stage {err.stage}, step {err.step} (epoch {err.epoch}); going on", flush=True)
+            write_results(out, args, runs)
+            continue
         first = record["rows"][0] if record["rows"] else {}
         if first:
             print(
@@ -312,6 +366,9 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
         records.append(record)
         write_results(out, args, runs)
     paths = write_results(out, args, runs)
+    failed = [r for r in (_diverged(p) for p in runs) if r]
+    if failed:
+        print(f"\n{len(failed)} of {len(runs)} runs diverged: they are listed in results.md", flush=True)
     if paths:
         print(f"\nresults: {paths['results.csv']}, {paths['results.md']}, {paths['results.png']}", flush=True)
         with open(paths["results.md"], encoding="utf-8") as handle:

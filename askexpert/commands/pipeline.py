@@ -355,12 +355,15 @@ def save_record(layout: RunLayout, record: dict) -> None:
     atomic_write_text(_stages_file(layout), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def check_out_folder(layout: RunLayout, stages: list[Stage], record: dict, overwrite: bool) -> list[str]:
-    """Names of stages whose recorded config differs; refuses them (and foreign folders) unless overwrite.
-    A stage that diverged is not done: a new config for it is what the user is expected to try."""
+def check_out_folder(
+    layout: RunLayout, stages: list[Stage], record: dict, overwrite: bool, own_files: tuple[str, ...] = ()
+) -> list[str]:
+    """Names of stages whose recorded config differs; refuses them (and foreign folders: files other than
+    `own_files`, the caller's records) unless overwrite. A stage that diverged is not done: a new config for it
+    is what the user is expected to try."""
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
         raise UserError(f"--out {layout.root} is a file, not a folder")
-    if not record and os.path.isdir(layout.root) and os.listdir(layout.root):
+    if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - set(own_files):
         # even with --overwrite: only a pipeline's own stages are ever deleted
         raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")
     planned = {s.name: s for s in stages}
@@ -519,11 +522,17 @@ class PreparedRun:
 
 
 def prepare(
-    settings, overwrite: bool, cache: dict | None = None, explicit_data: set[str] = frozenset(), dry_run: bool = False
+    settings,
+    overwrite: bool,
+    cache: dict | None = None,
+    explicit_data: set[str] = frozenset(),
+    dry_run: bool = False,
+    own_files: tuple[str, ...] = (),
 ) -> PreparedRun:
     """Check everything that can be checked without training and plan the stages; writes nothing.
     `explicit_data`: the data keys the pipeline config or command line set (`explicit_data_keys`); `dry_run`:
-    build no GPU trainer and accept a changed config (the plan says what would retrain)."""
+    build no GPU trainer and accept a changed config (the plan says what would retrain); `own_files`: files of
+    the caller that may sit in the run folder (an ablation's cell record)."""
     for section in ("data", "generalist", "base", "partition", "experts"):
         section_of(settings, section)
     if settings.get("parallel_experts", 1) < 1:
@@ -548,7 +557,7 @@ def prepare(
         strategies.class_path(family)  # unknown names fail here, listing the known ones
     stages = plan_stages(settings, layout, cache, set(explicit_data), cpu_trainer=dry_run)
     check_budget_is_reachable(routing, profile, stages[0].config, datamodule)
-    stale = check_out_folder(layout, stages, record, overwrite or dry_run)
+    stale = check_out_folder(layout, stages, record, overwrite or dry_run, own_files)
     return PreparedRun(settings, layout, routing, stages, record, stale, parser().dump(settings, skip_none=False))
 
 

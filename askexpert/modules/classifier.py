@@ -130,7 +130,8 @@ class ClassifierModule(pl.LightningModule):
                 num_classes=num_classes,
             )
             self.soft_loss = SoftTargetCrossEntropy()
-        # validate_args=False: the checks run `torch.unique` on the targets, a host sync on every step
+        # validate_args=False: the value checks run `torch.unique` (a host sync) on every update; torchmetrics
+        # 1.9 happens to skip them for float predictions, but nothing promises that it will keep doing so
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
         self.test_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
@@ -181,11 +182,28 @@ class ClassifierModule(pl.LightningModule):
         Not `prog_bar=True`: Lightning converts every progress-bar value with `.item()` after every training
         batch, even with the bar off, which makes the CPU wait for the GPU on every step.
         `askexpert.progress.IntervalProgressBar` shows `train/loss` at the logging interval instead.
-        `update`, not `forward`: the accuracy is logged per epoch, so a per-batch value is never needed.
+        Every `self.log` costs ~0.5-1 ms of Python (Lightning walks the logged entry to move it to the
+        device each time), so the loss is logged only on the steps whose step metrics the loggers write (and
+        on an epoch's last batch, for the progress bar): the written rows are the same. The accuracy is only
+        accumulated here (`update`: no per-batch value is needed) and logged once per epoch.
         """
         self.train_acc.update(answers, labels)
-        self.log("train/loss", loss)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        if self.writes_step_metrics():
+            self.log("train/loss", loss)
+
+    def writes_step_metrics(self) -> bool:
+        """Whether the loggers write this training batch's step metrics (Lightning's own test, as its
+        LearningRateMonitor uses it), or it is the epoch's last batch; True outside a Trainer."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return trainer._logger_connector.should_update_logs or trainer.is_last_batch
+
+    def on_train_epoch_end(self) -> None:
+        # the epoch's accuracy (torchmetrics reduces it over DDP processes), as `self.log(metric)` would give
+        if self.train_acc.update_called:
+            self.log("train/acc", self.train_acc.compute())
+        self.train_acc.reset()
 
     def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
         images, labels = batch

@@ -6,11 +6,11 @@ shows in it: chance would be 4 / 99 for CIFAR-100's 5-class superclasses).
 
 Everything is a count in a torchmetrics state on the model's device (summed across DDP processes), updated
 with fixed-shape tensor operations only, so an evaluation step never waits for the GPU. torchmetrics'
-`MulticlassAccuracy` would: it validates the targets with `torch.unique` on every update, and its per-class
-variant counts with `torch.bincount`, both of which read values back to the host on a GPU. The values are
-those `MulticlassAccuracy` gives (micro top-1 / top-k, per-class recall with 0 for an unseen class).
-An optional mask restricts an update to some samples (an expert's own classes) without boolean indexing,
-which would also need the host to learn how many samples were selected.
+`MulticlassAccuracy` would: its per-class variant counts with `torch.bincount`, and it validates integer
+predictions (the superclass metric) with `torch.unique`, both of which read values back to the host on a
+GPU. The values are those `MulticlassAccuracy` gives (micro top-1 / top-k, per-class recall with 0 for an
+unseen class). An optional mask restricts an update to some samples (an expert's own classes) without
+boolean indexing, which would also need the host to learn how many samples were selected.
 """
 
 from __future__ import annotations
