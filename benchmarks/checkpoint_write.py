@@ -6,7 +6,8 @@ writes, and times, interleaved, median of `--repeats`:
   memory, then an fsspec transaction: temporary file + rename), what every ModelCheckpoint save does;
 * `direct`: `torch.save` straight into a temporary file in the same folder, then `os.replace` (as atomic
   for readers: a reader sees the old file or the new one, never half of one);
-* `direct+fsync`: the same with an fsync before the rename (also survives a power cut).
+* `atomic_io`: `askexpert.checkpoint_io.AtomicCheckpointIO` (the same with an fsync before the rename, so
+  it also survives a power cut), the plugin the CLI can give its Trainers.
 
     python benchmarks/checkpoint_write.py [--models vit_medium_patch4_32 vit_edge_patch4_32] [--dir DIR]
 
@@ -54,15 +55,12 @@ def lightning_write(checkpoint: dict, path: str) -> None:
     _atomic_save(checkpoint, path)
 
 
-def direct_write(checkpoint: dict, path: str, fsync: bool = False) -> None:
+def direct_write(checkpoint: dict, path: str) -> None:
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".ckpt")
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(checkpoint, handle)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -77,11 +75,9 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="folder to write into (default: a temporary one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    writers = {
-        "lightning": lightning_write,
-        "direct": direct_write,
-        "direct+fsync": lambda c, p: direct_write(c, p, fsync=True),
-    }
+    from askexpert.checkpoint_io import AtomicCheckpointIO
+
+    writers = {"lightning": lightning_write, "direct": direct_write, "atomic_io": AtomicCheckpointIO().save_checkpoint}
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for model in args.models:

@@ -78,24 +78,23 @@ def main() -> None:
                 runs[label].append(report)
                 o = report["overhead"]
                 print(
-                    f"round {r + 1} {label}: bare {o['bare_ms']:.2f}, full {o['full_ms']:.2f}, "
-                    f"users' {o['cli_ms']:.2f} ms/step",
+                    f"round {r + 1} {label}: ms/step wall (CPU): bare {o['bare_ms']:.2f} ({o['bare_cpu_ms']:.2f}), "
+                    f"full {o['full_ms']:.2f} ({o['full_cpu_ms']:.2f}), "
+                    f"users' {o['cli_ms']:.2f} ({o['cli_cpu_ms']:.2f})",
                     flush=True,
                 )
     summary: dict[str, dict] = {}
     for label, reports in runs.items():
-        samples = {v: [ms for rep in reports for ms in rep["overhead"]["runs_ms"][v]] for v in VARIANTS}
-        med = {v: statistics.median(values) for v, values in samples.items()}
-        first = reports[0]["overhead"]
-        summary[label] = {
-            "checkout": str(checkouts[label]),
-            "imported": reports[0]["imported"],
-            **{f"{v}_ms": med[v] for v in VARIANTS},
-            "overhead_full_ms": med["full"] - med["bare"],
-            "overhead_cli_ms": med["cli"] - med["bare"],
-            "samples_ms": samples,
-            "cli": first["cli"],
-        }
+        entry: dict = {"checkout": str(checkouts[label]), "imported": reports[0]["imported"]}
+        for clock, key in (("", "runs_ms"), ("_cpu", "runs_cpu_ms")):
+            samples = {v: [ms for rep in reports for ms in rep["overhead"][key][v]] for v in VARIANTS}
+            med = {v: statistics.median(values) for v, values in samples.items()}
+            entry.update({f"{v}{clock}_ms": med[v] for v in VARIANTS})
+            entry[f"overhead_full{clock}_ms"] = med["full"] - med["bare"]
+            entry[f"overhead_cli{clock}_ms"] = med["cli"] - med["bare"]
+            entry[f"samples{clock}_ms"] = samples
+        entry["cli"] = reports[0]["overhead"]["cli"]
+        summary[label] = entry
     first = runs["after"][0]["overhead"]
     result = {
         "device": runs["after"][0]["device"],
@@ -118,13 +117,14 @@ def main() -> None:
         f"\n{first['model']}, batch {first['batch']}, {first['precision']}: ms per step (median of "
         f"{args.rounds * args.repeats} repeats each)"
     )
-    print(f"{'':8} {'bare':>8} {'full':>8} {'users':>8} {'full-bare':>10} {'users-bare':>11}")
-    for label in ("before", "after"):
-        s = summary[label]
-        print(
-            f"{label:8} {s['bare_ms']:8.2f} {s['full_ms']:8.2f} {s['cli_ms']:8.2f} "
-            f"{s['overhead_full_ms']:10.2f} {s['overhead_cli_ms']:11.2f}"
-        )
+    print(f"{'':14} {'bare':>8} {'full':>8} {'users':>8} {'full-bare':>10} {'users-bare':>11}")
+    for clock, name in (("_cpu", "CPU"), ("", "wall")):
+        for label in ("before", "after"):
+            s = summary[label]
+            print(
+                f"{label + ' ' + name:14} {s[f'bare{clock}_ms']:8.2f} {s[f'full{clock}_ms']:8.2f} "
+                f"{s[f'cli{clock}_ms']:8.2f} {s[f'overhead_full{clock}_ms']:10.2f} {s[f'overhead_cli{clock}_ms']:11.2f}"
+            )
     print(f"-> {out}")
 
 

@@ -43,8 +43,7 @@ for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from inference import throughput  # noqa: E402
-from train_throughput import bare_step  # noqa: E402
+from train_throughput import bare_step, use_checkout  # noqa: E402  (imports no askexpert module itself)
 
 
 class StageProbe(pl.Callback):
@@ -211,11 +210,21 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bare-steps", type=int, default=None, help="timed steps of each bare-step measurement")
     parser.add_argument("--keep", default=None, help="run folder to keep (default: a temporary one)")
+    parser.add_argument("--checkout", default=None, help="run the pipeline of this checkout (its configs too)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    out = (
+        Path(args.out).resolve()
+        if args.out
+        else ROOT / "benchmarks" / "results" / f"pipeline_overhead_{args.device}.json"
+    )
+    imported = use_checkout(args.checkout)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from askexpert.cli import cli_main
 
-    os.chdir(ROOT)
+    os.chdir(args.checkout or ROOT)  # config paths are relative to the checkout (--out was resolved before)
     probes = Probes()
     with tempfile.TemporaryDirectory() as folder:
         run = Path(args.keep) if args.keep else Path(folder) / "run"
@@ -227,6 +236,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         stages = [dict(s) for s in probes.stages]
         stages += subprocess_stages(run, {s["stage"] for s in stages})
+
+    from inference import throughput  # imports askexpert: only after use_checkout
 
     # the bare rates, at each stage's own model, batch and precision
     steps = args.bare_steps or (20 if args.device == "cuda" else 5)
@@ -276,6 +287,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "imported": imported,
         "wall_s": wall,
         "bare_s": bare_total,
         "ratio": wall / bare_total,
@@ -285,8 +297,6 @@ def main() -> None:
         "evaluation": {"bare_s": evaluation_bare, "passes": probes.forward},
         "other_s": wall - accounted,
     }
-    name = f"pipeline_overhead_{args.device}.json"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)

@@ -93,10 +93,10 @@ def bare_step(
     steps: int,
     warmup: int,
     compile_: bool,
-    per_step: list[float] | None = None,
+    per_step: list[tuple[float, float]] | None = None,
 ) -> float:
-    """img/s of forward + backward + AdamW on one batch already on the device. On a CPU, `per_step` receives
-    each step's seconds (there, a step's wall time is its cost: nothing runs asynchronously)."""
+    """img/s of forward + backward + AdamW on one batch already on the device. `per_step` receives each
+    timed step's (wall seconds, process CPU seconds) (on a GPU both only say when the host was done)."""
     import timm
 
     import askexpert.models  # noqa: F401
@@ -119,12 +119,13 @@ def bare_step(
     for _ in range(warmup):
         step()
     sync(device)
-    start = previous = time.perf_counter()
+    start = time.perf_counter()
+    previous = (start, time.process_time())
     for _ in range(steps):
         step()
-        if per_step is not None and device == "cpu":
-            now = time.perf_counter()
-            per_step.append(now - previous)
+        if per_step is not None:
+            now = (time.perf_counter(), time.process_time())
+            per_step.append((now[0] - previous[0], now[1] - previous[1]))
             previous = now
     sync(device)
     return batch * steps / (time.perf_counter() - start)
@@ -138,24 +139,27 @@ def _timer(device: str, warmup: int, steps: int):
         seconds = float("nan")
 
         def __init__(self) -> None:
-            self.starts: list[float] = []  # each timed batch's start, then the end of the last one
+            # (wall, process CPU) clocks at each timed batch's start, then at the end of the last one
+            self.starts: list[tuple[float, float]] = []
 
         def on_train_batch_start(self, trainer, module, batch_, index):
             if index == warmup:
                 sync(device)
                 self.start = time.perf_counter()
             if warmup <= index < warmup + steps:
-                self.starts.append(time.perf_counter())
+                self.starts.append((time.perf_counter(), time.process_time()))
 
         def on_train_batch_end(self, trainer, module, outputs, batch_, index):
             if index == warmup + steps - 1:
                 sync(device)
                 self.seconds = time.perf_counter() - self.start
-                self.starts.append(time.perf_counter())
+                self.starts.append((time.perf_counter(), time.process_time()))
 
-        def step_seconds(self) -> list[float]:
-            """Start to start: a step with everything Lightning does around it (fetch, logging, callbacks)."""
-            return [b - a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)]
+        def step_seconds(self) -> list[tuple[float, float]]:
+            """(wall, CPU) seconds from a batch's start to the next one's: a step with everything Lightning does
+            around it (fetch, transfer hook, logging, callbacks)."""
+            pairs = zip(self.starts[:-1], self.starts[1:], strict=True)
+            return [(b[0] - a[0], b[1] - a[1]) for a, b in pairs]
 
         def on_train_end(self, trainer, module):
             if self.seconds != self.seconds:  # NaN: the epoch was shorter than the timed steps
@@ -349,27 +353,33 @@ def overhead(device: str, model: str, batch: int, precision: str, steps: int, wa
     """Per-step milliseconds of the bare step, the full step (no bar, no logger) and the users' full step
     (CLI), interleaved `repeats` times; medians, and full minus bare (the framework's overhead).
 
-    A repeat's figure is, on a CPU, the median of its steps' times (another process's burst on a shared
-    machine hits a few steps, not the median); on a GPU, where steps overlap, the mean over the timed steps."""
-    runs: dict[str, list[float]] = {"bare": [], "full": [], "cli": []}
+    Two clocks per step: wall time and this process's CPU time. On a shared CPU the CPU time is the robust
+    figure (another process's burst steals wall time, not CPU time, and nothing here runs asynchronously);
+    a repeat's figure is the median of its steps. On a GPU, where steps overlap, wall time is the mean over
+    the timed steps (synchronised at both ends) and CPU time says how much host work a step needs."""
+    names = ("bare", "full", "cli")
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     details: dict = {}
 
-    def per_step_ms(rate: float, seconds: list[float]) -> float:
-        return 1e3 * statistics.median(seconds) if device == "cpu" and seconds else 1e3 * batch / rate
+    def add(name: str, rate: float, seconds: list[tuple[float, float]]) -> None:
+        on_cpu = device == "cpu" and seconds
+        wall[name].append(1e3 * statistics.median(w for w, _ in seconds) if on_cpu else 1e3 * batch / rate)
+        cpu[name].append(1e3 * statistics.median(c for _, c in seconds) if seconds else float("nan"))
 
     for r in range(repeats):
         sync_steps = 5 if device == "cuda" and r == repeats - 1 else 0  # counted once, after the timed steps
-        bare_seconds: list[float] = []
-        rate = bare_step(model, device, batch, precision, steps, warmup, False, bare_seconds)
-        runs["bare"].append(per_step_ms(rate, bare_seconds))
+        bare_seconds: list[tuple[float, float]] = []
+        add("bare", bare_step(model, device, batch, precision, steps, warmup, False, bare_seconds), bare_seconds)
         full_details: dict = {}
         rate = full_step(model, device, batch, precision, steps, warmup, False, sync_steps, full_details)
-        runs["full"].append(per_step_ms(rate, full_details["step_seconds"]))
+        add("full", rate, full_details["step_seconds"])
         rate = cli_step(model, device, batch, precision, steps, warmup, sync_steps, details)
-        runs["cli"].append(per_step_ms(rate, details.pop("step_seconds")))
+        add("cli", rate, details.pop("step_seconds"))
         if "syncs" in full_details:
             details["syncs_full_step"] = full_details["syncs"]
-    med = {name: statistics.median(values) for name, values in runs.items()}
+    med = {n: statistics.median(wall[n]) for n in names}
+    med_cpu = {n: statistics.median(cpu[n]) for n in names}
     return {
         "model": model,
         "batch": batch,
@@ -377,12 +387,14 @@ def overhead(device: str, model: str, batch: int, precision: str, steps: int, wa
         "steps": steps,
         "warmup": warmup,
         "repeats": repeats,
-        "bare_ms": med["bare"],
-        "full_ms": med["full"],
-        "cli_ms": med["cli"],
+        **{f"{n}_ms": med[n] for n in names},
+        **{f"{n}_cpu_ms": med_cpu[n] for n in names},
         "overhead_full_ms": med["full"] - med["bare"],
         "overhead_cli_ms": med["cli"] - med["bare"],
-        "runs_ms": runs,
+        "overhead_full_cpu_ms": med_cpu["full"] - med_cpu["bare"],
+        "overhead_cli_cpu_ms": med_cpu["cli"] - med_cpu["bare"],
+        "runs_ms": wall,
+        "runs_cpu_ms": cpu,
         "cli": details,
     }
 
@@ -522,10 +534,13 @@ def main() -> None:
         row = overhead(device, model, small, precision, o_steps, 5, repeats)
         report["overhead"] = row
         print(
-            f"overhead {model} batch {small}: bare {row['bare_ms']:.2f} ms/step, full (no bar, no logger) "
-            f"{row['full_ms']:.2f} ms (+{row['overhead_full_ms']:.2f}), as users run it (CLI: "
-            f"{row['cli'].get('progress_bar')}, {', '.join(row['cli'].get('loggers', []))}) {row['cli_ms']:.2f} ms "
-            f"(+{row['overhead_cli_ms']:.2f}); median of {repeats}",
+            f"overhead {model} batch {small} (median of {repeats}; CLI: {row['cli'].get('progress_bar')}, "
+            f"{', '.join(row['cli'].get('loggers', []))}):\n"
+            f"  wall ms/step: bare {row['bare_ms']:.2f}, full (no bar, no logger) {row['full_ms']:.2f} "
+            f"(+{row['overhead_full_ms']:.2f}), as users run it {row['cli_ms']:.2f} (+{row['overhead_cli_ms']:.2f})\n"
+            f"  CPU ms/step:  bare {row['bare_cpu_ms']:.2f}, full {row['full_cpu_ms']:.2f} "
+            f"(+{row['overhead_full_cpu_ms']:.2f}), as users run it {row['cli_cpu_ms']:.2f} "
+            f"(+{row['overhead_cli_cpu_ms']:.2f})",
             flush=True,
         )
         for what in ("syncs_full_step", "syncs"):

@@ -1,0 +1,52 @@
+"""Checkpoint writes without a second copy in memory, still atomic, and durable before they replace a file.
+
+Lightning's default (`TorchCheckpointIO` -> `_atomic_save`) serialises the whole checkpoint into a `BytesIO`,
+copies it out with `getvalue()` and writes that through an fsspec transaction (temporary file + rename).
+For a medium ViT's `last.ckpt` (weights + AdamW state, 171 MB) that is 0.44 s per write on our 2-core CPU
+machine; serialising straight into the temporary file takes 0.28 s (`benchmarks/checkpoint_write.py`).
+`AtomicCheckpointIO` does that for local paths:
+
+- `torch.save` into a new temporary file in the target's folder, `fsync`, then `os.replace`: a reader (a
+  resumed run, the pipeline, an evaluation) sees the old complete file or the new complete one, never part
+  of one, and after a power cut the new file is either absent or complete;
+- the temporary file is removed when anything fails (the old checkpoint stays as it was);
+- other filesystems (`s3://`, ...) go through Lightning's own path unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` whose local writes go straight to a temporary file, then fsync + atomic rename."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        protocol = get_filesystem(path).protocol
+        if storage_options is not None or "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
+            super().save_checkpoint(checkpoint, path, storage_options)  # remote paths: Lightning's own write
+            return
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        # a name of our own (not mkstemp: its files are private to the owner, checkpoints are not)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "xb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
