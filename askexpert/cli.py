@@ -16,11 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jsonargparse import Namespace, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import strategies
 from askexpert.callbacks import PredictionCSVWriter, atomic_write_text
+from askexpert.checkpoint_io import AtomicCheckpointIO
 from askexpert.checkpoints import (
     LIGHTNING_CKPT_ALIASES,
     check_checkpoint_file,
@@ -31,6 +33,7 @@ from askexpert.checkpoints import (
 from askexpert.errors import UserError, find_user_error, one_line_parse_error
 from askexpert.guard import NonFiniteGuard
 from askexpert.modules import ClassifierModule, ExpertModule
+from askexpert.progress import IntervalProgressBar
 from askexpert.run_folder import (
     CSV_LOGGER,
     WANDB_LOGGERS,
@@ -300,7 +303,18 @@ class AskExpertCLI(LightningCLI):
         # the specialization slot is empty (None) for generalists and base models
         callbacks = [c for c in callbacks if c is not None]
         # Always on: a run never trains on (or saves) after a non-finite loss (askexpert/guard.py).
-        return super()._instantiate_trainer(config, [*callbacks, NonFiniteGuard(), last])
+        callbacks += [NonFiniteGuard(), last]
+        # A bar that reads metrics only at the logging interval: TQDM's default waits for the GPU every step
+        # (askexpert/progress.py). Lightning refuses a bar callback when the bar is switched off.
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(IntervalProgressBar())
+        # Checkpoints written to a temporary file, fsynced and renamed into place (askexpert/checkpoint_io.py).
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
 
     # -- running -----------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:

@@ -89,7 +89,8 @@ class NonFiniteGuard(Callback):
         if norm is None:
             return
         self._grad_ok = torch.isfinite(norm)
-        if self.log_grad_norm:
+        # only on the steps the loggers write: each `self.log` costs Python time on every step otherwise
+        if self.log_grad_norm and trainer._logger_connector.should_update_logs:
             pl_module.log("train/grad_norm", norm.detach().float(), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:

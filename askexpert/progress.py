@@ -32,7 +32,7 @@ class IntervalProgressBar(TQDMProgressBar):
 
     Args:
         keys: training metrics to show from `trainer.callback_metrics` (logged without `prog_bar`; askexpert's
-            modules log `train/loss` on the logger's steps and on an epoch's last batch).
+            modules log `train/loss` on the logger's steps and on an epoch's first and last batches).
         min_seconds: shortest time between two redraws of a counter.
         process_position: as in `TQDMProgressBar`.
         leave: as in `TQDMProgressBar`.
@@ -69,7 +69,7 @@ class IntervalProgressBar(TQDMProgressBar):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        bar = self.train_progress_bar
+        bar = self._train_progress_bar  # the property raises while there is none
         if bar is None or bar.disable:
             return
         n = batch_idx + 1

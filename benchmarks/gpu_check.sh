@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# The whole GPU benchmark in one go (about 7 minutes on one H100 without the pipeline), for a lent GPU machine
-# that has torch, timm, lightning and torchmetrics but not jsonargparse / omegaconf / wandb: copy the checked
-# wheels into .whl/ first (see ../shared/device-wheels/README.md), then run from the repository root:
-#     bash benchmarks/gpu_check.sh              # throughput, per-step overhead + syncs, inference, sweep, checkpoints
-#     bash benchmarks/gpu_check.sh pipeline     # the same, then the stand-in pipeline (its own time on top)
-# Results: benchmarks/results/*cuda*.json, copied to $OUT.
+# The one device check, sized for a lent GPU machine (about 6 minutes on one H100, the install included):
+#     bash benchmarks/gpu_check.sh
+# The machine has torch, timm, lightning and torchmetrics but not jsonargparse / omegaconf / wandb: copy the
+# checked wheels into the ignored folder .whl/ first and carry it (see ../shared/device-wheels/README.md).
+# 1. training throughput of the two GPU models at the stand-in pipeline's batch (256): bare vs full step, the
+#    edge model's per-step overhead and CUDA syncs per step (want 0);
+# 2. configs/pipeline/standin_full.yaml, one seed: every stage timed against its bare compute (goal: wall / bare
+#    <= 1.3), the headline table and the sanity findings; then its 4 progressive experts trained again side by
+#    side (goal: <= 1.5x the time of one alone).
+# JSON: benchmarks/results/{train_throughput,pipeline_overhead}_cuda.json (docs/performance.md and
+# docs/results.md take their GPU rows from them), copied to $OUT with the pipeline's report.
 set -euo pipefail
+start=$SECONDS
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --find-links .whl --target /tmp/site "jsonargparse[signatures]" omegaconf wandb
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export WANDB_MODE=offline PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# edge + medium at batch 512: bare vs full step; then the per-step overhead of the edge model at 512 (bare, full,
-# the CLI's Trainer as users run it) and CUDA syncs per step (torch.cuda.set_sync_debug_mode("warn"); want 0)
-python3 benchmarks/train_throughput.py --device cuda
-# the edge generalist at its configured batch (configs/generalist_cifar100.yaml: 256)
-python3 benchmarks/train_throughput.py --device cuda --models vit_edge_patch4_32 --batch 256 --no-overhead \
-    --out benchmarks/results/train_throughput_cuda_edge_b256.json
-python3 benchmarks/train_throughput.py --device cuda --models vit_medium_patch4_32 --compile --no-overhead \
-    --out benchmarks/results/train_throughput_cuda_compiled.json
-python3 benchmarks/inference.py --device cuda
-python3 benchmarks/sweep_speed.py --out benchmarks/results/sweep_cuda.json
-python3 benchmarks/checkpoint_write.py --device cuda --repeats 3
-if [ "${1:-}" = pipeline ]; then
-    python3 benchmarks/pipeline_overhead.py --config "${PIPELINE_CONFIG:-configs/pipeline/standin_full.yaml}" --device cuda
+echo "install: $((SECONDS - start)) s"
+
+python3 benchmarks/train_throughput.py --device cuda --batch 256 --steps 20 --warmup 5 --no-loader \
+    --overhead-batch 256 --repeats 2
+echo "throughput: $((SECONDS - start)) s"
+
+mkdir -p runs
+rm -rf runs/gpu_check
+python3 benchmarks/pipeline_overhead.py --config configs/pipeline/standin_full.yaml --device cuda \
+    --side-by-side 4 --keep runs/gpu_check
+echo "total: $((SECONDS - start)) s"
+
+if [ -n "${OUT:-}" ]; then
+    cp benchmarks/results/*cuda*.json runs/gpu_check/report.md runs/gpu_check/report.json "$OUT"/
 fi
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/; fi

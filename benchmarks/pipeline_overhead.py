@@ -18,6 +18,12 @@ subprocesses (`parallel_experts` > 1) are timed as one block, their images read 
 
     python benchmarks/pipeline_overhead.py                                          # the CPU demo (~5 min)
     python benchmarks/pipeline_overhead.py --config configs/pipeline/standin_full.yaml --device cuda
+    ... --side-by-side 4     # then retrain the strategy's experts N at a time (`--parallel_experts N`) and compare
+
+`--side-by-side N` copies the finished run without its strategy's experts, trains them again N at a time on
+the same device (`pipeline --parallel_experts N`, one process each) and reports that wall time against one
+expert trained alone in the first run, plus how far each expert's results moved (they train the same
+computation; on a GPU only kernel nondeterminism separates them).
 
 Writes benchmarks/results/pipeline_overhead_<device>.json (or --out) and prints the table.
 """
@@ -212,6 +218,7 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="run folder to keep (default: a temporary one)")
     parser.add_argument("--checkout", default=None, help="run the pipeline of this checkout (its configs too)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--side-by-side", type=int, default=0, help="also retrain the experts N at a time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = (
@@ -236,6 +243,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         stages = [dict(s) for s in probes.stages]
         stages += subprocess_stages(run, {s["stage"] for s in stages})
+        side = side_by_side(run, Path(folder) / "side_by_side", args.config, args.side_by_side, stages)
 
     from inference import throughput  # imports askexpert: only after use_checkout
 
@@ -296,11 +304,59 @@ def main() -> None:
         "blocks_s": blocks,
         "evaluation": {"bare_s": evaluation_bare, "passes": probes.forward},
         "other_s": wall - accounted,
+        "side_by_side": side,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"-> {out}")
+
+
+def side_by_side(run: Path, copy: Path, config: str, parallel: int, stages: list[dict]) -> dict | None:
+    """Retrain the run's strategy experts `parallel` at a time (see the module docstring); None when 0."""
+    if parallel < 1:
+        return None
+    import shutil
+
+    from askexpert.cli import cli_main
+
+    settings = yaml.safe_load((run / "pipeline.yaml").read_text())
+    family = settings["specialization"]
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("logits", "report.*"))
+    shutil.rmtree(copy / "experts" / family)
+    record = json.loads((copy / "stages.json").read_text())
+    kept = {name: entry for name, entry in record.items() if not name.startswith(f"experts/{family}/")}
+    (copy / "stages.json").write_text(json.dumps(kept))
+    probes = Probes()
+    try:
+        cli_main(["pipeline", "--config", config, "--out", str(copy), "--parallel_experts", str(parallel)])
+    finally:
+        probes.undo()
+    wall = probes.blocks["experts side by side (subprocesses)"]  # the experts only: not planning, evaluation
+    alone = [s["end_t"] - s["start_t"] for s in stages if s["stage"].startswith(f"experts/{family}/") and "end_t" in s]
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (run, copy)]
+    moved = [
+        abs(a["subset_test_acc"] - b["subset_test_acc"])
+        for a, b in zip(reports[0]["experts"], reports[1]["experts"], strict=True)
+    ]
+    result = {
+        "experts": len(alone),
+        "parallel": parallel,
+        "wall_s": wall,
+        "one_expert_alone_s": sum(alone) / len(alone) if alone else None,
+        "sequential_s": sum(alone),
+        "ratio_to_one": wall / (sum(alone) / len(alone)) if alone else None,
+        "subset_acc_max_abs_diff": max(moved) if moved else None,
+        "system_acc": [r["selected"]["acc"] for r in reports],
+    }
+    print(
+        f"\n{len(alone)} {family} experts side by side ({parallel} at a time): {wall:.1f} s (first process start to "
+        f"last end) vs {result['one_expert_alone_s']:.1f} s for one alone, {sum(alone):.1f} s one after "
+        f"another; ratio to one {result['ratio_to_one']:.2f} (goal <= 1.5); own-class accuracy moved by at most "
+        f"{100 * result['subset_acc_max_abs_diff']:.2f} points",
+        flush=True,
+    )
+    return result
 
 
 def print_table(result: dict) -> None:

@@ -368,7 +368,7 @@ def overhead(device: str, model: str, batch: int, precision: str, steps: int, wa
         cpu[name].append(1e3 * statistics.median(c for _, c in seconds) if seconds else float("nan"))
 
     for r in range(repeats):
-        sync_steps = 5 if device == "cuda" and r == repeats - 1 else 0  # counted once, after the timed steps
+        sync_steps = 10 if device == "cuda" and r == repeats - 1 else 0  # counted once, after the timed steps
         bare_seconds: list[tuple[float, float]] = []
         add("bare", bare_step(model, device, batch, precision, steps, warmup, False, bare_seconds), bare_seconds)
         full_details: dict = {}
@@ -460,6 +460,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="reference loader workers")
     parser.add_argument("--compile", action="store_true", help="torch.compile both steps")
+    parser.add_argument("--no-loader", action="store_true", help="skip the reference PIL loader")
     parser.add_argument("--overhead-only", action="store_true", help="only the per-step overhead figures")
     parser.add_argument("--no-overhead", action="store_true", help="skip the per-step overhead figures")
     parser.add_argument("--overhead-model", default=None, help="model of the overhead figures")
@@ -519,7 +520,11 @@ def main() -> None:
                 f"({bare:,.0f} img/s); MFU {100 * row['full_mfu']:.1f} % (peak {peak:.1f} TFLOP/s)",
                 flush=True,
             )
-        loaders = {str(w): reference_loader(batch, w, 20 if device == "cuda" else 6) for w in workers}
+        loaders = (
+            {}
+            if args.no_loader
+            else {str(w): reference_loader(batch, w, 20 if device == "cuda" else 6) for w in workers}
+        )
         for w, rate in loaders.items():
             ratios = ", ".join(f"{r['model']} full step {r['full_img_s'] / rate:.2f}x" for r in results)
             print(f"reference PIL loader, {w} workers: {rate:,.0f} img/s ({ratios})", flush=True)
