@@ -398,3 +398,21 @@ def test_evaluating_a_dustbin_expert_with_a_generic_config(setup_dir, tiny_args,
     )
     assert code == 0, err
     assert "on the images of its 25 classes" in out
+
+
+def test_per_device_runs_that_many_jobs_at_once_on_each_device(tmp_path):
+    import sys
+
+    from askexpert.commands.experts import Job, device_slots, run_jobs
+
+    assert device_slots(["0", "1"], 2) == ["0", "0", "1", "1"] and device_slots([], 3) == [None, None, None]
+    # each job waits for the other to have started: one after another, the first would time out and fail
+    script = (
+        "import os, sys, time, pathlib; me, other = sys.argv[1:]; pathlib.Path(me).touch(); end = time.time() + 60\n"
+        "while not os.path.exists(other) and time.time() < end: time.sleep(0.05)\n"
+        "sys.exit(0 if os.path.exists(other) else 1)"
+    )
+    marks = [str(tmp_path / f"started{i}") for i in range(2)]
+    commands = [[sys.executable, "-c", script, marks[i], marks[1 - i]] for i in range(2)]
+    jobs = [Job(f"job{i}", commands[i], str(tmp_path / f"{i}.log")) for i in range(2)]
+    run_jobs(jobs, [], poll_seconds=0.05, per_device=2)

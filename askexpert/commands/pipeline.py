@@ -670,15 +670,19 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
     for stage, resume in stages:
         command = [sys.executable, "-m", "askexpert", *stage.fit_args, *(["--ckpt_path", "last"] if resume else [])]
         jobs.append(Job(stage.name, command, os.path.join(_stage_path(run_.layout, stage.name), "fit.log")))
-    config = stages[0][0].config.get("trainer", {})
-    devices = _visible_gpus() if config.get("accelerator") in ("gpu", "cuda", "auto") else []
+    resolved = {stage.name: stage.config for stage in run_.stages}
+    first = stages[0][0].config
+    trainer = resolved.get(first.get("same_as"), first).get("trainer", {})  # experts i > 0 point at expert 0
+    devices = _visible_gpus() if trainer.get("accelerator") in ("gpu", "cuda", "auto") else []
     diverged: list[DivergenceError] = []
+    no_checkpoint: list[Job] = []
 
     def done(job: Job, code: int) -> None:
         stage = by_name[job.name]
         if code == 0:
             if not os.path.isfile(run_.layout.best(_stage_path(run_.layout, stage.name))):
-                raise UserError(f"stage {stage.name} finished without a best checkpoint (log: {job.log})")
+                no_checkpoint.append(job)
+                return
             _finish_stage(run_, stage, store)
         elif code == DivergenceError.exit_status:
             line = last_line(job.log).removeprefix("askexpert: error: ")
@@ -689,6 +693,9 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
     codes = launch_jobs(jobs, device_slots(devices, parallel), on_done=done)
     if diverged:
         raise diverged[0]
+    if no_checkpoint:
+        job = no_checkpoint[0]
+        raise UserError(f"stage {job.name} finished without a best checkpoint (log: {job.log})")
     failed = [job for job in jobs if codes.get(job.name, 0) != 0]
     if failed:
         raise UserError(f"stage {failed[0].name} failed: {last_line(failed[0].log)} (log: {failed[0].log})")
