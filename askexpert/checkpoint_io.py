@@ -10,6 +10,7 @@ machine; serialising straight into the temporary file takes 0.28 s (`benchmarks/
   resumed run, the pipeline, an evaluation) sees the old complete file or the new complete one, never part
   of one, and after a power cut the new file is either absent or complete;
 - the temporary file is removed when anything fails (the old checkpoint stays as it was);
+- a checkpoint whose weights are not all finite is never written (`DivergenceError`), whatever saves it;
 - other filesystems (`s3://`, ...) go through Lightning's own path unchanged.
 """
 
@@ -25,12 +26,24 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from askexpert.errors import DivergenceError
+from askexpert.guard import all_finite
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` whose local writes go straight to a temporary file, then fsync + atomic rename."""
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        # the last line behind askexpert.guard: no write of any kind (weights-only ones too) saves NaN weights
+        if not all_finite(checkpoint.get("state_dict", {}).values()):
+            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+            raise DivergenceError(
+                f"not writing {path}: the weights are non-finite (epoch {epoch}, step {step}); training diverged",
+                step=step if step is not None else -1,
+                epoch=epoch if epoch is not None else -1,
+                last_good=None,
+            )
         protocol = get_filesystem(path).protocol
         if storage_options is not None or "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
             super().save_checkpoint(checkpoint, path, storage_options)  # remote paths: Lightning's own write

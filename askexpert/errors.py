@@ -28,6 +28,9 @@ class DivergenceError(UserError):
         self.last_good = last_good
         self.stage = stage
 
+    def __reduce__(self):  # an exception crosses process boundaries by pickling: keep its fields
+        return type(self), (str(self), self.step, self.epoch, self.last_good, self.stage)
+
 
 def find_user_error(ex: BaseException | None) -> UserError | None:
     """The UserError behind an exception chain (e.g. one a class raised while jsonargparse built it)."""

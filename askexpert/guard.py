@@ -30,7 +30,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from askexpert.errors import DivergenceError
-from askexpert.run_folder import checkpoint_dir
 
 MAX_CHECK_INTERVAL = 10  # steps between two reads of the device-side flags, at most
 SCALER_PATIENCE = 20  # consecutive non-finite losses under fp16's loss scaler that count as divergence
@@ -46,14 +45,17 @@ class _Step:
 
 
 def total_grad_norm(parameters) -> torch.Tensor | None:
-    """The 2-norm of all gradients as a 0-d tensor on their device (no host sync); None without gradients."""
+    """The 2-norm of all gradients as a 0-d tensor on their device (no host sync); None without gradients.
+    fp16 gradients (`16-true`) are summed in fp32: their norm can exceed fp16's range while every value is
+    finite, and that must not look like divergence."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return None
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    if get_total_norm is not None:
+    if get_total_norm is not None and all(g.dtype != torch.float16 for g in grads):
         return get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def all_finite(tensors) -> bool:
@@ -76,11 +78,10 @@ class NonFiniteGuard(Callback):
         self._window: list[_Step] = []
         self._grad_ok: torch.Tensor | None = None
         self._bad_losses_in_a_row = 0
-        self._last_saved: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint this run wrote
 
     # -- collecting, on the device -----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._window, self._grad_ok, self._bad_losses_in_a_row, self._last_saved = [], None, 0, None
+        self._window, self._grad_ok, self._bad_losses_in_a_row = [], None, 0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         if _loss_scaler(trainer) is not None:  # fp16: the scaler skips overflowing steps on purpose
@@ -132,13 +133,19 @@ class NonFiniteGuard(Callback):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._check(trainer, pl_module)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelCheckpoint saves here when validation runs mid-epoch or every few epochs, and a weights-only
+        # save (best.ckpt) never calls `on_save_checkpoint`: check the weights it is about to write.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not all_finite(pl_module.parameters()):
+            self._fail(trainer, pl_module, None, "non-finite weights after validation")
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        # Lightning calls this while it builds the checkpoint, before the file is written: raising here means
-        # a checkpoint with non-finite weights never reaches the disk.
+        # Lightning calls this while it builds a full checkpoint, before the file is written: raising here means
+        # a checkpoint with non-finite weights never reaches the disk (AtomicCheckpointIO checks every write,
+        # weights-only ones too, as a last line).
         self._check(trainer, pl_module)
         if not all_finite(checkpoint.get("state_dict", {}).values()):
             self._fail(trainer, pl_module, None, "non-finite weights when saving a checkpoint")
-        self._last_saved = (trainer.current_epoch, trainer.global_step)
 
     # -- the one line --------------------------------------------------------------------------------------
     def _fail(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: _Step | None, what: str) -> None:
@@ -148,27 +155,32 @@ class NonFiniteGuard(Callback):
         model = type(pl_module).__name__
         name = getattr(pl_module, "hparams", {}).get("model_name")
         run = trainer.default_root_dir
+        last_good, words = self._last_good(trainer)
         message = (
             f"training diverged in {run} ({model}{' ' + name if name else ''}): {what} {where}; "
-            f"{self._last_good(trainer)}; try {_advice(trainer, pl_module)}"
+            f"{words}; try {_advice(trainer, pl_module)}"
         )
-        raise DivergenceError(message, step=number, epoch=epoch, last_good=self._last_good_path(trainer))
+        raise DivergenceError(message, step=number, epoch=epoch, last_good=last_good)
 
-    def _last_good_path(self, trainer: pl.Trainer) -> str | None:
-        last = os.path.join(checkpoint_dir(trainer.default_root_dir), "last.ckpt")
-        if self._last_saved is not None and os.path.isfile(last):
-            return last
+    def _last_good(self, trainer: pl.Trainer) -> tuple[str | None, str]:
+        """The newest checkpoint this run wrote (every write was checked, so it is good), or the one it resumed
+        from, as (path, words for the error line)."""
+        written = [
+            cb.best_model_path
+            for cb in trainer.checkpoint_callbacks
+            if getattr(cb, "best_model_path", "") and os.path.isfile(cb.best_model_path)
+        ]
+        if written:
+            path = max(written, key=os.path.getmtime)
+            try:  # on the way out only: reading the file's progress counters costs nothing that matters now
+                saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return path, f"last good checkpoint: {path} (epoch {saved['epoch']}, step {saved['global_step']})"
+            except Exception:  # noqa: BLE001 - the path is still the answer
+                return path, f"last good checkpoint: {path}"
         resumed_from = trainer.ckpt_path
-        return resumed_from if resumed_from and os.path.isfile(resumed_from) else None
-
-    def _last_good(self, trainer: pl.Trainer) -> str:
-        path = self._last_good_path(trainer)
-        if path is None:
-            return "no checkpoint was written before it diverged"
-        if self._last_saved is not None:
-            epoch, step = self._last_saved
-            return f"last good checkpoint: {path} (epoch {epoch}, step {step})"
-        return f"last good checkpoint: {path} (the one this run resumed from)"
+        if resumed_from and os.path.isfile(resumed_from):
+            return resumed_from, f"last good checkpoint: {resumed_from} (the one this run resumed from)"
+        return None, "no checkpoint was written before it diverged"
 
 
 def check_interval(trainer: pl.Trainer) -> int:

@@ -16,6 +16,7 @@ or no bar); this bar shows it from `trainer.callback_metrics`.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -92,3 +93,11 @@ class IntervalProgressBar(TQDMProgressBar):
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 items[key] = value.item()  # the one host sync, on a logging step or at an epoch's end
         return items
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # End the bars' line: the one-line error that follows (e.g. a divergence) must start a line of its own.
+        for bar in (self._train_progress_bar, self._val_progress_bar):
+            if bar is not None and not bar.disable:
+                bar.close()
+        if self.is_enabled:
+            print(file=sys.stderr, flush=True)

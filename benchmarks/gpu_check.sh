@@ -9,9 +9,22 @@
 #    <= 1.3), the headline table and the sanity findings; then its 4 progressive experts trained again side by
 #    side (goal: <= 1.5x the time of one alone).
 # JSON: benchmarks/results/{train_throughput,pipeline_overhead}_cuda.json (docs/performance.md and
-# docs/results.md take their GPU rows from them), copied to $OUT with the pipeline's report.
+# docs/results.md take their GPU rows from them). Whatever exists at the end, even after a failure (a diverged
+# stage, say), is copied to $OUT: the JSON files, the run's report, stages.json and every stage's logs.
 set -euo pipefail
 start=$SECONDS
+collect() {
+    echo "total: $((SECONDS - start)) s"
+    if [ -n "${OUT:-}" ]; then
+        cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null || true
+        if [ -d runs/gpu_check ]; then
+            (cd runs && find gpu_check gpu_check_side_by_side \( -name 'report.*' -o -name 'stages.json' \
+                -o -name 'metrics.csv' -o -name 'fit.log' -o -name 'config.yaml' \) 2>/dev/null \
+                | tar -czf "$OUT/gpu_check_run.tgz" -T -) || true
+        fi
+    fi
+}
+trap collect EXIT
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --find-links .whl --target /tmp/site "jsonargparse[signatures]" omegaconf wandb
     export PYTHONPATH=/tmp/site:$PWD
@@ -25,11 +38,6 @@ python3 benchmarks/train_throughput.py --device cuda --batch 256 --steps 20 --wa
 echo "throughput: $((SECONDS - start)) s"
 
 mkdir -p runs
-rm -rf runs/gpu_check
+rm -rf runs/gpu_check runs/gpu_check_side_by_side
 python3 benchmarks/pipeline_overhead.py --config configs/pipeline/standin_full.yaml --device cuda \
     --side-by-side 4 --keep runs/gpu_check
-echo "total: $((SECONDS - start)) s"
-
-if [ -n "${OUT:-}" ]; then
-    cp benchmarks/results/*cuda*.json runs/gpu_check/report.md runs/gpu_check/report.json "$OUT"/
-fi

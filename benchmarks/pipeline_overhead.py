@@ -34,6 +34,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -215,7 +216,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/pipeline/demo.yaml")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--bare-steps", type=int, default=None, help="timed steps of each bare-step measurement")
-    parser.add_argument("--keep", default=None, help="run folder to keep (default: a temporary one)")
+    parser.add_argument(
+        "--keep", default=None, help="run folder to keep (default: a temporary one; --side-by-side's goes beside it)"
+    )
     parser.add_argument("--checkout", default=None, help="run the pipeline of this checkout (its configs too)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--side-by-side", type=int, default=0, help="also retrain the experts N at a time")
@@ -243,7 +246,10 @@ def main() -> None:
         wall = time.perf_counter() - start
         stages = [dict(s) for s in probes.stages]
         stages += subprocess_stages(run, {s["stage"] for s in stages})
-        side = side_by_side(run, Path(folder) / "side_by_side", args.config, args.side_by_side, stages)
+        copy = run.parent / f"{run.name}_side_by_side" if args.keep else Path(folder) / "side_by_side"
+        if copy.exists():
+            shutil.rmtree(copy)
+        side = side_by_side(run, copy, args.config, args.side_by_side, stages)
 
     from inference import throughput  # imports askexpert: only after use_checkout
 
@@ -316,8 +322,6 @@ def side_by_side(run: Path, copy: Path, config: str, parallel: int, stages: list
     """Retrain the run's strategy experts `parallel` at a time (see the module docstring); None when 0."""
     if parallel < 1:
         return None
-    import shutil
-
     from askexpert.cli import cli_main
 
     settings = yaml.safe_load((run / "pipeline.yaml").read_text())

@@ -4,7 +4,8 @@ For each model it measures, in one process (compare the ratios, not absolute num
 * bare step: forward + backward + AdamW (fused on CUDA) on one batch already on the device, in the chosen
   precision - the ceiling for this model on this machine;
 * full step: `Trainer.fit` with askexpert's ImageDataModule and GeneralistModule, exactly as users train
-  (data loading, on-device augmentation, metrics, logging, LR schedule), timed by a callback after a
+  (data loading, on-device augmentation, metrics, logging, LR schedule; on CUDA also the GPU configs'
+  gradient clipping at norm 1.0), timed by a callback after a
   warm-up, without validation or checkpointing;
 * reference loader: a torchvision-style DataLoader (PIL images, RandomCrop(pad 4) + flip + ToTensor +
   Normalize per sample, `--workers` processes), loading only: what such a data path could deliver at most;
@@ -263,6 +264,7 @@ def full_step(
         enable_model_summary=False,
         logger=False,
         callbacks=callbacks,
+        gradient_clip_val=1.0 if device == "cuda" else None,  # the GPU recipe clips (configs/trainer/gpu.yaml)
     )
     trainer.fit(module, datamodule=data)
     if details is not None:
@@ -309,6 +311,7 @@ def cli_step(
             f"--trainer.limit_train_batches={total}",
             "--trainer.enable_model_summary=false",
             f"--trainer.default_root_dir={root}",
+            *(["--trainer.gradient_clip_val=1.0"] if device == "cuda" else []),  # as configs/trainer/gpu.yaml
         ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

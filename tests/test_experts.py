@@ -416,3 +416,27 @@ def test_per_device_runs_that_many_jobs_at_once_on_each_device(tmp_path):
     commands = [[sys.executable, "-c", script, marks[i], marks[1 - i]] for i in range(2)]
     jobs = [Job(f"job{i}", commands[i], str(tmp_path / f"{i}.log")) for i in range(2)]
     run_jobs(jobs, [], poll_seconds=0.05, per_device=2)
+
+
+def test_jobs_still_running_are_stopped_when_the_launcher_fails(tmp_path):
+    import os
+    import sys
+
+    from askexpert.commands.experts import Job, launch_jobs
+
+    pid_file = tmp_path / "sleeper.pid"
+    sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    quick = f"import os, time\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)"
+    jobs = [
+        Job("sleeper", [sys.executable, "-c", sleeper], str(tmp_path / "sleeper.log")),
+        Job("quick", [sys.executable, "-c", quick], str(tmp_path / "quick.log")),
+    ]
+
+    def fail(job, code):
+        raise RuntimeError("the launcher broke")
+
+    with pytest.raises(RuntimeError, match="the launcher broke"):
+        launch_jobs(jobs, [None, None], poll_seconds=0.05, on_done=fail)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped: no orphan trains on
+        os.kill(pid, 0)

@@ -33,7 +33,7 @@ def test_metrics_without_hierarchy_or_with_few_classes():
     metrics = ClassificationMetrics(3)
     metrics.update(one_hot_logits([0, 1, 1], 3), torch.tensor([0, 1, 2]))
     out = metrics.compute()
-    assert set(out) == {"acc", "acc3"} and out["acc"] == pytest.approx(2 / 3)
+    assert set(out) == {"acc", "acc3", "images"} and out["acc"] == pytest.approx(2 / 3) and out["images"] == 3
 
 
 def test_module_normalises_uint8_and_float_inputs_identically():

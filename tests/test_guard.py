@@ -148,3 +148,46 @@ def test_fit_with_a_diverging_learning_rate_stops_with_one_line_and_status_3(tmp
     assert lines[0].startswith(expected)
     assert "non-finite loss at step" in lines[0] and "--model.lr, now 1e+30" in lines[0]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_weights_broken_before_a_mid_epoch_validation_never_reach_a_weights_only_checkpoint(tmp_path):
+    """best.ckpt is weights-only (no `on_save_checkpoint` call) and saved at validation end: checked there."""
+
+    class BrokenBeforeValidation(Poisoned):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if batch_idx == 4:
+                with torch.no_grad():
+                    self.layer.weight.fill_(float("inf"))
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.layer(torch.ones(2, 4)).mean())
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(torch.zeros(2, 1), batch_size=1)
+
+    best = ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="best", save_weights_only=True, monitor=None)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        val_check_interval=5,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[NonFiniteGuard(), best],
+    )
+    with pytest.raises(DivergenceError, match="non-finite weights after validation"):
+        trainer.fit(BrokenBeforeValidation())
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_checkpoint_writer_refuses_non_finite_weights_whoever_saves(tmp_path):
+    from askexpert.checkpoint_io import AtomicCheckpointIO
+
+    path = tmp_path / "x.ckpt"
+    with pytest.raises(DivergenceError, match="the weights are non-finite .epoch 3, step 7."):
+        bad = {"epoch": 3, "global_step": 7, "state_dict": {"w": torch.tensor([1.0, float("nan")])}}
+        AtomicCheckpointIO().save_checkpoint(bad, path)
+    assert list(tmp_path.iterdir()) == []
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    assert torch.load(path, weights_only=True)["state_dict"]["w"].sum() == 2

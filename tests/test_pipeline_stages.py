@@ -52,6 +52,20 @@ def test_a_value_the_pipeline_sets_explicitly_wins_over_the_stage_file(tmp_path,
     assert stages["generalist"]["data"]["batch_size"] == explicit
 
 
+def test_a_stage_files_relative_root_is_the_same_as_the_pipelines_absolute_one(tmp_path, monkeypatch):
+    from askexpert.commands.pipeline import FitStage, _fit_arguments
+
+    monkeypatch.chdir(tmp_path)
+    stage_file = tmp_path / "stage.yaml"
+    stage_file.write_text(yaml.safe_dump({"data": {"root": "data/x", "image_size": "${model.init_args.img_size}"}}))
+    data = {"source": "imagefolder", "root": str(tmp_path / "data" / "x"), "image_size": 32}
+    args = _fit_arguments(FitStage(config=[str(stage_file)]), "generalist", data, set(), 0, "out", None)
+    assert f"--data.root={tmp_path / 'data' / 'x'}" in args
+    data["root"] = str(tmp_path / "elsewhere")
+    with pytest.raises(Exception, match="sets data.root to 'data/x'"):
+        _fit_arguments(FitStage(config=[str(stage_file)]), "generalist", data, set(), 0, "out", None)
+
+
 def test_stage_overrides_win_and_the_pipeline_owns_seed_and_folder(tmp_path):
     config = tiny_pipeline(tmp_path)
     settings = yaml.safe_load(config.read_text())
@@ -142,6 +156,8 @@ def test_a_diverging_stage_stops_the_pipeline_and_a_new_config_retrains_it(tmp_p
     record = json.loads((out / "stages.json").read_text())
     assert record["generalist"]["done"] and not record["base"]["done"] and record["base"]["diverged"]["step"] >= 1
     assert not (out / "base" / "checkpoints").exists()  # it diverged in its first epoch: nothing saved
+    code, _, err = run_main(["evaluate", "--run", str(out)], capsys)  # no result to evaluate
+    assert code == 2 and f"stage base of {out} diverged (step " in err
     # a fixed learning rate is a new config for the diverged stage only: no --overwrite needed
     settings["base"]["overrides"] = {"model.init_args.lr": 1e-3}
     config.write_text(yaml.safe_dump(settings))

@@ -44,12 +44,13 @@ def parser(defaults=None):
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.pipeline import evaluate_and_report, find_config_file, routing_config
+    from askexpert.commands.pipeline import check_finished, evaluate_and_report, find_config_file, routing_config
 
     # Two passes: the first finds the run (on the command line or in a --config file), the second parses
     # again with the run's own settings as defaults, so only what is given here replaces them.
     first = parser().parse_args(argv)
     saved = saved_settings(first.run)
+    check_finished(RunLayout(first.run))
     args = parser(saved).parse_args(argv)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file; give a folder for the report files")

@@ -14,14 +14,17 @@ large GPU idle, and separate processes train exactly what each would alone. Each
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from askexpert.errors import UserError
+from askexpert.errors import DivergenceError, UserError
 from datamodules.partitions import Partition
 
 RESERVED = ("--partition", "--expert_index", "--trainer.default_root_dir")
@@ -39,9 +42,7 @@ def parse_devices(spec: str) -> list[str]:
     if spec == "cpu":
         return []
     if spec == "auto":
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
+        return visible_gpus()
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices or not all(d.isdigit() for d in devices):
         raise UserError(f"--devices must be auto, cpu or GPU ids like 0,1; got {spec!r}")
@@ -61,38 +62,89 @@ def launch_jobs(
     on_done: Callable[[Job, int], None] | None = None,
 ) -> dict[str, int]:
     """Run `jobs`, one per slot at a time (a slot is a GPU id, or None: this machine); returns each started
-    job's exit status. After a failure no new job starts, and the running ones finish."""
+    job's exit status. After a failure no new job starts, and the running ones finish. If this process is
+    interrupted (Ctrl-C, SIGTERM, an error), the running jobs are stopped too: none trains on unattended."""
     pending, running, codes = list(jobs), {}, {}
-    while pending or running:
-        for index, slot in enumerate(slots):
-            if index in running or not pending or any(code != 0 for code in codes.values()):
-                continue
-            job = pending.pop(0)
-            env = dict(os.environ)
-            for name in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):  # an expert is not the sweep agent's run
-                env.pop(name, None)
-            if slot is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slot
-            os.makedirs(os.path.dirname(job.log), exist_ok=True)
-            log = open(job.log, "w")  # noqa: SIM115 - closed when the job ends
-            where = f"GPU {slot}" if slot is not None else "this machine"
-            print(f"{job.name}: training on {where} (log: {job.log})", flush=True)
-            process = subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[index] = (job, process, log)
-        for index, (job, process, log) in list(running.items()):
-            code = process.poll()
-            if code is None:
-                continue
-            log.close()
-            del running[index]
-            codes[job.name] = code
-            print(f"{job.name}: {'done' if code == 0 else f'failed (exit {code})'}", flush=True)
-            if on_done is not None:
-                on_done(job, code)
-        if any(code != 0 for code in codes.values()):
-            pending.clear()
-        time.sleep(poll_seconds if running else 0)
+    with _sigterm_as_interrupt():
+        try:
+            while pending or running:
+                for index, slot in enumerate(slots):
+                    if index in running or not pending or any(code != 0 for code in codes.values()):
+                        continue
+                    job = pending.pop(0)
+                    running[index] = (job, *_start(job, slot))
+                for index, (job, process, log) in list(running.items()):
+                    code = process.poll()
+                    if code is None:
+                        continue
+                    log.close()
+                    del running[index]
+                    codes[job.name] = code
+                    print(f"{job.name}: {'done' if code == 0 else f'failed (exit {code})'}", flush=True)
+                    if on_done is not None:
+                        on_done(job, code)
+                if any(code != 0 for code in codes.values()):
+                    pending.clear()
+                time.sleep(poll_seconds if running else 0)
+        finally:
+            _stop([process for _, process, _ in running.values()])
+            for _, _, log in running.values():
+                log.close()
     return codes
+
+
+def _start(job: Job, slot: str | None) -> tuple[subprocess.Popen, object]:
+    env = dict(os.environ)
+    for name in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):  # an expert is not the sweep agent's run
+        env.pop(name, None)
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
+    os.makedirs(os.path.dirname(job.log), exist_ok=True)
+    log = open(job.log, "w")  # noqa: SIM115 - closed when the job ends
+    where = f"GPU {slot}" if slot is not None else "this machine"
+    print(f"{job.name}: training on {where} (log: {job.log})", flush=True)
+    return subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _stop(processes: list[subprocess.Popen], grace_seconds: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_seconds`, to every process still running."""
+    alive = [p for p in processes if p.poll() is None]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for process in alive:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While jobs run, SIGTERM to this process raises KeyboardInterrupt, so `launch_jobs` stops its children."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as values for a child's CUDA_VISIBLE_DEVICES: this process's own list
+    when it has one (a child given "0" would otherwise see physical GPU 0, not the first visible one)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
 
 
 def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5, per_device: int = 1) -> None:
@@ -102,13 +154,23 @@ def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5, per
     failed = [job for job in jobs if codes.get(job.name, 0) != 0]
     if failed:
         names = ", ".join(f"{job.name} (log: {job.log})" for job in failed)
-        raise UserError(f"training failed for {names}: {last_line(failed[0].log)}")
+        message = f"training failed for {names}: {last_line(failed[0].log)}"
+        if codes[failed[0].name] == DivergenceError.exit_status:  # keep the status that says "diverged"
+            raise DivergenceError(message, step=-1, epoch=-1, last_good=None)
+        raise UserError(message)
+
+
+ERROR_PREFIX = "askexpert: error: "
 
 
 def last_line(path: str) -> str:
-    """The last non-empty line of a log (for a failed fit, its `askexpert: error: ...` line)."""
+    """What a failed fit said: its `askexpert: error: ...` message (without the prefix, even when a progress
+    bar shares its line), else the log's last non-empty line."""
     with open(path, errors="replace") as f:
-        lines = [line.strip() for line in f if line.strip()]
+        text = f.read()
+    if ERROR_PREFIX in text:
+        return text.rsplit(ERROR_PREFIX, 1)[1].strip().splitlines()[0]
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "(empty log)"
 
 

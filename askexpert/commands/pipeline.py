@@ -155,24 +155,35 @@ def explicit_data_keys(argv: list[str]) -> set[str]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, str) and isinstance(b, str):  # paths: data/x, ./data/x and ~/x name the same folder
-        return os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b))
+    if isinstance(a, str) and "${" in a:  # an interpolation: resolved by the fit's parser, which sees our value
+        return True
+    if isinstance(a, str) and isinstance(b, str):  # paths: data/x, ./data/x, ~/x and /abs/data/x are one folder
+        return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
     return a == b
 
 
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot read config file {path}: {reason}") from None
+
+
 def stage_file_data(paths: list[str]) -> dict[str, tuple[Any, str]]:
-    """The `data` values a stage's config files set, each with the (last) file that set it."""
+    """The `data` values a stage's config files set, each with the (last) file that set it. A `data:` that
+    names a file of its own (jsonargparse's nested config) is read too."""
     found: dict[str, tuple[Any, str]] = {}
     for path in paths:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                loaded = yaml.safe_load(handle)
-        except (OSError, yaml.YAMLError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"cannot read config file {path}: {reason}") from None
-        section = loaded.get("data") if isinstance(loaded, dict) else None
+        loaded = _read_yaml(path)
+        section, source = loaded.get("data") if isinstance(loaded, dict) else None, path
+        if isinstance(section, str):
+            nested = section if os.path.isabs(section) else os.path.join(os.path.dirname(path), section)
+            source = nested if os.path.isfile(nested) else section
+            section = _read_yaml(source) if os.path.isfile(source) else None
         if isinstance(section, dict):
-            found.update({key: (value, path) for key, value in section.items()})
+            found.update({key: (value, source) for key, value in section.items()})
     return found
 
 
@@ -349,6 +360,20 @@ def load_record(layout: RunLayout) -> dict:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is damaged; use --overwrite to start this run again") from None
+
+
+def check_finished(layout: RunLayout) -> None:
+    """Refuse a run whose stages did not all finish (one diverged, or it was interrupted): its models would make
+    a report that looks like a result."""
+    for name, entry in load_record(layout).items():
+        if entry.get("diverged"):
+            found = entry["diverged"]
+            raise UserError(
+                f"stage {name} of {layout.root} diverged (step {found.get('step')}, epoch {found.get('epoch')}), so "
+                "the run has no result; rerun the pipeline with a changed config for that stage"
+            )
+        if not entry.get("done"):
+            raise UserError(f"stage {name} of {layout.root} has not finished; rerun the pipeline to finish it")
 
 
 def save_record(layout: RunLayout, record: dict) -> None:
@@ -663,7 +688,7 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
     `<stage>/fit.log`): exactly the training each would get alone, while a large GPU runs several at once."""
     import sys
 
-    from askexpert.commands.experts import Job, device_slots, last_line, launch_jobs
+    from askexpert.commands.experts import Job, device_slots, last_line, launch_jobs, visible_gpus
 
     by_name = {stage.name: stage for stage, _ in stages}
     jobs = []
@@ -673,7 +698,7 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
     resolved = {stage.name: stage.config for stage in run_.stages}
     first = stages[0][0].config
     trainer = resolved.get(first.get("same_as"), first).get("trainer", {})  # experts i > 0 point at expert 0
-    devices = _visible_gpus() if trainer.get("accelerator") in ("gpu", "cuda", "auto") else []
+    devices = visible_gpus() if trainer.get("accelerator") in ("gpu", "cuda", "auto") else []
     diverged: list[DivergenceError] = []
     no_checkpoint: list[Job] = []
 
@@ -685,7 +710,7 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
                 return
             _finish_stage(run_, stage, store)
         elif code == DivergenceError.exit_status:
-            line = last_line(job.log).removeprefix("askexpert: error: ")
+            line = last_line(job.log)
             found = re.search(r"at step (\d+) \(epoch (\d+)", line)
             step, epoch = (int(found[1]), int(found[2])) if found else (-1, -1)
             diverged.append(_diverged(run_, stage, DivergenceError(line, step=step, epoch=epoch, last_good=None)))
@@ -701,12 +726,6 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
         raise UserError(f"stage {failed[0].name} failed: {last_line(failed[0].log)} (log: {failed[0].log})")
 
 
-def _visible_gpus() -> list[str]:
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
 def describe_plan(run_: PreparedRun) -> str:
     """The dry run's table: every stage's essentials as resolved, and what a real run would do with it."""
     first = {}
@@ -718,7 +737,7 @@ def describe_plan(run_: PreparedRun) -> str:
         elif entry.get("diverged"):
             status = "diverged before: retrains" if entry.get("identity") != stage.identity else "diverged before"
         elif entry and entry.get("identity") != stage.identity:
-            status = "changed: needs --overwrite"
+            status = "changed: retrains" if run_.settings.overwrite else "changed: needs --overwrite"
         else:
             status = "resumes" if entry else "to train"
         if stage.fit_args is None:

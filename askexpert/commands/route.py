@@ -95,6 +95,9 @@ def run(argv: list[str]) -> list[dict]:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     layout = RunLayout(args.run)
     settings = saved_settings(args.run)
+    from askexpert.commands.pipeline import check_finished
+
+    check_finished(layout)
     report_path = os.path.join(args.run, "report.json")
     if not os.path.isfile(report_path):
         raise UserError(f"{args.run} has no report.json yet: finish it with `python -m askexpert pipeline` first")

@@ -216,6 +216,7 @@ class ClassifierModule(pl.LightningModule):
 
     def _log_metrics(self, metrics: ClassificationMetrics, prefix: str) -> None:
         results = metrics.compute()
+        results.pop("images")
         main = {"acc", "superclass_acc"}
         for name, value in results.items():
             # torchmetrics already reduced the value over DDP processes; sync_dist only averages equal copies

@@ -204,12 +204,16 @@ class ExpertModule(ClassifierModule):
         subset_metrics.update(logits, labels, mask=inside)  # a mask, not `logits[inside]`: no host sync
 
     def _log_subset_metrics(self, metrics: ClassificationMetrics, prefix: str) -> None:
-        # no image of the subset in this split: nothing to report (an expert trains on one device, so the
-        # local count is the count; once per epoch, a sync is fine here)
-        if not metrics.update_called or int(metrics.total) == 0:
+        # no image of the subset in this split: nothing to report. The count is read after `compute()`, which
+        # every process calls (it sums the counts across DDP processes), so all of them decide alike; once
+        # per epoch, that sync is fine.
+        if not metrics.update_called:
             metrics.reset()
             return
         results = metrics.compute()
+        if int(results.pop("images")) == 0:
+            metrics.reset()
+            return
         for name in ("acc", "superclass_acc"):
             if name in results:
                 self.log(f"{prefix}/subset_{name}", results[name], prog_bar=name == "acc", sync_dist=True)

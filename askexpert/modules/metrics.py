@@ -69,9 +69,11 @@ class ClassificationMetrics(Metric):
             self.coarse_correct += (same_super.long() * weight).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """The metrics as scalars (logged) plus `images`, the number of samples counted (not logged: callers
+        pop it, e.g. to skip a split without any image of an expert's classes)."""
         total = self.total.clamp(min=1).float()  # no sample at all: every accuracy is 0, as torchmetrics says
         acc = self.correct.float() / total
-        out = {"acc": acc, f"acc{self.top_k}": self.correct_top_k.float() / total}
+        out = {"acc": acc, f"acc{self.top_k}": self.correct_top_k.float() / total, "images": self.total.clone()}
         if self.has_hierarchy:
             coarse = self.coarse_correct.float() / total
             out["superclass_acc"] = coarse
