@@ -5,35 +5,29 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import SaveConfigCallback
+
+# The atomic writers live with the run folder's other rules (stdlib only, so a lock can be taken without
+# importing torch); imported from here by most modules.
+from askexpert.run_folder import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401
+
+EVALUATION_SUBDIR = "eval"
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `path` through a temporary file and a rename, so readers never see half a file."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def evaluation_dir(root: str) -> str:
+    """Where `validate`, `test` and `predict` write by default: `<root>/eval`, never the run folder itself, whose
+    config.yaml, hparams.yaml, metrics.csv and checkpoints belong to its training (a finished run stays as it was)."""
+    return os.path.join(root, EVALUATION_SUBDIR)
 
 
 class PredictionCSVWriter(BasePredictionWriter):
     """Writes `predict` results as CSV: index, prediction, confidence, class name (and label when known).
 
     Args:
-        output: CSV path; default `<trainer.default_root_dir>/predictions.csv`.
+        output: CSV path; default `<trainer.default_root_dir>/eval/predictions.csv`.
     """
 
     def __init__(self, output: str | None = None) -> None:
@@ -53,8 +47,35 @@ class PredictionCSVWriter(BasePredictionWriter):
         for i in range(len(columns["prediction"])):
             row = [i, *(round(float(v[i]), 6) if v.is_floating_point() else int(v[i]) for v in columns.values())]
             rows.append(row + ([names[int(columns["prediction"][i])]] if names else []))
-        path = self.output or os.path.join(trainer.default_root_dir, "predictions.csv")
+        path = self.output or os.path.join(evaluation_dir(trainer.default_root_dir), "predictions.csv")
         buffer = io.StringIO()
         csv.writer(buffer).writerows(rows)
         atomic_write_text(path, buffer.getvalue())
         print(f"wrote {len(rows) - 1} predictions to {path}")
+
+
+class _AtomicSaving:
+    """A parser whose single-file `save` writes through a temporary file, fsync and rename (everything else is
+    the parser's own)."""
+
+    def __init__(self, parser) -> None:
+        self._parser = parser
+
+    def __getattr__(self, name: str):
+        return getattr(self._parser, name)
+
+    def save(self, namespace, path, *args, overwrite: bool = False, multifile: bool = True, **kwargs) -> None:
+        if multifile:  # one file per included config: jsonargparse's own writes
+            self._parser.save(namespace, path, *args, overwrite=overwrite, multifile=multifile, **kwargs)
+            return
+        if not overwrite and os.path.isfile(path):
+            raise ValueError(f"Refusing to overwrite existing file: {path}")
+        with atomic_path(os.fspath(path)) as tmp:
+            self._parser.save(namespace, tmp, *args, overwrite=True, multifile=False, **kwargs)
+
+
+class AtomicSaveConfigCallback(SaveConfigCallback):
+    """Lightning's `config.yaml` writer, writing the file atomically (see askexpert/run_folder.py)."""
+
+    def __init__(self, parser, config, *args, **kwargs) -> None:
+        super().__init__(_AtomicSaving(parser), config, *args, **kwargs)

@@ -1,15 +1,23 @@
-"""Checking and loading checkpoint files, with one clear error for a missing, truncated or corrupt file.
+"""Checking and loading checkpoint files: one clear error for a missing, truncated, corrupt or unsafe file.
 
 Lightning and torch would fail deep inside unpickling with a message about zip records; a user who
 passed the wrong file deserves to hear which file is broken. torch checkpoints are zip archives with a
 CRC-32 per member, so integrity can be checked without unpickling anything.
+
+A checkpoint is data, never code. Every read is `torch.load(weights_only=True)`: torch's restricted unpickler
+builds tensors and plain Python values only, so a planted file cannot run anything while it is read (a full
+unpickle can call any function the file names). The only classes a checkpoint may name (`askexpert_class`,
+LightningCLI's `hyper_parameters._class_path`) are askexpert's own LightningModules; anything else is refused
+before it is imported. Lightning's own reads (`--ckpt_path`, resumes) go through `AtomicCheckpointIO`, which
+uses `load_checkpoint` below.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
+import pickle
 import zipfile
+from collections.abc import Callable
 
 import torch
 
@@ -18,9 +26,41 @@ from askexpert.errors import UserError
 # Values of --ckpt_path that Lightning resolves itself rather than reading as a file name.
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 
+# Globals a checkpoint may hold beyond torch's own weights-only set: none. Every kind of checkpoint askexpert has
+# written (generalist, base, experts of every strategy with and without distillation, last.ckpt with optimizer,
+# scheduler, loop and callback states, weights-only best.ckpt; revisions 278cf7a to today) holds tensors and plain
+# values only: `torch.serialization.get_unsafe_globals_in_checkpoint` lists nothing for any of them. An entry is
+# a reviewed decision; it would also have to be registered globally (`torch.serialization.add_safe_globals`),
+# because LightningCLI reads `--ckpt_path`'s hyper-parameters with its own `torch.load(weights_only=True)`.
+CHECKPOINT_GLOBALS: list = []
 
-def check_checkpoint_file(path: str) -> None:
-    """Raise UserError unless `path` is a complete, uncorrupted torch checkpoint archive."""
+
+def project_classes() -> dict[str, type]:
+    """The classes a checkpoint may name: askexpert's LightningModules, by public and by defining path."""
+    import askexpert.modules as modules  # not at the top: the modules import this file
+
+    classes: dict[str, type] = {}
+    for name in modules.__all__:
+        cls = getattr(modules, name)
+        classes[f"{modules.__name__}.{name}"] = cls  # what configs (and so `_class_path`) say
+        classes[f"{cls.__module__}.{cls.__qualname__}"] = cls  # what `askexpert_class` records
+    return classes
+
+
+def project_class(class_path: object, path: str) -> type:
+    """The askexpert class `class_path` names; refused in one line when it is anything else (never imported)."""
+    cls = project_classes().get(class_path) if isinstance(class_path, str) else None
+    if cls is None:
+        import askexpert.modules as modules
+
+        raise UserError(
+            f"checkpoint {path} names the class {class_path!r}, which is not an askexpert module "
+            f"({', '.join(modules.__all__)}); refusing to load it"
+        )
+    return cls
+
+
+def _check_archive(path: str) -> None:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
@@ -34,31 +74,68 @@ def check_checkpoint_file(path: str) -> None:
         raise UserError(f"checkpoint {path} is corrupt (checksum mismatch in {bad_member})")
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint dictionary, after the integrity check."""
-    check_checkpoint_file(path)
+def _unsafe_refusal(path: str) -> str:
+    """Why a weights-only read refused `path`: the globals it names (found by reading the pickle's opcodes only)."""
     try:
-        # Lightning checkpoints hold hyper-parameters (plain Python objects), so not weights_only.
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # unpickling errors have many types; all mean the same thing to a user
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the opcodes themselves are malformed
+        names = []
+    what = f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+    return (
+        f"refusing checkpoint {path}: it holds Python objects that could run code when loaded{what}; askexpert "
+        "checkpoints hold only tensors and plain values, so this file was not written by askexpert or was altered"
+    )
+
+
+def load_checkpoint(path: str, map_location: str | torch.device | Callable = "cpu", mmap: bool = False) -> dict:
+    """The checkpoint dictionary, after the integrity check, read without running anything from the file.
+
+    `mmap`: leave the tensors in the file (cheap, for reading hyper-parameters or checking a file).
+    """
+    _check_archive(path)
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:  # what torch's weights-only unpickler raises for anything it will not build
+        raise UserError(_unsafe_refusal(path)) from None
+    except Exception as err:  # a damaged file fails in many ways; all mean the same thing to a user
+        raise UserError(f"cannot read checkpoint {path}: {str(err).strip().splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, dict):
+        raise UserError(f"{path} is not a Lightning checkpoint (its hyper_parameters are not a dictionary)")
+    for class_path in (checkpoint.get("askexpert_class"), hparams.get("_class_path")):
+        if class_path is not None:
+            project_class(class_path, path)
+    return checkpoint
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Raise UserError unless `path` is a complete torch checkpoint that loads safely and names only our classes.
+
+    Cheap: the tensors stay in the file (mmap)."""
+    load_checkpoint(path, mmap=True)
 
 
 def load_classifier(path: str, map_location: str | torch.device = "cpu"):
     """Rebuild the askexpert LightningModule saved in `path` (class recorded in the file), in eval mode."""
-    checkpoint = load_checkpoint(path, map_location)
+    checkpoint = load_checkpoint(path, mmap=True)
     class_path = checkpoint.get("askexpert_class")
     if not class_path:
         raise UserError(f"checkpoint {path} was not written by an askexpert module")
-    module_name, _, class_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    model = cls.load_from_checkpoint(path, map_location=map_location)
+    cls = project_class(class_path, path)
+    del checkpoint
+    # Lightning reads the file again; weights_only explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn
+    # it into a full unpickle, and Lightning builds `_class_path` only as an imported subclass of `cls`.
+    with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+        model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     return model.eval()
 
 
 def has_training_state(path: str) -> bool:
     """Whether a checkpoint holds optimizer state (so training can resume from it)."""
-    return bool(load_checkpoint(path).get("optimizer_states"))
+    return bool(load_checkpoint(path, mmap=True).get("optimizer_states"))
 
 
 def strip_training_state(path: str) -> None:
@@ -66,9 +143,10 @@ def strip_training_state(path: str) -> None:
     checkpoint = load_checkpoint(path)
     for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):
         checkpoint.pop(key, None)
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    from askexpert.run_folder import atomic_path
+
+    with atomic_path(path) as tmp:  # a temporary file in the same folder, fsync, rename
+        torch.save(checkpoint, tmp)
 
 
 def check_same_classes(model, datamodule, what: str) -> None:

@@ -8,37 +8,51 @@ in `EXTRA_COMMANDS` with their own jsonargparse parser; this module's dispatcher
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 import strategies
-from askexpert.callbacks import PredictionCSVWriter, atomic_write_text
+from askexpert.callbacks import AtomicSaveConfigCallback, PredictionCSVWriter, atomic_write_text, evaluation_dir
 from askexpert.checkpoint_io import AtomicCheckpointIO
 from askexpert.checkpoints import (
     LIGHTNING_CKPT_ALIASES,
     check_checkpoint_file,
+    check_same_classes,
     has_training_state,
     load_checkpoint,
     strip_training_state,
 )
-from askexpert.errors import UserError, find_user_error, one_line_parse_error
+from askexpert.errors import (
+    UserError,
+    check_output_path,
+    find_user_error,
+    one_line_parse_error,
+    os_error_message,
+)
 from askexpert.guard import NonFiniteGuard
+from askexpert.loggers import RunCSVLogger
 from askexpert.modules import ClassifierModule, ExpertModule
 from askexpert.progress import IntervalProgressBar
+from askexpert.rng import RandomStateCheckpoint
 from askexpert.run_folder import (
     CSV_LOGGER,
     WANDB_LOGGERS,
     checkpoint_dir,
     last_checkpoint,
+    locked,
     save_wandb_run_id,
     sweep_run,
     wandb_run_id,
@@ -94,6 +108,8 @@ EXTRA_COMMANDS: dict[str, Command] = {
 }
 
 DEFAULT_ROOT_DIR = "runs/default"
+# Subcommands that read a checkpoint and write only under `<root>/eval` (see `_configure_evaluation`).
+EVALUATION_COMMANDS = ("validate", "test", "predict")
 
 # LightningCLI nests every config under its subcommand (`fit.trainer...`); with this setting a config file
 # can still write `${trainer.default_root_dir}` and mean the key of its own subcommand.
@@ -106,7 +122,11 @@ class AskExpertArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if 'key "trainer.precision"' in message:
             raise UserError(f"--trainer.precision must be one of: {', '.join(precision_choices())}") from None
-        raise one_line_parse_error(message, f"python -m askexpert {self.prog.split()[-1]}", ex) from None
+        if not self.exit_on_error:  # a parser jsonargparse made for a class inside an option: its caller reports
+            raise one_line_parse_error(message, self.prog, ex, nested=True) from None
+        command = self.prog.split()[-1]  # "__main__.py [options] fit" for a subcommand's parser
+        prog = f"python -m askexpert {command}" if command in LIGHTNING_COMMANDS else "python -m askexpert"
+        raise one_line_parse_error(message, prog, ex) from None
 
 
 def precision_choices() -> list[str]:
@@ -129,6 +149,7 @@ class AskExpertCLI(LightningCLI):
             model_class=ClassifierModule,
             subclass_mode_model=True,
             datamodule_class=ImageDataModule,
+            save_config_callback=AtomicSaveConfigCallback,  # config.yaml written atomically, like every file
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
             trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR, "log_every_n_steps": 10},
             seed_everything_default=0,
@@ -174,7 +195,15 @@ class AskExpertCLI(LightningCLI):
             if ckpt_path == "last":
                 found = last_checkpoint(config.trainer.default_root_dir)
                 if found:
-                    check_checkpoint_file(found)
+                    try:
+                        check_checkpoint_file(found)
+                    except UserError as err:
+                        if subcommand != "fit":
+                            raise
+                        # left truncated by a crash or a full disk (before writes were atomic): train again from
+                        # the start rather than block the run; the first epoch's last.ckpt replaces it
+                        print(f"askexpert: {err}; not resuming from it, training starts again", file=sys.stderr)
+                        config.ckpt_path = found = None
                 elif subcommand != "fit":
                     raise UserError(
                         f"--ckpt_path last: no last.ckpt in {checkpoint_dir(config.trainer.default_root_dir)}"
@@ -193,11 +222,14 @@ class AskExpertCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        # A fresh `fit` starts a new metrics.csv and W&B run; a resumed one (or an evaluation) continues them.
+        # A fresh `fit` starts a new metrics.csv and W&B run; a resumed one continues them.
         fresh_fit = self.subcommand == "fit" and not config.get("ckpt_path")
         if self.subcommand == "fit" and self._sweep:
             self._configure_sweep_run(config, *self._sweep)
-        self._configure_loggers(config.trainer, append_metrics=not fresh_fit)
+        if self.subcommand in EVALUATION_COMMANDS:
+            self._configure_evaluation(config.trainer)
+        else:
+            self._configure_loggers(config.trainer, append_metrics=not fresh_fit)
         self._configure_expert(config)
         if config.data.val_fraction == 0:  # nothing to validate on: keep the newest weights as "best"
             config.checkpoint.monitor = None
@@ -257,6 +289,30 @@ class AskExpertCLI(LightningCLI):
             loggers.append(Namespace(class_path=WANDB_LOGGERS[0], init_args=Namespace(save_dir=root)))
         config.trainer.logger = loggers
 
+    def _configure_evaluation(self, trainer: Namespace) -> None:
+        """`validate`, `test` and `predict` leave the run they read as it was, even with its own config.yaml
+        (`--config RUN/config.yaml`, which names RUN as the logger's folder): no config.yaml is saved (Lightning's
+        SaveConfigCallback would replace the training's), no CSV logger runs (metrics.csv and hparams.yaml are the
+        training's; the results JSON holds every metric), and any other logger writes under `<root>/eval` as a
+        run of its own (a W&B logger does not continue the training's W&B run)."""
+        self.save_config_callback = None
+        out = evaluation_dir(trainer.default_root_dir)
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        kept = []
+        for logger in loggers:
+            if not isinstance(logger, Namespace) or logger.get("class_path") == CSV_LOGGER:
+                continue  # True / None (the default CSV logger), False, or the CSV logger itself
+            init = logger.get("init_args")
+            if isinstance(init, Namespace):
+                if "save_dir" in init:
+                    init.save_dir = out
+                if logger.get("class_path") in WANDB_LOGGERS:
+                    init.id, init.version = None, None
+                    if wandb_should_be_offline():
+                        init.offline = True
+            kept.append(logger)
+        trainer.logger = kept or False
+
     def _configure_loggers(self, trainer: Namespace, append_metrics: bool) -> None:
         """Default to a CSV logger writing into the run folder; point W&B loggers at the run's fixed id."""
         root = trainer.default_root_dir
@@ -304,6 +360,12 @@ class AskExpertCLI(LightningCLI):
         callbacks = [c for c in callbacks if c is not None]
         # Always on: a run never trains on (or saves) after a non-finite loss (askexpert/guard.py).
         callbacks += [NonFiniteGuard(), last]
+        # First of every callback (Lightning keeps the order of non-checkpoint callbacks): a resumed run restores
+        # the saved random states before anything else draws from them (askexpert/rng.py).
+        given_callbacks = config.get("callbacks")
+        if given_callbacks is not None and not isinstance(given_callbacks, list):
+            given_callbacks = [given_callbacks]
+        config["callbacks"] = [RandomStateCheckpoint(), *(given_callbacks or [])]
         # A bar that reads metrics only at the logging interval: TQDM's default waits for the GPU every step
         # (askexpert/progress.py). Lightning refuses a bar callback when the bar is switched off.
         given = [*callbacks, *(config.get("callbacks") or [])]
@@ -322,11 +384,22 @@ class AskExpertCLI(LightningCLI):
         self.datamodule.prepare_data()
         self.datamodule.setup()
         check_image_size(self.model, self.datamodule)
+        check_checkpoint_classes(self.config[subcommand], self.datamodule)
+        check_outputs(subcommand, self.config[subcommand])
         if isinstance(self.model, ExpertModule):
             self._check_expert(subcommand)
-        if self._new_wandb_id:
-            save_wandb_run_id(*self._new_wandb_id)
-        super()._run_subcommand(subcommand)
+        with contextlib.ExitStack() as stack:
+            # One writer per run folder (askexpert/run_folder.py); evaluations only read it. DDP ranks other than 0
+            # (started by rank 0, which holds the lock) write nothing.
+            if subcommand == "fit" and rank_zero_only.rank == 0:
+                stack.enter_context(locked(self.trainer.default_root_dir))
+                if self.config[subcommand].get("ckpt_path"):  # metrics.csv drops the rows of epochs trained again
+                    for logger in self.trainer.loggers:
+                        if isinstance(logger, RunCSVLogger):
+                            logger.resuming = True
+            if self._new_wandb_id:
+                save_wandb_run_id(*self._new_wandb_id)
+            super()._run_subcommand(subcommand)
 
     def _check_expert(self, subcommand: str) -> None:
         """Everything about an expert run that can be wrong, checked before the run writes anything."""
@@ -366,8 +439,8 @@ class AskExpertCLI(LightningCLI):
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
         data = self.datamodule.describe()
         result = {"stage": stage, "metrics": metrics, "data": data, "ckpt_path": self.trainer.ckpt_path}
-        root = self.trainer.default_root_dir
-        atomic_write_text(os.path.join(root, f"{stage}_results.json"), json.dumps(result, indent=2) + "\n")
+        path = os.path.join(evaluation_dir(self.trainer.default_root_dir), f"{stage}_results.json")
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
         label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
         acc = metrics.get(f"{stage}/acc")
         if acc is not None:
@@ -400,13 +473,33 @@ def _import_class(class_path: str | None) -> object:
         return None
 
 
+def check_checkpoint_classes(config: Namespace, datamodule: ImageDataModule) -> None:
+    """A checkpoint of another class set than the data: one line, not a size mismatch deep inside torch (the
+    model is built with the data's class count, so only the checkpoint's own hyper-parameters can tell)."""
+    root = config.trainer.default_root_dir
+    ckpt_path = last_checkpoint(root) if config.get("ckpt_path") == "last" else config.get("ckpt_path")
+    saved = _checkpoint_hparams(ckpt_path, root)
+    if saved.get("num_classes") is not None:
+        check_same_classes(SimpleNamespace(hparams=AttributeDict(saved)), datamodule, f"checkpoint {ckpt_path}")
+
+
+def check_outputs(subcommand: str, config: Namespace) -> None:
+    """Outputs that cannot be written (a file as the run folder, a folder as the predictions CSV, no write
+    permission), refused before the run starts instead of at its first write."""
+    if subcommand == "fit":
+        check_output_path(config.trainer.default_root_dir, "--trainer.default_root_dir", "folder")
+    output = (config.get("prediction_writer") or {}).get("output")
+    if subcommand == "predict" and output:
+        check_output_path(output, "--prediction_writer.output", "file")
+
+
 def _checkpoint_hparams(ckpt_path: str | None, root: str) -> dict:
     """Hyper-parameters saved in the checkpoint an evaluation will load ({} when there is none yet)."""
     if ckpt_path == "last":
         ckpt_path = last_checkpoint(root)
     if not ckpt_path or ckpt_path in LIGHTNING_CKPT_ALIASES or not os.path.isfile(ckpt_path):
         return {}
-    return dict(load_checkpoint(ckpt_path).get("hyper_parameters", {}))
+    return dict(load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters", {}))
 
 
 def map_specialization_names(argv: list[str]) -> list[str]:
@@ -461,7 +554,10 @@ def main() -> None:
     except Exception as err:
         # jsonargparse wraps what a class raised while being built; the user's problem is the UserError inside.
         user_error = find_user_error(err)
-        if user_error is None:
+        # An OSError about a path (read-only folder, full disk, a file where a folder should be) is the user's
+        # to fix too; any other exception is a bug and keeps its traceback.
+        message = str(user_error) if user_error is not None else os_error_message(err)
+        if message is None:
             raise
-        print(f"askexpert: error: {user_error}", file=sys.stderr)
+        print(f"askexpert: error: {message}", file=sys.stderr)
         sys.exit(getattr(user_error, "exit_status", 2))

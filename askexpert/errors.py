@@ -2,8 +2,18 @@
 
 Anything the user can fix (a missing folder, a bad checksum, an unknown model name) raises `UserError`
 with a message that names the problem and, where useful, the valid choices. `askexpert.cli.main`
-prints it on one line and exits non-zero; every other exception is a bug and keeps its traceback.
+prints it on one line and exits non-zero; every other exception is a bug and keeps its traceback. An
+`OSError` about a path (a read-only folder, a full disk, a file where a folder should be) is the user's
+environment, not a bug: `os_error_message` turns it into the same one line.
 """
+
+from __future__ import annotations
+
+import errno
+import os
+
+# errno values that mean "the disk cannot take the write", whatever file was being written
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class UserError(Exception):
@@ -43,10 +53,70 @@ def find_user_error(ex: BaseException | None) -> UserError | None:
     return None
 
 
-def one_line_parse_error(message: str, prog: str, ex: BaseException | None) -> UserError:
-    """What an argument parser raises instead of printing usage: the UserError inside, or the first lines."""
+class NestedParseError(UserError):
+    """What a parser jsonargparse made for a class inside an option (`--model.init_args.foo`) could not parse.
+
+    That parser does not know the command; the command's parser completes the line (`one_line_parse_error`).
+    """
+
+
+def one_line_parse_error(message: str, prog: str, ex: BaseException | None, nested: bool = False) -> UserError:
+    """What an argument parser raises instead of printing usage: the UserError inside, or the first lines.
+
+    `prog` is what the hint names (`python -m askexpert fit`); `nested` marks a parser made for a class inside an
+    option (see `NestedParseError`). jsonargparse puts a reason on the line after a blank one ('Parser key
+    "model":', '', '  - Expected ...'), so blank lines are skipped.
+    """
+    lines = [line.strip().removeprefix("- ") for line in message.strip().splitlines() if line.strip()]
     user_error = find_user_error(ex)
+    if nested:
+        return user_error if user_error is not None else NestedParseError(" ".join(lines[:2]))
+    if isinstance(user_error, NestedParseError):  # 'Parser key "model": Option 'foo' is not accepted (see ...)'
+        return UserError(f"{' '.join(lines[:1] + [str(user_error)])} (see `{prog} --help`)")
     if user_error is not None:
         return user_error
-    first_line = " ".join(line.strip() for line in message.strip().splitlines()[:2])
-    return UserError(f"{first_line} (see `{prog} --help`)")
+    return UserError(f"{' '.join(lines[:2])} (see `{prog} --help`)")
+
+
+def os_error_message(err: BaseException) -> str | None:
+    """One line for an OSError about a path (or a full disk), naming the path; None for anything else.
+
+    Only `__cause__` is followed, not `__context__`: a bug raised while handling an OSError stays a bug.
+    Python gives a denied write on a missing file (a read-only folder) the file's name: the folder is what the
+    user must change, so the line names it.
+    """
+    while not isinstance(err, OSError) and err.__cause__ is not None:  # e.g. wrapped by jsonargparse (`from`)
+        err = err.__cause__
+    if not isinstance(err, OSError) or err.errno is None:
+        return None
+    reason = err.strerror or os.strerror(err.errno)
+    if err.filename is None:  # a write to an open file: only a full disk is the user's to fix
+        return f"cannot write: {reason} (free some space and run again)" if err.errno in DISK_FULL else None
+    path = os.fsdecode(err.filename)
+    if err.filename2 is not None:
+        path = f"{path} -> {os.fsdecode(err.filename2)}"
+    elif err.errno in (errno.EACCES, errno.EPERM) and not os.path.lexists(path):
+        return f"cannot write in {os.path.dirname(os.path.abspath(path))}: {reason}"
+    if err.errno in DISK_FULL:
+        return f"cannot write {path}: {reason} (free some space and run again)"
+    if err.errno == errno.EROFS:
+        return f"cannot write {path}: {reason}"
+    return f"cannot use {path}: {reason}"
+
+
+def check_output_path(path: str, option: str, kind: str) -> None:
+    """Refuse, before anything is computed, an output that cannot be written: a folder where a file is expected
+    (`kind="file"`), a file where a folder is expected (`kind="folder"`), a file on the way to it, or a folder
+    without write permission (root passes that check: it ignores permissions)."""
+    if kind == "file" and os.path.isdir(path):
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    if kind == "folder" and os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {path} is a file; give a folder")
+    # the nearest existing folder on the way is where the first file or folder will be created
+    existing = os.path.abspath(path if kind == "folder" else os.path.dirname(os.path.abspath(path)))
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: no permission to write in {existing}")

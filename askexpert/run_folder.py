@@ -1,17 +1,40 @@
-"""One fixed folder per run: checkpoints, resolved config, metrics and the W&B run id live together.
+"""One fixed folder per run: checkpoints, resolved config, metrics and the W&B run id live together; how
+every file of it is written (atomically) and who may write it (one process at a time, under a lock).
 
 A second launch with the same `--trainer.default_root_dir` and `--ckpt_path last` therefore finds the
 last checkpoint, appends to the same metrics file, overwrites the same `config.yaml` and resumes the same
 W&B run instead of starting a new version.
+
+Writes: every file goes to a temporary file in its own folder, is fsynced and renamed over the old one
+(`atomic_path`, `atomic_write_bytes`, `atomic_write_text`; checkpoints: askexpert/checkpoint_io.py, the same
+way). A reader, or a run resumed after a crash or a full disk, sees the old file or the new one, never part of
+one. A temporary file left by a killed writer is removed by the next process that locks the folder.
+
+Locks (`locked`): the process that writes a run folder (a `fit`'s run folder, a pipeline's `--out`, an
+experts `--root`, an ablation's `--out` and its store) holds an OS lock (`flock`) on `<folder>/.lock`, which
+also records who holds it (pid, command, start time) for the one-line refusal a second writer gets. The kernel
+drops the lock when its holder dies, even from SIGKILL, so a crash never blocks the resume. The folders a
+holder locks are listed in the environment (`ASKEXPERT_LOCKED_FOLDERS`), which its in-process stages and
+child processes (side-by-side experts, DDP ranks) inherit: they take their own lock on their own folder
+inside it without being refused by their parent's, while anyone else who writes inside a held folder is
+refused. Commands that only read (validate, test, predict, evaluate, route, profile) take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import secrets
+import shlex
 import string
+import sys
+import time
+import uuid
+from collections.abc import Iterator
 
-from askexpert.callbacks import atomic_write_text
+from askexpert.errors import UserError
 
 WANDB_ID_FILE = "wandb_id.txt"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -54,3 +77,201 @@ def sweep_run() -> tuple[str, str] | None:
     """(sweep id, run id) when a W&B sweep agent started this process (it sets both variables), else None."""
     sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     return (sweep_id, run_id) if sweep_id and run_id else None
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------
+# .<name>.<pid>.<8 hex>.tmp: ours and askexpert.checkpoint_io's; .tmp-*: mkstemp's (before fsync); *.ckpt.tmp: an
+# older strip_training_state's
+TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$|^\.tmp-|\.ckpt\.tmp$")
+
+
+def temporary_name(path: str) -> str:
+    """A temporary file's path next to `path` (same folder, so the rename stays on one file system)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (where the platform lets a folder be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path for a writer that wants a file name (`torch.save`, `savefig`, a YAML dumper); when
+    the block ends, that file is fsynced and renamed to `path`. On any error it is removed and `path` is left as
+    it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `path` through a temporary file, fsync and rename: readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:  # a name of our own: created with the umask's mode
+        handle.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files a killed writer left in `folder` (not following links: a store's stages are
+    cleaned by the store's own lock). Only called under the folder's lock, when no one else writes there."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            if TEMPORARY.search(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(parent, name))
+
+
+# -- locks ---------------------------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+LOCKED_ENV = "ASKEXPERT_LOCKED_FOLDERS"
+
+
+def _inherited() -> list[str]:
+    """Folders locked by this process or the command that started it."""
+    try:
+        held = json.loads(os.environ.get(LOCKED_ENV) or "[]")
+    except json.JSONDecodeError:
+        return []
+    return [path for path in held if isinstance(path, str)] if isinstance(held, list) else []
+
+
+def _command_line() -> str:
+    argv = list(sys.argv) or ["python"]
+    ours = argv[0].endswith(os.path.join("askexpert", "__main__.py"))
+    argv[0] = "python -m askexpert" if ours else "python -c" if argv[0] == "-c" else os.path.basename(argv[0])
+    text = " ".join([argv[0], *(shlex.quote(a) for a in argv[1:])])
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def holder(folder: str) -> str:
+    """Who holds (or last held) `folder`'s lock, from its lock file."""
+    try:
+        with open(os.path.join(folder, LOCK_FILE), encoding="utf-8") as handle:
+            info = json.loads(handle.read() or "{}")
+        return f"pid {int(info['pid'])} (`{info['command']}`, started {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _try_lock(path: str, shared: bool = False, create: bool = True) -> int | None:
+    """An open descriptor of `path` holding its flock, or None when another descriptor holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_held(folder: str) -> bool:
+    """Whether some process holds `folder`'s lock now."""
+    path = os.path.join(folder, LOCK_FILE)
+    if not os.path.isfile(path):
+        return False
+    try:
+        fd = _try_lock(path, shared=True, create=False)
+    except OSError:  # gone, or a lock file we may not open (read-only folder): nobody writes through it
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def check_not_in_use(folder: str, around_only: bool = False) -> None:
+    """Refuse to write into `folder` while a process outside this command holds it or a folder around it (e.g.
+    a `fit` still training in a stage folder that a pipeline would start again); `around_only`: only the folders
+    around it."""
+    folder = os.path.realpath(folder)
+    ours = {os.path.realpath(p) for p in _inherited()}
+    for candidate in _parents(folder) if around_only else [folder, *_parents(folder)]:
+        if candidate in ours or not is_held(candidate):
+            continue
+        where = candidate if candidate == folder else f"{folder} is part of {candidate}, which"
+        raise UserError(f"{where} is in use by {holder(candidate)}; wait for it to finish or stop it")
+
+
+def _parents(folder: str) -> list[str]:
+    parents = []
+    while (parent := os.path.dirname(folder)) != folder:
+        parents.append(parent)
+        folder = parent
+    return parents
+
+
+@contextlib.contextmanager
+def locked(folder: str) -> Iterator[None]:
+    """Hold `folder` (created if needed) for this process and the processes it starts, until the block ends.
+
+    A second writer (another process, or one writing inside this folder) gets one `UserError` line naming the
+    holder. A folder this command already holds (`LOCKED_ENV`) is entered without a second lock. Without
+    `fcntl` (Windows) nothing is locked: run one writer per folder there.
+    """
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        yield
+        return
+    folder = os.path.realpath(folder)
+    ours = [os.path.realpath(p) for p in _inherited()]
+    if folder not in ours:
+        check_not_in_use(folder, around_only=True)
+    os.makedirs(folder, exist_ok=True)
+    fd = _try_lock(os.path.join(folder, LOCK_FILE))
+    if fd is None:
+        if folder in ours:  # held by this command (this process or the one that started it)
+            yield
+            return
+        raise UserError(f"{folder} is in use by {holder(folder)}; wait for it to finish or stop it")
+    try:
+        # who holds it, for a second writer's message; written in place (renaming a new file over a lock file
+        # would give the next process another inode to lock)
+        info = {"pid": os.getpid(), "command": _command_line(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        remove_stale_temporaries(folder)
+        previous = os.environ.get(LOCKED_ENV)
+        os.environ[LOCKED_ENV] = json.dumps([*ours, folder])
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(LOCKED_ENV, None)
+            else:
+                os.environ[LOCKED_ENV] = previous
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -24,7 +24,7 @@ from datamodules.augment import random_crop_flip
 from datamodules.sources import SourceName, load_source, source_metadata
 from datamodules.splits import ImageSplits
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "calib", "test")
 
 
 class TensorImageDataset(Dataset):
@@ -82,6 +82,9 @@ class ImageDataModule(pl.LightningDataModule):
         verify_checksums: check CIFAR-100's official MD5 sums before reading.
         image_size: side of the square images; imagefolder images are resized to it.
         val_fraction: share of each training class held out for validation (seeded by `seed`).
+        calib_fraction: share of each training class held out for calibration (the routing threshold and the
+            temperature, see docs/collaborative.md), after the validation holdout; 0 (default): none, and
+            calibration uses the validation split. Neither trained on nor used to select checkpoints.
         seed: seed of the validation holdout.
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and prediction.
@@ -105,6 +108,7 @@ class ImageDataModule(pl.LightningDataModule):
         verify_checksums: bool = True,
         image_size: int = 32,
         val_fraction: float = 0.1,
+        calib_fraction: float = 0.0,
         seed: int = 0,
         batch_size: int = 128,
         eval_batch_size: int = 512,
@@ -120,6 +124,11 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= calib_fraction < 1.0 or val_fraction + calib_fraction >= 1.0:
+            raise UserError(
+                f"--data.calib_fraction must be in [0, 1) and leave training images after --data.val_fraction "
+                f"{val_fraction}, got {calib_fraction}"
+            )
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise UserError(f"--data.{name} must be at least 1, got {value}")
@@ -182,15 +191,24 @@ class ImageDataModule(pl.LightningDataModule):
         if splits.class_names != self.metadata.class_names:
             raise UserError("the dataset's classes changed between reading its metadata and its images")
         train_idx, val_idx = stratified_holdout(splits.train_labels, h.val_fraction, h.seed)
+        # The calibration split comes out of what validation left, so the validation split (which selects
+        # checkpoints) is the same images with or without it; its own seed keeps the two draws independent.
+        calib_idx = torch.empty(0, dtype=torch.long)
+        if h.get("calib_fraction", 0.0) > 0:
+            share = h.calib_fraction / (1.0 - h.val_fraction)  # of what is left: about calib_fraction of each class
+            keep, held = stratified_holdout(splits.train_labels[train_idx], share, h.seed + 1)
+            train_idx, calib_idx = train_idx[keep], train_idx[held]
         self._tensors = {
             "train": (splits.train_images[train_idx], splits.train_labels[train_idx]),
             "val": (splits.train_images[val_idx], splits.train_labels[val_idx]),
+            "calib": (splits.train_images[calib_idx], splits.train_labels[calib_idx]),
             "test": (splits.test_images, splits.test_labels),
         }
         self._splits = splits
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images, labels) of `split` (train, val or test)."""
+        """(uint8 images, labels) of `split` (train, val, calib or test; calib is empty without a calibration
+        split)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
         self.setup()
@@ -208,7 +226,10 @@ class ImageDataModule(pl.LightningDataModule):
         return self._resident[key]
 
     def split_sizes(self) -> dict[str, int]:
-        return {split: len(self.tensors(split)[1]) for split in SPLITS}
+        """Images per split; calib only when there is a calibration split (so data descriptions of runs without
+        one read as before)."""
+        sizes = {split: len(self.tensors(split)[1]) for split in SPLITS}
+        return sizes if sizes["calib"] else {split: size for split, size in sizes.items() if split != "calib"}
 
     def describe(self) -> dict:
         """What a report needs to say about the data it was computed on."""

@@ -125,7 +125,35 @@ class Partition:
             partition = cls(experts, list(raw["class_names"]), raw.get("method", "explicit"), raw.get("details", {}))
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise UserError(f"{path} is not a partition file ({type(err).__name__}: {err})") from None
+        if not isinstance(partition.details, dict) or not all(isinstance(n, str) for n in partition.class_names):
+            raise UserError(f"{path} is not a partition file (details must be a mapping, class_names texts)")
+        partition.check(allow_uncovered=True)  # ids in range before the names they index are compared
+        _cross_check(raw, partition, path)
         return partition.check(allow_uncovered=allow_uncovered or partition.details.get("allow_uncovered", False))
+
+
+def _cross_check(raw: dict, partition: Partition, path: str) -> None:
+    """Refuse a file whose redundant fields (`num_classes`, each expert's `index` and `names`) contradict its class
+    ids: a hand edit changed one and not the other, and which one is meant cannot be guessed."""
+    if "num_classes" in raw and raw["num_classes"] != partition.num_classes:
+        raise UserError(
+            f"{path}: num_classes is {raw['num_classes']!r} but class_names lists {partition.num_classes} classes"
+        )
+    for position, entry in enumerate(raw["experts"]):
+        if "index" in entry and entry["index"] != position:
+            raise UserError(f"{path}: expert {position} says index {entry['index']!r}; experts are listed in order")
+        given = entry.get("names")
+        if given is None:
+            continue
+        ids = partition.experts[position]
+        if not isinstance(given, list) or len(given) != len(ids):
+            raise UserError(f"{path}: expert {position} lists {len(ids)} class ids but other names: {given!r}")
+        for c, name in zip(ids, given, strict=True):
+            if name != partition.class_names[c]:
+                raise UserError(
+                    f"{path}: expert {position} names class {c} {name!r}, but class {c} is "
+                    f"{partition.class_names[c]!r}"
+                )
 
 
 # -- builders ----------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_test_command_reports_stand_in_accuracy(trained_run, capsys):
     )
     assert code == 0
     assert "GeneralistModule test accuracy:" in out and "STAND-IN synthetic data, not CIFAR-100" in out
-    result = json.loads((trained_run / "test_results.json").read_text())
+    result = json.loads((trained_run / "eval" / "test_results.json").read_text())
     assert (
         result["data"]["stand_in"] is True and result["data"]["test_size"] == 200 and result["data"]["val_size"] == 100
     )

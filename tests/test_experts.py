@@ -262,7 +262,8 @@ def test_partition_command_generalist_of_another_class_set(tmp_path, capsys, set
         ],
         capsys,
     )
-    assert code == 2 and "different class set" in err
+    # the data settings come from the generalist's checkpoint: another source contradicts them
+    assert code == 2 and "--data.source 'imagefolder' (the generalist's: 'synthetic')" in err
 
 
 # -- training all experts -----------------------------------------------------------------------------

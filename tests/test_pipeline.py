@@ -16,6 +16,8 @@ from conftest import REPO
 from test_cli import run_main
 from test_cli_errors import assert_clean_failure
 
+from askexpert.collab.logits import read_cache_file
+
 STAGE = {
     "seed_everything": 0,
     "trainer": {
@@ -108,7 +110,7 @@ def test_report_has_every_field_the_issue_asks_for(finished):
     assert {"packages", "git_revision", "seed", "profile"} <= set(provenance)
     assert provenance["profile"]["name"] == "pi4_wifi_orin"
     # the accuracy in the report is the accuracy of the cached logits, recomputed here
-    cached = torch.load(out / "logits" / "generalist_test.pt", weights_only=False)
+    cached = read_cache_file(str(out / "logits" / "generalist_test.safetensors"))
     recomputed = float((cached["logits"].argmax(-1) == cached["labels"]).double().mean())
     assert report["generalist"]["test_acc"] == pytest.approx(recomputed)
     assert report["baselines"]["edge_only"]["acc"] == pytest.approx(recomputed)
@@ -123,7 +125,7 @@ def test_report_files_and_artefacts(finished):
         assert (out / stage / "checkpoints" / "best.ckpt").is_file()
         assert (out / stage / "config.yaml").is_file()
     assert json.loads((out / "partition.json").read_text())["method"] == "superclass"
-    assert sorted(p.name for p in (out / "logits").iterdir())[:2] == ["base_test.pt", "base_val.pt"]
+    assert sorted(p.name for p in (out / "logits").iterdir())[:2] == ["base_test.safetensors", "base_val.safetensors"]
 
 
 def test_sanity_findings_come_before_any_number(finished, tmp_path, capsys):
@@ -276,8 +278,8 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
     )
     assert code == 0, err
     assert set(yaml.safe_load((tmp_path / "m.yaml").read_text())["near_edge"]["measured_ms"]) == {
-        "vit_micro_patch8_32",
-        "vit_edge_patch8_32",
+        "vit_micro_patch8_32/100/32",
+        "vit_edge_patch8_32/100/32",
     }
     for bad, message in (
         (["--models", "nope"], "unknown model 'nope'"),
@@ -290,8 +292,8 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
     assert code == 0, err
     raw = yaml.safe_load(profile.read_text())
     assert (
-        set(raw["edge"]["measured_ms"]) == {"vit_micro_patch8_32"}
-        and raw["edge"]["measured_ms"]["vit_micro_patch8_32"] > 0
+        set(raw["edge"]["measured_ms"]) == {"vit_micro_patch8_32/100/32"}
+        and raw["edge"]["measured_ms"]["vit_micro_patch8_32/100/32"] > 0
     )
     assert "measured_ms" not in raw["near_edge"]
     code, _, err = run_main(
@@ -300,7 +302,7 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
     assert code == 0, err
     costs = json.loads((tmp_path / "e" / "report.json").read_text())["costs"]["models"]["generalist"]
     assert costs["edge_source"] == "measured" and costs["near_edge_source"] == "flops"
-    assert costs["edge_ms"] == pytest.approx(raw["edge"]["measured_ms"]["vit_micro_patch8_32"])
+    assert costs["edge_ms"] == pytest.approx(raw["edge"]["measured_ms"]["vit_micro_patch8_32/100/32"])
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

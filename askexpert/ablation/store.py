@@ -14,8 +14,7 @@ import json
 import os
 import shutil
 
-from askexpert.callbacks import atomic_write_text
-from askexpert.errors import UserError
+from askexpert.run_folder import atomic_write_text, locked
 
 
 class StageStore:
@@ -41,23 +40,16 @@ class StageStore:
         text = json.dumps({"name": stage.name, "identity": stage.identity, "config": stage.config}, default=str)
         atomic_write_text(self._marker(stage), text + "\n")
 
+    def mark_not_done(self, stage) -> None:
+        """Before a stage (re)trains: a crash must not leave it marked done with a missing or older artefact."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._marker(stage))
+
     @contextlib.contextmanager
     def locked(self):
-        """Hold the store for this process: two ablations training into one store would delete each other's
-        unfinished stages. A second process gets a clear error instead of waiting."""
-        os.makedirs(self.root, exist_ok=True)
-        with open(os.path.join(self.root, ".lock"), "w") as handle:
-            try:
-                import fcntl
-
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except ImportError:  # no fcntl (Windows): no lock, run one ablation per store at a time
-                pass
-            except OSError:
-                raise UserError(
-                    f"the stage store {self.root} is in use by another `ablate` process; wait for it or give "
-                    "another --store"
-                ) from None
+        """Hold the store for this process (askexpert/run_folder.py): two ablations training into one store would
+        delete each other's unfinished stages. A second process gets one line naming the holder."""
+        with locked(self.root):
             yield
 
     @staticmethod

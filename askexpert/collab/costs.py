@@ -15,7 +15,9 @@ Radio power follows the linear model of Huang et al. (MobiSys'12): P_radio = a *
 
 A model's compute time is `overhead_ms + GFLOPs / gflops` (the device's sustained rate and fixed
 per-inference cost), or the time `python -m askexpert profile` measured for that model and wrote into the
-profile (`measured_ms`). Every figure in a report says which one it used.
+profile (`measured_ms`, keyed by `measured_key`: the model, its number of outputs and its input side, since
+a dustbin head or another input size is another model to time). Every figure in a report says which one it
+used.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ DEVICE_FIELDS = ("name", "gflops", "overhead_ms", "active_power_w", "idle_power_
 LINK_FIELDS = ("name", "uplink_mbps", "rtt_ms", "radio_w_per_mbps", "radio_base_w")
 
 
+def measured_key(model_name: str, num_outputs: int, image_size: int) -> str:
+    """The name of a measured time in a profile, e.g. `vit_edge_patch4_32/101/32` (model/outputs/input side)."""
+    return f"{model_name}/{num_outputs}/{image_size}"
+
+
 @dataclass(frozen=True)
 class Device:
     name: str
@@ -40,12 +47,17 @@ class Device:
     overhead_ms: float  # fixed cost of one inference (kernel launches, framework)
     active_power_w: float
     idle_power_w: float
-    measured_ms: dict[str, float] = field(default_factory=dict)  # model name -> measured batch-1 time
+    measured_ms: dict[str, float] = field(default_factory=dict)  # measured_key -> measured batch-1 time
 
-    def compute_ms(self, model_name: str, gflops_per_image: float) -> tuple[float, str]:
-        """(milliseconds for one image, "measured" or "flops")."""
-        if model_name in self.measured_ms:
-            return float(self.measured_ms[model_name]), "measured"
+    def compute_ms(
+        self, model_name: str, num_outputs: int, image_size: int, gflops_per_image: float
+    ) -> tuple[float, str]:
+        """(milliseconds for one image, "measured", "measured (any head)" or "flops")."""
+        key = measured_key(model_name, num_outputs, image_size)
+        if key in self.measured_ms:
+            return float(self.measured_ms[key]), "measured"
+        if model_name in self.measured_ms:  # a profile written before times were keyed by head and input size
+            return float(self.measured_ms[model_name]), "measured (any head)"
         return self.overhead_ms + 1e3 * gflops_per_image / self.gflops, "flops"
 
 
@@ -116,7 +128,9 @@ def _section(raw: dict, section: str, fields: tuple[str, ...], positive: tuple[s
     if "measured_ms" in values:
         measured = values["measured_ms"] or {}
         if not isinstance(measured, dict):
-            raise UserError(f"profile field {section}.measured_ms must map model names to milliseconds")
+            raise UserError(
+                f"profile field {section}.measured_ms must map MODEL/OUTPUTS/INPUT_SIDE names to milliseconds"
+            )
         out["measured_ms"] = {
             str(name): _number(f"{section}.measured_ms", name, ms, allow_zero=False) for name, ms in measured.items()
         }
@@ -178,8 +192,8 @@ class ModelCost:
 
 def model_cost(profile: Profile, model_name: str, num_outputs: int, image_size: int = 32) -> ModelCost:
     flops = gflops_per_image(model_name, num_outputs, image_size)
-    edge_ms, edge_source = profile.edge.compute_ms(model_name, flops)
-    near_ms, near_source = profile.near_edge.compute_ms(model_name, flops)
+    edge_ms, edge_source = profile.edge.compute_ms(model_name, num_outputs, image_size, flops)
+    near_ms, near_source = profile.near_edge.compute_ms(model_name, num_outputs, image_size, flops)
     return ModelCost(model_name, flops, edge_ms, near_ms, edge_source, near_source)
 
 

@@ -22,6 +22,7 @@ from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import Partition
 
 SPLITS = ("val", "test")
+CALIB = "calib"  # the calibration split, when the data has one (`--data.calib_fraction`)
 STATIC = "static"
 PACKAGES = ("askexpert", "torch", "lightning", "timm", "torchmetrics")
 
@@ -77,6 +78,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def in_run(path: str | None, root: str) -> str | None:
+    """`path` relative to the run folder when it lies inside it (the partition, the run's copy of its profile), so
+    the report of a copied or moved run names the same files; any other path as given."""
+    if path is None:
+        return None
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
 def _require(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path} (has the pipeline finished this stage?)")
@@ -87,6 +97,30 @@ def check_expert_classes(subset, partition: Partition, index: int, name: str, pa
     """Refuse an expert whose trained classes are not the ones the partition gives it (a mismatched artefact)."""
     if subset is None or sorted(int(c) for c in subset) != sorted(partition.classes_of(index)):
         raise UserError(f"expert {name} was trained on other classes than {partition_path} gives it")
+
+
+def check_checkpoint_kind(
+    checkpoint: str, name: str, expert: int | None, partition: Partition, partition_path: str, datamodule
+) -> None:
+    """Refuse a checkpoint of the wrong kind (an expert as the generalist or base, anything else as an expert),
+    of other classes than the partition gives it, or of another class set than the data, from its saved
+    hyper-parameters: before its logits are computed and cached."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.data import AttributeDict
+
+    from askexpert.checkpoints import check_same_classes, load_checkpoint
+
+    hparams = AttributeDict(load_checkpoint(checkpoint, mmap=True).get("hyper_parameters", {}))
+    subset = hparams.get("subset")
+    if expert is None and subset is not None:
+        raise UserError(f"{name} checkpoint {checkpoint} is an expert's ({len(subset)} classes), not the {name}'s")
+    if expert is not None and subset is None:
+        raise UserError(f"expert {name}'s checkpoint {checkpoint} is not an expert's (it has no class subset)")
+    if expert is not None:
+        check_expert_classes(subset, partition, expert, name, partition_path)
+    if hparams.get("num_classes") is not None:
+        check_same_classes(SimpleNamespace(hparams=hparams), datamodule, f"{name} ({checkpoint})")
 
 
 def images_of(labels: torch.Tensor, classes: list[int]) -> int:
@@ -125,10 +159,13 @@ def evaluate_run(
             f"{layout.partition} has {partition.num_experts} experts but the run was made with {num_experts}"
         )
     datamodule.setup()
+    # the calibration split's logits too when there is one: the router's temperature and τ come from it
+    splits = (*SPLITS, CALIB) if datamodule.split_sizes().get(CALIB) else SPLITS
 
-    def logits_of(name: str, stage_dir: str) -> dict:
+    def logits_of(name: str, stage_dir: str, expert: int | None = None) -> dict:
         checkpoint = _require(layout.best(stage_dir), f"{name} checkpoint")
-        return cached_logits(name, checkpoint, datamodule, SPLITS, layout.logits, layout.shared_logits)
+        check_checkpoint_kind(checkpoint, name, expert, partition, layout.partition, datamodule)
+        return cached_logits(name, checkpoint, datamodule, splits, layout.logits, layout.shared_logits)
 
     generalist = logits_of("generalist", layout.stage_dir("generalist"))
     base = logits_of("base", layout.stage_dir("base"))
@@ -136,7 +173,7 @@ def evaluate_run(
     for family in expert_families(specialization, static_baseline):
         families[family] = []
         for i in range(partition.num_experts):
-            found = logits_of(f"{family}_{i}", layout.expert_dir(family, i))
+            found = logits_of(f"{family}_{i}", layout.expert_dir(family, i), expert=i)
             check_expert_classes(found["meta"].get("subset"), partition, i, f"{family}_{i}", layout.partition)
             families[family].append(found)
 
@@ -191,6 +228,7 @@ def evaluate_run(
         return entries
 
     described = datamodule.describe()
+    profile_entry = {**profile.describe(), "path": in_run(profile.path, layout.root)}
     models = {
         "generalist": generalist["meta"],
         "base": base["meta"],
@@ -204,6 +242,7 @@ def evaluate_run(
             "train_size": described["train_size"],
             "val_size": described["val_size"],
             "test_size": described["test_size"],
+            **({"calib_size": described["calib_size"]} if "calib_size" in described else {}),
             "stand_in": described["stand_in"],
         },
         "generalist": {
@@ -216,12 +255,16 @@ def evaluate_run(
             "params": base["meta"]["params"],
             "test_acc": test_acc(base),
         },
-        "partition": {"path": layout.partition, "method": partition.method, "num_experts": partition.num_experts},
+        "partition": {
+            "path": in_run(layout.partition, layout.root),
+            "method": partition.method,
+            "num_experts": partition.num_experts,
+        },
         "experts": expert_entries(specialization),
         "static_experts": expert_entries(STATIC) if STATIC in families and specialization != STATIC else [],
         **result,
         "costs": {
-            "profile": profile.describe(),
+            "profile": profile_entry,
             "image_bytes": cost_model.image_bytes,
             "models": {
                 name: {k: v for k, v in vars(cost(meta)).items() if k != "name"} | {"model_name": meta["model_name"]}
@@ -232,7 +275,7 @@ def evaluate_run(
             "packages": package_versions(),
             "git_revision": git_revision(),
             "seed": seed,
-            "profile": profile.describe(),
+            "profile": profile_entry,
             "torch_threads": torch.get_num_threads(),
         },
     }

@@ -1,23 +1,34 @@
-"""Run each model once per split and keep its logits on disk (`RUN/logits/<name>_<split>.pt`).
+"""Run each model once per split and keep its logits on disk (`RUN/logits/<name>_<split>.safetensors`).
 
 Everything downstream (gates, thresholds, baselines, other profiles) is computed from these tensors, so
 `evaluate` with another gate or profile costs seconds. A cache file is reused only if it was computed from
 a checkpoint with the same content (SHA-256) and the same data split. A cache shared by many runs (an
-ablation's store) names its files `<name>-<checkpoint hash>_<split>.pt`, one per checkpoint.
+ablation's store) names its files `<name>-<checkpoint hash>_<split>.safetensors`, one per checkpoint.
+
+The files are safetensors (two tensors, `logits` and `labels`, plus the key and the model's description as
+JSON in the header): a run folder someone hands over cannot run code through its cache. Caches of earlier
+versions (`*.pt`, pickles) are never opened: the logits are recomputed once, with a one-line note.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from askexpert.callbacks import atomic_write_bytes
 from askexpert.checkpoints import check_same_classes, load_classifier
 from datamodules.datamodule import ImageDataModule
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1: pickled .pt files (not read any more)
+SUFFIX = ".safetensors"
+HEADER = "askexpert"  # the safetensors metadata entry holding {"key": ..., "meta": ...} as JSON
+_noted_old_caches: set[str] = set()
 
 
 def _checkpoint_key(path: str) -> dict:
@@ -94,17 +105,15 @@ def cached_logits(
     model = None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for split in splits:
-        path = os.path.join(cache_dir, f"{name}_{split}.pt")
-        split_key = {**key, "data": _data_key(datamodule, split)}
-        if os.path.isfile(path):
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:  # a damaged cache file is recomputed, never trusted
-                saved = None
-            if saved and saved.get("key") == split_key:
-                result["logits"][split], result["labels"][split] = saved["logits"], saved["labels"]
-                result["meta"] = saved["meta"]
-                continue
+        path = os.path.join(cache_dir, f"{name}_{split}{SUFFIX}")
+        # compared as JSON, the form it is stored in (tuples come back as lists)
+        split_key = json.loads(json.dumps({**key, "data": _data_key(datamodule, split)}))
+        saved = read_cache_file(path)
+        if saved is not None and saved["key"] == split_key:
+            result["logits"][split], result["labels"][split] = saved["logits"], saved["labels"]
+            result["meta"] = saved["meta"]
+            continue
+        _note_old_cache(cache_dir, os.path.join(cache_dir, f"{name}_{split}.pt"))
         if model is None:
             model = load_classifier(checkpoint, map_location=device)
             check_same_classes(model, datamodule, f"{name} ({checkpoint})")
@@ -113,14 +122,39 @@ def cached_logits(
         labels = datamodule.tensors(split)[1].clone()
         result["logits"][split], result["labels"][split] = logits, labels
         os.makedirs(cache_dir, exist_ok=True)
-        payload = {"key": split_key, "logits": logits, "labels": labels, "meta": result["meta"]}
-        atomic_write_bytes(path, _to_bytes(payload))
+        header = json.dumps({"key": split_key, "meta": result["meta"]})
+        tensors = {"logits": logits.contiguous(), "labels": labels.contiguous()}
+        atomic_write_bytes(path, safetensors_bytes(tensors, metadata={HEADER: header}))
     return result
 
 
-def _to_bytes(payload: dict) -> bytes:
-    import io
+def read_cache_file(path: str) -> dict | None:
+    """{"key", "meta", "logits", "labels"} of one cache file; None when it is missing, damaged or not ours.
 
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+    safetensors reads a JSON header and raw tensor bytes: nothing in the file is ever executed.
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            header = json.loads((handle.metadata() or {})[HEADER])
+            logits, labels = handle.get_tensor("logits"), handle.get_tensor("labels")
+        saved = {"key": header["key"], "meta": header["meta"], "logits": logits, "labels": labels}
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+    if logits.dim() != 2 or labels.dim() != 1 or len(logits) != len(labels) or not isinstance(saved["meta"], dict):
+        return None
+    return saved
+
+
+def _note_old_cache(cache_dir: str, old_file: str) -> None:
+    """One line per cache folder when its logits are recomputed because they are in the old pickle format."""
+    if cache_dir in _noted_old_caches or not os.path.isfile(old_file):
+        return
+    _noted_old_caches.add(cache_dir)
+    print(
+        f"note: {cache_dir} holds logits cached by an earlier askexpert as pickles (*.pt), which are never "
+        f"loaded (a pickle can run code); recomputing them as {SUFFIX} files (the *.pt files can be deleted)",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -109,7 +109,9 @@ def markdown(report: dict) -> str:
         *findings_markdown(report),
         "## Results",
         "",
-        f"{data['num_classes']} classes, {data['train_size']} training and {data['test_size']} test images. "
+        f"{data['num_classes']} classes, {data['train_size']} training and {data['test_size']} test images"
+        + (f", {data['calib_size']} held out for calibration" if data.get("calib_size") else "")
+        + ". "
         f"Operating point chosen on {sel['chosen_on']}: threshold {sel['threshold']:.2f} on the "
         f"`{routing['gate']}` gate (temperature {routing['temperature_value']:.2f}), top-{routing['top_k']} expert "
         f"choice, `{routing['fusion']}` fusion"

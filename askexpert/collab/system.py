@@ -65,11 +65,12 @@ class RoutingConfig:
 
     Args:
         gate: confidence gate: max_prob, margin or entropy.
-        threshold: offload iff confidence < threshold; None chooses it on the validation split.
+        threshold: offload iff confidence < threshold; None chooses it on the calibration split (the data's
+            `calib_fraction`; the validation split when there is none).
         top_k: how many of the generalist's top classes choose the expert.
-        temperature: scale the generalist's logits by a temperature fitted on validation data.
+        temperature: scale the generalist's logits by a temperature fitted on the calibration split (as above).
         fusion: final answer of an offloaded sample: expert, product or mean.
-        budget: limits the chosen threshold must meet on validation data (unset: no limit).
+        budget: limits the chosen threshold must meet on the calibration split (unset: no limit).
         seed: seed of the random_expert baseline.
     """
 
@@ -168,10 +169,17 @@ class CollaborativeSystem:
         self.edge = cost_model.on_edge(generalist_cost)
 
     # -- the router ----------------------------------------------------------------------------------
+    @property
+    def calibration_split(self) -> str:
+        """Where the temperature is fitted and τ chosen: the calibration split when the data has one (it neither
+        trained a model nor selected a checkpoint), else the validation split."""
+        return "calib" if len(self.labels.get("calib", [])) else "val"
+
     def temperature(self, config: RoutingConfig) -> float:
         if not config.temperature:
             return 1.0
-        return fit_temperature(self.generalist["val"], self.labels["val"])
+        split = self.calibration_split
+        return fit_temperature(self.generalist[split], self.labels[split])
 
     def route(self, split: str, config: RoutingConfig, temperature: float, experts: ExpertSet | None = None):
         """(RoutedSamples, per-sample expert choice, (N, E) correctness, edge probabilities) for `split`."""
@@ -187,20 +195,22 @@ class CollaborativeSystem:
     # -- the whole evaluation ------------------------------------------------------------------------
     def evaluate(self, config: RoutingConfig, thresholds: torch.Tensor | None = None) -> dict:
         config.check(self.num_classes)
-        need_val = config.threshold is None or config.temperature
-        if need_val and len(self.labels.get("val", [])) == 0:
+        calibrate = config.threshold is None or config.temperature
+        split = self.calibration_split
+        if calibrate and len(self.labels.get(split, [])) == 0:
             raise UserError(
-                "choosing the threshold and fitting the temperature need a validation split: set "
-                "--data.val_fraction above 0, or give --routing.threshold and --routing.temperature false"
+                "choosing the threshold and fitting the temperature need a validation split or a calibration "
+                "split: set --data.val_fraction or --data.calib_fraction above 0, or give --routing.threshold and "
+                "--routing.temperature false"
             )
         temperature = self.temperature(config)
         test, chosen, correct, _ = self.route("test", config, temperature)
         test_table = sweep(test, thresholds)
         if config.threshold is None:
-            val, *_ = self.route("val", config, temperature)
-            val_table = sweep(val, selection_grid(val.confidence, thresholds))
-            threshold = float(val_table["threshold"][choose_threshold(val_table, config.budget_dict())])
-            chosen_on = "val"
+            calib, *_ = self.route(split, config, temperature)
+            calib_table = sweep(calib, selection_grid(calib.confidence, thresholds))
+            threshold = float(calib_table["threshold"][choose_threshold(calib_table, config.budget_dict())])
+            chosen_on = split
         else:
             threshold, chosen_on = float(config.threshold), "given"
         offloaded = test.confidence < threshold

@@ -15,7 +15,8 @@ class CommandParser(ArgumentParser):
     """jsonargparse parser whose errors are one line (a UserError) instead of usage + traceback."""
 
     def error(self, message: str, ex: Exception | None = None):
-        raise one_line_parse_error(message, self.prog, ex) from None
+        # a parser jsonargparse made for a class inside an option (no exit_on_error) does not know the command
+        raise one_line_parse_error(message, self.prog, ex, nested=not self.exit_on_error) from None
 
 
 def command_parser(name: str, description: str, with_data: bool = True, with_config: bool = True) -> CommandParser:

@@ -30,6 +30,7 @@ from askexpert.ablation import results
 from askexpert.ablation.store import StageStore
 from askexpert.callbacks import atomic_write_text
 from askexpert.errors import DivergenceError, UserError, find_user_error
+from askexpert.run_folder import LOCK_FILE, locked
 
 SPEC_FILE = "ablation.json"
 CELL_FILE = "cell.json"
@@ -119,7 +120,7 @@ def check_out_folder(out: str, spec: dict, overwrite: bool) -> None:
     saved_path = os.path.join(out, SPEC_FILE)
     saved = _load_json(saved_path)
     if saved is None:
-        if os.path.isdir(out) and os.listdir(out):
+        if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE}:
             raise UserError(f"--out {out} already holds files that are not an ablation; choose another folder")
         return
     same_order = list(saved.get("grid") or {}) == list(spec["grid"])  # the order names the cells and columns
@@ -321,7 +322,8 @@ def run(argv: list[str]) -> list[dict]:
             state = "diverged before: to run again" if _diverged(planned) else state
             print(f"  {planned.cell.name} seed {planned.seed}: {state}", flush=True)
         return []
-    with store.locked():
+    # One writer per ablation folder and per store (askexpert/run_folder.py); the cells' pipelines run inside.
+    with locked(out), store.locked():
         return _run_all(args, spec, runs, store, out)
 
 

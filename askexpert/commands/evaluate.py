@@ -4,7 +4,9 @@
 
 Routing and profile default to the run's own settings (`DIR/pipeline.yaml`); anything given here replaces
 them for this evaluation. Models run only where their logits are not cached yet, so another gate, budget or
-profile costs seconds. The report files go to `--out` (default: the run folder, replacing its report).
+profile costs seconds. The report files go to `--out` (default: the run folder, replacing its report.json,
+report.md and pareto.png, each atomically); nothing else of the run changes (its logits cache may grow).
+A run folder may be copied or moved: its paths are relative to it, and it keeps its own copy of the profile.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ def saved_settings(run_dir: str):
         raise UserError(f"run folder not found: {run_dir}")
     if not os.path.isfile(layout.settings):
         raise UserError(f"{run_dir} is not a pipeline run (no pipeline.yaml); run `python -m askexpert pipeline` first")
-    return pipeline_parser().parse_path(layout.settings)
+    try:
+        return pipeline_parser().parse_path(layout.settings)
+    except UserError as err:  # the parser's reason ("arguments are required: out") names no file: say which
+        reason = str(err).split(" (see `")[0]
+        raise UserError(
+            f"{layout.settings} is damaged ({reason}); restore it, or run the pipeline again with the run's config "
+            "and --out (finished stages are skipped) to rewrite it"
+        ) from None
 
 
 def parser(defaults=None):
@@ -44,7 +53,13 @@ def parser(defaults=None):
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.pipeline import check_finished, evaluate_and_report, find_config_file, routing_config
+    from askexpert.commands.pipeline import (
+        check_finished,
+        evaluate_and_report,
+        find_config_file,
+        recorded_profile,
+        routing_config,
+    )
 
     # Two passes: the first finds the run (on the command line or in a --config file), the second parses
     # again with the run's own settings as defaults, so only what is given here replaces them.
@@ -54,7 +69,9 @@ def run(argv: list[str]) -> dict:
     args = parser(saved).parse_args(argv)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file; give a folder for the report files")
-    saved.profile = find_config_file(args.profile or saved.profile, "device profile")
+    # a profile given here is found like any input file; the run's own is relative to the run (it may have moved)
+    given = first.profile
+    saved.profile = find_config_file(given, "device profile") if given else recorded_profile(first.run, saved.profile)
     saved.wandb_project = args.wandb_project
     layout = RunLayout(args.run)
     return evaluate_and_report(saved, layout, routing_config(args.routing), args.out)

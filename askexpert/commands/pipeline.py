@@ -45,16 +45,16 @@ from typing import Any
 import yaml
 
 import strategies
-from askexpert.callbacks import atomic_write_text
-from askexpert.checkpoints import has_training_state
+from askexpert.callbacks import atomic_write_bytes, atomic_write_text
+from askexpert.checkpoints import check_checkpoint_file, has_training_state
 from askexpert.collab.costs import load_profile
 from askexpert.collab.evaluation import RunLayout, evaluate_run, expert_families
 from askexpert.collab.report import headline_table, write_report
 from askexpert.collab.system import Budget, RoutingConfig
 from askexpert.errors import DivergenceError, UserError, find_user_error
-from askexpert.run_folder import last_checkpoint
+from askexpert.run_folder import LOCK_FILE, check_not_in_use, last_checkpoint, locked
 from datamodules.datamodule import ImageDataModule
-from datamodules.partitions import METHODS
+from datamodules.partitions import METHODS, Partition
 
 DEFAULT_PROFILE = "configs/profiles/pi4_wifi_orin.yaml"
 # Keys of `data` that define the dataset: every stage must see the same ones, so only the pipeline sets them.
@@ -65,12 +65,20 @@ DATASET_KEYS = (
     "verify_checksums",
     "image_size",
     "val_fraction",
+    "calib_fraction",
     "seed",
     "synthetic_train_per_class",
     "synthetic_test_per_class",
     "synthetic_seed",
     "max_memory_gb",
 )
+# Data keys that came after runs and ablation stores existed, with their defaults. At its default such a key is
+# left out of a stage's identity, so the stages of existing runs and stores keep theirs (nothing retrains when
+# the code learns a new option); set to anything else, it changes what the stage sees and so its identity.
+LATER_DATA_DEFAULTS: dict[str, Any] = {"calib_fraction": 0.0}
+# The run keeps a copy of its device profile (pipeline.yaml names it relative to the run), so a copied or moved
+# run evaluates with the same profile without the file it was made from.
+PROFILE_DIR = "profile"
 
 
 @dataclass
@@ -338,12 +346,21 @@ def plan_stages(
     identities: dict[str, str] = {}
     for stage in stages:
         upstream = [identities[name] for name in stage.depends_on]
-        text = json.dumps({"config": stage.config, "upstream": upstream}, sort_keys=True, default=str)
+        text = json.dumps({"config": _identity_config(stage.config), "upstream": upstream}, sort_keys=True, default=str)
         # the run folder's own path is not part of a stage's identity: a moved or copied run still resumes
         for root in sorted({os.path.abspath(layout.root), layout.root}, key=len, reverse=True):
             text = text.replace(json.dumps(root)[1:-1], "$OUT")
         stage.identity = identities[stage.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return stages
+
+
+def _identity_config(config: dict) -> dict:
+    """A stage's config as its identity sees it: without the data keys of `LATER_DATA_DEFAULTS` at their default."""
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    kept = {k: v for k, v in data.items() if k not in LATER_DATA_DEFAULTS or v != LATER_DATA_DEFAULTS[k]}
+    return {**config, "data": kept}
 
 
 # -- the record of what is done ----------------------------------------------------------------------------
@@ -388,7 +405,7 @@ def check_out_folder(
     is what the user is expected to try."""
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
         raise UserError(f"--out {layout.root} is a file, not a folder")
-    if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - set(own_files):
+    if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - {*own_files, LOCK_FILE}:
         # even with --overwrite: only a pipeline's own stages are ever deleted
         raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")
     planned = {s.name: s for s in stages}
@@ -450,9 +467,39 @@ def run_fit(stage: Stage, layout: RunLayout, resume: bool) -> None:
         raise UserError(f"stage {stage.name} finished without a best checkpoint (was validation disabled?)")
 
 
-def _can_resume(folder: str) -> bool:
+def _can_resume(folder: str, header: str) -> bool:
+    """Whether a stage's folder holds a last.ckpt to resume from; a truncated or corrupt one (a crash or a full disk
+    before writes were atomic) restarts the stage, with a line saying so."""
     found = last_checkpoint(folder)
-    return bool(found) and has_training_state(found)
+    if not found:
+        return False
+    try:
+        check_checkpoint_file(found)
+    except UserError as err:
+        print(f"{header}: {err}; training the stage again from the start", flush=True)
+        return False
+    return has_training_state(found)
+
+
+_INTACT: set[tuple[str, int, int]] = set()  # (path, size, mtime) of artefacts this process found intact
+
+
+def _broken_artefact(stage: Stage, path: str) -> str | None:
+    """Why a finished stage's artefact (best.ckpt, or the partition file) cannot be used; None when it loads.
+    A stage is only done when what the next stages and the evaluation read is intact."""
+    status = os.stat(path)
+    key = (os.path.realpath(path), status.st_size, status.st_mtime_ns)
+    if key in _INTACT:  # an ablation's cells share stages: each file is read once per process
+        return None
+    try:
+        if stage.fit_args is None:
+            Partition.load(path, allow_uncovered=True)  # whether it loads; the coverage rule was applied when built
+        else:
+            check_checkpoint_file(path)
+    except UserError as err:
+        return str(err)
+    _INTACT.add(key)
+    return None
 
 
 def section_of(settings, name: str):
@@ -474,6 +521,27 @@ def find_config_file(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     return os.path.abspath(path)
+
+
+def find_profile(path: str, run_dir: str) -> str:
+    """The device profile a pipeline is given: as `find_config_file`, else relative to the run folder (a pipeline
+    started again from its run's pipeline.yaml names the run's own copy)."""
+    try:
+        return find_config_file(path, "device profile")
+    except UserError:
+        inside = os.path.join(run_dir, path)
+        if os.path.isabs(path) or not os.path.isfile(inside):
+            raise
+        return os.path.abspath(inside)
+
+
+def recorded_profile(run_dir: str, path: str) -> str:
+    """The device profile a run's pipeline.yaml names: the run's own copy, relative to the run folder (a run made
+    before the copy names the original file, absolute)."""
+    found = os.path.join(run_dir, path)  # an absolute path stays itself
+    if not os.path.isfile(found):
+        raise UserError(f"the device profile of {run_dir} is missing: {found}; give one with --profile FILE")
+    return os.path.abspath(found)
 
 
 def check_partition_settings(settings, datamodule: ImageDataModule) -> None:
@@ -544,6 +612,7 @@ class PreparedRun:
     record: dict
     stale: list[str]
     settings_yaml: str
+    profile_copy: tuple[str, bytes] | None = None  # (path in the run, content) of the run's own device profile
 
 
 def prepare(
@@ -567,15 +636,17 @@ def prepare(
     if os.path.exists(layout.root) and not os.path.isdir(layout.root):
         raise UserError(f"--out {layout.root} is a file, not a folder")
     record = load_record(layout)
-    settings.profile = find_config_file(settings.profile, "device profile")
+    settings.profile = find_profile(settings.profile, layout.root)
     profile = load_profile(settings.profile)
     routing = routing_config(settings.routing)
     datamodule = ImageDataModule(**settings.data.as_dict())
     routing.check(datamodule.num_classes)
-    if (routing.threshold is None or routing.temperature) and datamodule.hparams.val_fraction == 0:
+    calibrated = datamodule.hparams.val_fraction > 0 or datamodule.hparams.calib_fraction > 0
+    if (routing.threshold is None or routing.temperature) and not calibrated:
         raise UserError(
-            "choosing the threshold and fitting the temperature need a validation split: set --data.val_fraction "
-            "above 0, or give --routing.threshold and --routing.temperature false"
+            "choosing the threshold and fitting the temperature need a validation split or a calibration split: set "
+            "--data.val_fraction or --data.calib_fraction above 0, or give --routing.threshold and "
+            "--routing.temperature false"
         )
     check_partition_settings(settings, datamodule)
     for family in expert_families(settings.specialization, settings.static_baseline):
@@ -583,7 +654,17 @@ def prepare(
     stages = plan_stages(settings, layout, cache, set(explicit_data), cpu_trainer=dry_run)
     check_budget_is_reachable(routing, profile, stages[0].config, datamodule)
     stale = check_out_folder(layout, stages, record, overwrite or dry_run, own_files)
-    return PreparedRun(settings, layout, routing, stages, record, stale, parser().dump(settings, skip_none=False))
+    # pipeline.yaml names the run's own copy of the profile, relative to the run: the run can move
+    copy = os.path.join(PROFILE_DIR, os.path.basename(settings.profile))
+    try:
+        with open(settings.profile, "rb") as handle:
+            content = handle.read()
+    except OSError as err:
+        raise UserError(f"cannot read device profile {settings.profile}: {err.strerror}") from None
+    saved = settings.clone()
+    saved.profile = copy
+    settings_yaml = parser().dump(saved, skip_none=False)
+    return PreparedRun(settings, layout, routing, stages, record, stale, settings_yaml, (copy, content))
 
 
 # -- running the stages -------------------------------------------------------------------------------------
@@ -595,9 +676,12 @@ def _start_stage(run_: PreparedRun, stage: Stage, header: str, store) -> bool | 
     local = _stage_path(layout, stage.name)
     folder = local if store is None else store.path(stage)
     done_here = entry.get("identity") == stage.identity and entry.get("done")
-    if (store.is_done(stage) if store is not None else done_here) and os.path.exists(
-        folder if stage.fit_args is None else layout.best(folder)
-    ):
+    artefact = folder if stage.fit_args is None else layout.best(folder)
+    done = (store.is_done(stage) if store is not None else done_here) and os.path.exists(artefact)
+    broken = _broken_artefact(stage, artefact) if done else None
+    if broken is not None:
+        print(f"{header}: {broken}; {'building' if stage.fit_args is None else 'training'} it again", flush=True)
+    elif done:
         if store is not None:
             store.link(folder, local)
             if not done_here:
@@ -608,8 +692,11 @@ def _start_stage(run_: PreparedRun, stage: Stage, header: str, store) -> bool | 
     if store is None and os.path.islink(local):  # a stage shared from an ablation's store: train our own
         os.unlink(local)
     same = store is not None or entry.get("identity") == stage.identity
-    resume = stage.fit_args is not None and same and _can_resume(folder)
+    resume = broken is None and stage.fit_args is not None and same and _can_resume(folder, header)
+    if store is not None:
+        store.mark_not_done(stage)  # not done while it trains, whatever happens to this process
     if not resume:
+        check_not_in_use(folder)  # e.g. an expert process of a killed pipeline, still training there
         _remove(folder)
     if store is not None:
         _remove(local)
@@ -655,6 +742,8 @@ def execute(run_: PreparedRun, store=None) -> None:
             if name not in planned:
                 print(f"{name}: removed (not part of this config)", flush=True)
     os.makedirs(layout.root, exist_ok=True)
+    if run_.profile_copy:  # before pipeline.yaml, which names it
+        atomic_write_bytes(os.path.join(layout.root, run_.profile_copy[0]), run_.profile_copy[1])
     atomic_write_text(layout.settings, run_.settings_yaml)
     if store is not None:
         os.makedirs(store.logits, exist_ok=True)
@@ -788,8 +877,14 @@ def run(argv: list[str]) -> dict:
     if settings.dry_run:
         print(describe_plan(prepared), flush=True)
         return {}
-    execute(prepared)
-    return evaluate_and_report(settings, prepared.layout, prepared.routing)
+    # One writer per run (askexpert/run_folder.py); its in-process stages and expert processes are covered.
+    with locked(prepared.layout.root):
+        if load_record(prepared.layout) != prepared.record:  # written by another pipeline since it was read
+            raise UserError(f"--out {prepared.layout.root} changed while this pipeline was planned; run it again")
+        execute(prepared)
+        # evaluated with the run's own copy of the profile, as `evaluate --run` will: the same report either way
+        settings.profile = recorded_profile(prepared.layout.root, prepared.profile_copy[0])
+        return evaluate_and_report(settings, prepared.layout, prepared.routing)
 
 
 def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out_dir: str | None = None) -> dict:

@@ -6,8 +6,10 @@
 Each model is timed at batch 1 (what one classified image costs), in eval mode without gradients: torch's
 benchmark Timer warms up, then repeats for at least `--min_run_time` seconds, and the median is kept.
 Weights do not change the time, so models are built from their names (a run's checkpoints give the names
-and head widths). The output is `--base_profile` with `measured_ms` added to the `--role` device(s);
-`evaluate --profile OUT` then uses these times instead of the FLOP estimate and its report says so.
+and head widths). The output is `--base_profile` with `measured_ms` added to the `--role` device(s), each time
+under `MODEL/OUTPUTS/INPUT_SIDE` (a dustbin head is another model), and those devices renamed to this machine
+(the times are its; the header says which fields still come from the base profile); `evaluate --profile OUT`
+then uses these times instead of the FLOP estimate and its report says so.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 import yaml
 
 from askexpert.callbacks import atomic_write_text
-from askexpert.collab.costs import load_profile
-from askexpert.errors import UserError
+from askexpert.collab.costs import load_profile, measured_key
+from askexpert.errors import UserError, check_output_path
 
 ROLES = ("edge", "near_edge", "both")
 
@@ -60,7 +62,7 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
     size = settings.data.image_size
     found = []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", "checkpoints", "best.ckpt"), recursive=True)):
-        h = load_checkpoint(path).get("hyper_parameters", {})
+        h = load_checkpoint(path, mmap=True).get("hyper_parameters", {})
         entry = (h["model_name"], int(h["num_classes"]) + int(bool(h.get("other_output"))), size)
         if entry not in found:
             found.append(entry)
@@ -93,6 +95,14 @@ def time_model(model_name: str, num_outputs: int, image_size: int, device: str, 
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def machine_name(device: str) -> str:
+    """What this machine's measured times are named after: the GPU, or the host's CPU and thread count."""
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({platform.node()})"
+    cpu = platform.processor() or platform.machine()
+    return f"{platform.node()} ({cpu}, {torch.get_num_threads()} threads)"
+
+
 def check_arguments(args) -> None:
     """Everything about the arguments, before anything is timed or written."""
     import askexpert.models
@@ -114,8 +124,7 @@ def check_arguments(args) -> None:
         raise UserError("--device cuda: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: profile times cpu or cuda")
-    if os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a folder; give a YAML file name")
+    check_output_path(args.out, "--out", "file")
 
 
 def run(argv: list[str]) -> dict:
@@ -131,17 +140,24 @@ def run(argv: list[str]) -> dict:
     measured = {}
     for name, width, size in models:
         ms = time_model(name, width, size, args.device, args.min_run_time)
-        measured[name] = round(ms, 4)
-        print(f"{name}: {ms:.3f} ms per image at batch 1 on {args.device}", flush=True)
+        measured[measured_key(name, width, size)] = round(ms, 4)
+        print(f"{name} ({width} outputs, {size}x{size}): {ms:.3f} ms per image at batch 1 on {args.device}", flush=True)
     roles = ("edge", "near_edge") if args.role == "both" else (args.role,)
+    machine = machine_name(args.device)
+    renamed = []
     for role in roles:
-        profile[role]["measured_ms"] = {**(profile[role].get("measured_ms") or {}), **measured}
-    cpu = platform.processor() or platform.machine()
-    machine = f"{platform.node()} ({cpu}, {torch.get_num_threads()} threads, {args.device})"
+        section = profile[role]
+        # earlier times of this device stay (models timed one by one); another device's would be mixed in: not kept
+        earlier = (section.get("measured_ms") or {}) if section.get("name") == machine else {}
+        section["measured_ms"] = {**earlier, **measured}
+        if section.get("name") != machine:
+            renamed.append(f"{role} was {section.get('name')!r}")
+            section["name"] = machine
     profile["name"] = os.path.splitext(os.path.basename(args.out))[0]
     header = (
         f"# Written by `python -m askexpert profile` on {datetime.date.today()}: measured_ms of the {', '.join(roles)} "
-        f"device(s) timed on {machine};\n# every other field copied from {args.base_profile}.\n"
+        f"device(s) timed on {machine}{' (' + '; '.join(renamed) + ')' if renamed else ''};\n"
+        f"# every other field (rates, powers, link) copied from {args.base_profile}.\n"
     )
     atomic_write_text(args.out, header + yaml.safe_dump(profile, sort_keys=False))
     print(f"profile written to {args.out}")
