@@ -174,14 +174,19 @@ def test_an_interrupted_shared_stage_resumes_in_the_store(finished, tmp_path, ca
 
 
 def test_a_second_ablate_on_the_same_store_is_refused_while_the_first_runs(tmp_path):
+    from test_run_safety import hold
+
     from askexpert.ablation.store import StageStore
 
-    store = StageStore(str(tmp_path / "store"))
-    with store.locked():
-        with pytest.raises(UserError, match="in use by another"):
+    holder = hold(tmp_path / "store")  # another process (the first ablate) holds the store
+    try:
+        with pytest.raises(UserError, match=f"store is in use by pid {holder.pid}"):
             with StageStore(str(tmp_path / "store")).locked():
                 pass
-    with store.locked():  # released when the first is done
+    finally:
+        holder.kill()
+        holder.wait()
+    with StageStore(str(tmp_path / "store")).locked():  # released when the first is gone
         pass
 
 

@@ -412,16 +412,15 @@ def test_evaluate_refuses_broken_runs(finished, tmp_path, capsys):
     _, out = finished
     other = copy_run(finished, tmp_path / "other")[1]
     partition = json.loads((out / "partition.json").read_text())
-    partition["class_names"][0] = "not_a_class"
-    (other / "partition.json").write_text(json.dumps(partition))
+    renamed = json.dumps(partition).replace(f'"{partition["class_names"][0]}"', '"not_a_class"')  # consistently
+    (other / "partition.json").write_text(renamed)
     code, _, err = run_main(["evaluate", "--run", str(other)], capsys)
     assert code == 2 and "the partition was built for 100 classes" in err
     # a partition whose experts are not the trained ones, or fewer of them
     partition = json.loads((out / "partition.json").read_text())
-    partition["experts"][0]["classes"][0], partition["experts"][1]["classes"][0] = (
-        partition["experts"][1]["classes"][0],
-        partition["experts"][0]["classes"][0],
-    )
+    first, second = partition["experts"][0], partition["experts"][1]
+    for key in ("classes", "names"):  # swapped consistently: a valid partition, just not the trained one
+        first[key][0], second[key][0] = second[key][0], first[key][0]
     (other / "partition.json").write_text(json.dumps(partition))
     code, _, err = run_main(["evaluate", "--run", str(other)], capsys)
     assert code == 2 and "was trained on other classes than" in err
