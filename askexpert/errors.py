@@ -29,9 +29,7 @@ class DivergenceError(UserError):
 
     exit_status = 3
 
-    def __init__(
-        self, message: str, step: int, epoch: int, last_good: str | None, stage: str | None = None
-    ) -> None:
+    def __init__(self, message: str, step: int, epoch: int, last_good: str | None, stage: str | None = None) -> None:
         super().__init__(message)
         self.step = step
         self.epoch = epoch

@@ -151,8 +151,7 @@ def _cross_check(raw: dict, partition: Partition, path: str) -> None:
         for c, name in zip(ids, given, strict=True):
             if name != partition.class_names[c]:
                 raise UserError(
-                    f"{path}: expert {position} names class {c} {name!r}, but class {c} is "
-                    f"{partition.class_names[c]!r}"
+                    f"{path}: expert {position} names class {c} {name!r}, but class {c} is {partition.class_names[c]!r}"
                 )
 
 

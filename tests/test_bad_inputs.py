@@ -395,7 +395,7 @@ def test_profile_keys_times_by_head_and_names_this_machine(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["test", "--model.foo", "1"], ['Parser key "model": Option \'foo\' is not accepted', "askexpert test --help"]),
+        (["test", "--model.foo", "1"], ["Parser key \"model\": Option 'foo' is not accepted", "askexpert test --help"]),
         (["fit", "--model.init_args.foo", "1"], ["Option 'foo' is not accepted", "`python -m askexpert fit --help`"]),
         (["fit", "--specialization.foo", "1"], ["Option 'foo' is not accepted", "askexpert fit --help"]),
         (["fit", "--model", "vit"], ['Parser key "model": Expected a path but vit', "askexpert fit --help"]),

@@ -94,7 +94,7 @@ def test_fit_writes_one_fixed_run_folder(trained_run):
     rows = list(csv.DictReader(open(trained_run / "metrics.csv")))
     assert {row["epoch"] for row in rows if row.get("val/acc")} == {"0", "1"}
     assert not list(trained_run.glob("version_*")) and not (trained_run / "lightning_logs").exists()
-    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["askexpert_class"] == "askexpert.modules.generalist.GeneralistModule"
 
 
@@ -136,6 +136,7 @@ def test_checkpoint_loads_for_prediction(trained_run):
     assert logits.shape == (4, 100)
 
 
+@pytest.mark.slow  # tests/test_run_safety.py covers resuming (bit-identical) in the default run
 def test_killed_run_resumes_at_the_next_epoch(tmp_path, cli_env):
     """SIGKILL during epoch 2, relaunch with --ckpt_path last: training continues at epoch 2, same folder."""
     from conftest import TINY_ARGS
@@ -154,7 +155,7 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, cli_env):
         cwd=REPO,
     )
     assert first.returncode == -9, first.stderr[-2000:]
-    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
     second = subprocess.run(
         [*base, "--trainer.max_epochs", "4", "--ckpt_path", "last"],
@@ -164,7 +165,7 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, cli_env):
         cwd=REPO,
     )
     assert second.returncode == 0, second.stderr[-2000:]
-    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 3
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
     epochs = [row["epoch"] for row in csv.DictReader(open(root / "metrics.csv")) if row.get("val/acc")]
     assert epochs == ["0", "1", "2", "3"]  # no epoch trained twice, none skipped
     assert not list(root.glob("version_*"))

@@ -60,7 +60,7 @@ def test_every_strategy_trains_an_expert_from_the_cli(setup_dir, tiny_args, tmp_
     assert {"val/subset_acc", "val/acc", "specialization/out_share_epoch"} <= set(header)
     # weights-only copies: best always, last once the run finished
     for which in ("best", "last"):
-        checkpoint = torch.load(run_dir / "checkpoints" / f"{which}.ckpt", weights_only=False)
+        checkpoint = torch.load(run_dir / "checkpoints" / f"{which}.ckpt", weights_only=True)
         assert "optimizer_states" not in checkpoint
     reloaded = load_classifier(str(run_dir / "checkpoints" / "best.ckpt"))
     assert isinstance(reloaded, ExpertModule) and reloaded.hparams.subset == model.hparams.subset
@@ -377,7 +377,7 @@ def test_killed_expert_resumes_without_its_base_and_follows_the_schedule(setup_d
     # linear decay from the natural share (0.75) to 0.05 over the run: each epoch draws less from outside
     assert all(a - b > 0.08 for a, b in zip(shares, shares[1:], strict=False)), shares
     assert shares[0] > 0.55 and shares[-1] < 0.25, shares
-    assert "optimizer_states" not in torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "optimizer_states" not in torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def test_evaluating_a_dustbin_expert_with_a_generic_config(setup_dir, tiny_args, tmp_path, capsys):

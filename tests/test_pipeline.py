@@ -175,6 +175,7 @@ def test_a_changed_config_is_refused_then_overwritten(finished, tmp_path, capsys
     assert "[4/7] experts/progressive/0: running" in stdout and "[7/7] experts/static/1: running" in stdout
 
 
+@pytest.mark.slow  # tests/test_run_safety.py covers resuming (bit-identical) in the default run
 def test_a_killed_stage_resumes_from_its_last_checkpoint(tmp_path, cli_env):
     config = write_configs(tmp_path)
     killer = tmp_path / "killer.yaml"  # the generalist dies when its second epoch starts
@@ -440,7 +441,7 @@ def test_evaluate_refuses_broken_runs(finished, tmp_path, capsys):
 def test_evaluate_refuses_a_checkpoint_of_another_class_set(finished, tmp_path, capsys):
     _, out = copy_run(finished, tmp_path)
     ckpt_path = out / "base" / "checkpoints" / "best.ckpt"
-    checkpoint = torch.load(ckpt_path, weights_only=False)
+    checkpoint = torch.load(ckpt_path, weights_only=True)
     names = list(checkpoint["hyper_parameters"]["class_names"])
     checkpoint["hyper_parameters"]["class_names"] = [*names[1:], names[0]]
     torch.save(checkpoint, ckpt_path)
