@@ -21,7 +21,6 @@ even when a caller or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` asks for a full unpickl
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,46 @@ from typing_extensions import override
 from askexpert.checkpoints import CHECKPOINT_GLOBALS, load_checkpoint
 from askexpert.errors import DivergenceError
 from askexpert.guard import all_finite
+from askexpert.run_folder import atomic_path
+
+
+class _WriteRecorder:
+    """A file handle that remembers the first OSError of a write: torch's serializer turns it into a
+    RuntimeError about its C++ zip writer, which says nothing about the file or a full disk."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def save_torch_file(obj: Any, path: str) -> None:
+    """`torch.save(obj, path)` the way every file is written here (askexpert/run_folder.py): into a temporary file
+    in the same folder, fsynced, renamed. A failed write (a full disk) is an OSError naming `path`, and `path` is
+    left as it was."""
+    with atomic_path(path) as tmp:
+        try:
+            # a name of our own (not mkstemp: its files are private to the owner, checkpoints are not)
+            with open(tmp, "xb") as handle:
+                recorder = _WriteRecorder(handle)
+                torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise OSError(recorder.error.errno, recorder.error.strerror, path) from None
+        except OSError as err:  # flushing the handle's buffer when it closed
+            if err.filename is not None or err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, path) from None
 
 
 def _is_local(path: _PATH) -> bool:
@@ -73,18 +112,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "file" not in (protocol if isinstance(protocol, tuple) else (protocol,)):
             super().save_checkpoint(checkpoint, path, storage_options)  # remote paths: Lightning's own write
             return
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        # a name of our own (not mkstemp: its files are private to the owner, checkpoints are not)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "xb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        save_torch_file(checkpoint, os.fspath(path))

@@ -143,10 +143,9 @@ def strip_training_state(path: str) -> None:
     checkpoint = load_checkpoint(path)
     for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):
         checkpoint.pop(key, None)
-    from askexpert.run_folder import atomic_path
+    from askexpert.checkpoint_io import save_torch_file  # not at the top: checkpoint_io imports this file
 
-    with atomic_path(path) as tmp:  # a temporary file in the same folder, fsync, rename
-        torch.save(checkpoint, tmp)
+    save_torch_file(checkpoint, path)  # a temporary file in the same folder, fsync, rename
 
 
 def check_same_classes(model, datamodule, what: str) -> None:

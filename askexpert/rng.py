@@ -7,7 +7,10 @@ What draws random numbers while a model trains, and from which generator:
 - dropout and drop-path: the global generator of the model's device;
 - timm's Mixup / CutMix: numpy's global generator (python's `random` is saved too, for anything else);
 - the strategies' batch sampler (strategies/sampler.py): its own generator, seeded by (seed, epoch), so there
-  is nothing to save.
+  is nothing to save;
+- DataLoader workers (`--data.num_workers` > 0) are seeded from a base seed their iterator draws from the global
+  generator; the loaders are not persistent, so every epoch (and every validation) draws it again, in a resumed
+  run as in an uninterrupted one.
 
 `RandomStateCheckpoint` (always installed by the CLI) saves the python, numpy, torch and CUDA states in every
 resumable checkpoint (`state_dict`, stored under `checkpoint["callbacks"]`) as tensors and plain numbers, which

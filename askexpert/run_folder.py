@@ -23,6 +23,7 @@ refused. Commands that only read (validate, test, predict, evaluate, route, prof
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -111,6 +112,8 @@ def atomic_path(path: str) -> Iterator[str]:
     the block ends, that file is fsynced and renamed to `path`. On any error it is removed and `path` is left as
     it was."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):  # said of `path`, not of the temporary file the rename would fail on
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     os.makedirs(folder, exist_ok=True)
     tmp = temporary_name(path)
     try:
@@ -118,6 +121,8 @@ def atomic_path(path: str) -> Iterator[str]:
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as err:  # a full disk shows up here at the latest; name the file, not a descriptor
+            raise OSError(err.errno, err.strerror, path) from None
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -139,13 +144,30 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def remove_stale_temporaries(folder: str) -> None:
-    """Delete the temporary files a killed writer left in `folder` (not following links: a store's stages are
-    cleaned by the store's own lock). Only called under the folder's lock, when no one else writes there."""
+    """Delete the temporary files killed writers left in `folder` (not following links: a store's stages are
+    cleaned by the store's own lock). Called under the folder's lock; a file whose name carries the pid of a
+    process still alive (a writer in a subfolder with a lock of its own) is left alone."""
     for parent, _, files in os.walk(folder):
         for name in files:
-            if TEMPORARY.search(name):
+            if TEMPORARY.search(name) and not _writer_alive(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(parent, name))
+
+
+def _writer_alive(temporary: str) -> bool:
+    """Whether the process named in a temporary file's name (`.<name>.<pid>.<hex>.tmp`) still runs."""
+    found = re.search(r"\.(\d+)\.[0-9a-f]{8}\.tmp$", temporary)
+    return found is not None and _alive(int(found.group(1)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 # -- locks ---------------------------------------------------------------------------------------------------
@@ -154,12 +176,36 @@ LOCKED_ENV = "ASKEXPERT_LOCKED_FOLDERS"
 
 
 def _inherited() -> list[str]:
-    """Folders locked by this process or the command that started it."""
+    """Folders locked by this process or a command that started it (directly or further up).
+
+    `LOCKED_ENV` holds [folder, pid of the holder] pairs; an entry whose holder is not this process or one of
+    its ancestors (a variable exported into an unrelated shell, say) is ignored, so it cannot let a second
+    writer in."""
     try:
         held = json.loads(os.environ.get(LOCKED_ENV) or "[]")
     except json.JSONDecodeError:
         return []
-    return [path for path in held if isinstance(path, str)] if isinstance(held, list) else []
+    if not isinstance(held, list):
+        return []
+    ancestors = _ancestors()
+    return [
+        entry[0]
+        for entry in held
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[1] in ancestors
+    ]
+
+
+def _ancestors() -> set[int]:
+    """This process's pid and its ancestors' (from /proc where there is one, else the parent only)."""
+    pids, pid = {os.getpid()}, os.getppid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def _command_line() -> str:
@@ -184,7 +230,9 @@ def _try_lock(path: str, shared: bool = False, create: bool = True) -> int | Non
     """An open descriptor of `path` holding its flock, or None when another descriptor holds it."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    # a probe (`create=False`) opens read-only: flock works on any descriptor, and a lock file this process may
+    # not write (another user's, a read-only mount) is still probed rather than taken for free
+    fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -224,6 +272,17 @@ def check_not_in_use(folder: str, around_only: bool = False) -> None:
         raise UserError(f"{where} is in use by {holder(candidate)}; wait for it to finish or stop it")
 
 
+def check_nothing_inside_in_use(folder: str, ours: list[str]) -> None:
+    """Refuse to take `folder` while a process outside this command writes in a folder inside it (a `fit` or a
+    pipeline running in a subfolder): two writers in one tree, and its stale-file cleanup, would collide."""
+    if not os.path.isdir(folder):
+        return
+    for parent, folders, files in os.walk(folder):
+        if LOCK_FILE in files and parent != folder and parent not in ours and is_held(parent):
+            raise UserError(f"{folder} contains {parent}, which is in use by {holder(parent)}; wait for it to finish")
+        folders[:] = [name for name in folders if not name.startswith(".")]
+
+
 def _parents(folder: str) -> list[str]:
     parents = []
     while (parent := os.path.dirname(folder)) != folder:
@@ -249,6 +308,7 @@ def locked(folder: str) -> Iterator[None]:
     ours = [os.path.realpath(p) for p in _inherited()]
     if folder not in ours:
         check_not_in_use(folder, around_only=True)
+        check_nothing_inside_in_use(folder, ours)
     os.makedirs(folder, exist_ok=True)
     fd = _try_lock(os.path.join(folder, LOCK_FILE))
     if fd is None:
@@ -265,7 +325,11 @@ def locked(folder: str) -> Iterator[None]:
         os.fsync(fd)
         remove_stale_temporaries(folder)
         previous = os.environ.get(LOCKED_ENV)
-        os.environ[LOCKED_ENV] = json.dumps([*ours, folder])
+        try:
+            entries = json.loads(previous or "[]")
+        except json.JSONDecodeError:
+            entries = []
+        os.environ[LOCKED_ENV] = json.dumps([*(entries if isinstance(entries, list) else []), [folder, os.getpid()]])
         try:
             yield
         finally:

@@ -88,7 +88,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: seed of the validation holdout.
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and prediction.
-        num_workers: DataLoader workers; 0 is right for in-memory uint8 tensors.
+        num_workers: DataLoader workers; 0 is right for in-memory uint8 tensors (workers are started per epoch).
         crop_padding: padding of the random crop (0 disables it).
         flip: random horizontal flips during training.
         synthetic_train_per_class: stand-in training images per class (CIFAR-100 has 500).
@@ -272,7 +272,6 @@ class ImageDataModule(pl.LightningDataModule):
                 batch_sampler=batch_sampler,
                 num_workers=self.hparams.num_workers,
                 collate_fn=keep_batch,
-                persistent_workers=self.hparams.num_workers > 0,
             )
         training = split == "train"
         return DataLoader(
@@ -283,7 +282,10 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=training and len(labels) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=keep_batch,
-            persistent_workers=self.hparams.num_workers > 0,
+            # Not persistent: a persistent loader draws its workers' base seed from the global generator once per
+            # run, so a resumed run (which builds its loaders again) would draw once more than an uninterrupted one
+            # and every random stream after it would differ (askexpert/rng.py). Restarting workers costs little:
+            # they only index in-memory tensors.
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -239,3 +239,70 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     stale.write_bytes(b"x")
     with locked(str(tmp_path)):
         assert not stale.exists() and (tmp_path / "report.json").exists()
+
+
+def test_a_folder_is_not_taken_while_a_writer_works_inside_it(tmp_path):
+    """`fit --trainer.default_root_dir runs` (or an ablation) while a pipeline writes runs/x: refused, and the
+    running writer's temporary files are not cleaned away from under it."""
+    inner = tmp_path / "runs" / "x"
+    holder = hold(inner)
+    try:
+        live = inner / "checkpoints" / f".last.ckpt.{holder.pid}.0123abcd.tmp"  # a write in progress
+        live.parent.mkdir()
+        live.write_bytes(b"half")
+        with pytest.raises(UserError, match=f"runs contains .*runs/x, which is in use by pid {holder.pid}"):
+            with locked(str(tmp_path / "runs")):
+                pass
+        assert live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(str(tmp_path / "runs")):  # the writer is gone: its folder may be taken and its leftovers go
+        assert not live.exists()
+
+
+def test_an_exported_lock_variable_lets_no_second_writer_in(tmp_path, monkeypatch):
+    """Only a lock held by this process or one that started it is inherited, not one named in a stale variable."""
+    run = tmp_path / "run"
+    holder = hold(run)
+    try:
+        monkeypatch.setenv(LOCKED_ENV, json.dumps([[str(run), holder.pid]]))  # the holder is no ancestor of ours
+        with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
+            with locked(str(run)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
+    import askexpert.checkpoint_io as checkpoint_io
+    from askexpert.checkpoint_io import save_torch_file
+    from askexpert.errors import os_error_message
+
+    target = tmp_path / "best.ckpt"
+    save_torch_file({"w": torch.ones(3)}, str(target))
+    before = target.read_bytes()
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.handle = open(path, mode)  # noqa: SIM115 - closed in __exit__
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(checkpoint_io, "open", FullDisk, raising=False)
+    with pytest.raises(OSError) as raised:
+        save_torch_file({"w": torch.zeros(1000)}, str(target))
+    assert raised.value.filename == str(target)
+    assert (
+        os_error_message(raised.value)
+        == f"cannot write {target}: No space left on device (free some space and run again)"
+    )
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["best.ckpt"]

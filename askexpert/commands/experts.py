@@ -101,7 +101,8 @@ def _start(job: Job, slot: str | None) -> tuple[subprocess.Popen, object]:
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
     os.makedirs(os.path.dirname(job.log), exist_ok=True)
-    log = open(job.log, "w")  # noqa: SIM115 - closed when the job ends
+    # appended: a resumed expert keeps the log of its interrupted run (and a refused start does not erase it)
+    log = open(job.log, "a")  # noqa: SIM115 - closed when the job ends
     where = f"GPU {slot}" if slot is not None else "this machine"
     print(f"{job.name}: training on {where} (log: {job.log})", flush=True)
     return subprocess.Popen(job.command, env=env, stdout=log, stderr=subprocess.STDOUT), log
