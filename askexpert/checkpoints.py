@@ -68,8 +68,11 @@ def _check_archive(path: str) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             bad_member = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise UserError(f"checkpoint {path} is corrupt: {err}") from None
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        raise UserError(f"{path} is a zip archive but not a torch checkpoint (it holds no data.pkl)")
     if bad_member is not None:
         raise UserError(f"checkpoint {path} is corrupt (checksum mismatch in {bad_member})")
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.data import AttributeDict
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
@@ -557,6 +558,8 @@ def main() -> None:
         # An OSError about a path (read-only folder, full disk, a file where a folder should be) is the user's
         # to fix too; any other exception is a bug and keeps its traceback.
         message = str(user_error) if user_error is not None else os_error_message(err)
+        if message is None and isinstance(err, MisconfigurationException):
+            message = str(err).strip().splitlines()[0]  # Lightning's word for a setting it refuses (`max_epochs -5`)
         if message is None:
             raise
         print(f"askexpert: error: {message}", file=sys.stderr)

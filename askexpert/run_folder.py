@@ -117,7 +117,12 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     tmp = temporary_name(path)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # say which file could not be written, not the temporary name it went to
+            if err.filename != tmp or err.errno is None:
+                raise
+            raise type(err)(err.errno, err.strerror, path) from None
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -129,6 +129,8 @@ class ImageDataModule(pl.LightningDataModule):
                 f"--data.calib_fraction must be in [0, 1) and leave training images after --data.val_fraction "
                 f"{val_fraction}, got {calib_fraction}"
             )
+        if image_size < 1:
+            raise UserError(f"--data.image_size must be a positive number of pixels, got {image_size}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise UserError(f"--data.{name} must be at least 1, got {value}")

@@ -406,3 +406,26 @@ def test_hints_name_the_command(args, fragments, capsys):
     code, _, err = run_main(args, capsys)
     line = one_line(code, err, *fragments)
     assert "__main__" not in line
+
+
+def test_more_bad_inputs_are_one_line(trained, tmp_path, capsys):
+    """Found by trying bad inputs by hand: Lightning's own refusals, a zip that is no checkpoint, an impossible
+    image size, and an output file that cannot be created (named, not its temporary file)."""
+    import zipfile
+
+    run = ["fit", *TINY_ARGS, "--trainer.default_root_dir", str(tmp_path / "run")]
+    code, _, err = run_main([*run, "--trainer.max_epochs", "-5"], capsys)
+    one_line(code, err, "`max_epochs` must be a non-negative integer or -1")
+    empty = tmp_path / "empty.ckpt"
+    zipfile.ZipFile(empty, "w").close()
+    code, _, err = run_main([*run, "--ckpt_path", str(empty)], capsys)
+    one_line(code, err, f"{empty} is a zip archive but not a torch checkpoint")
+    code, _, err = run_main([*run, "--data.image_size", "0"], capsys)
+    one_line(code, err, "--data.image_size must be a positive number of pixels, got 0")
+    assert not (tmp_path / "run").exists()
+    missing = tmp_path / "no_such_folder_parent"
+    missing.write_text("a file where a folder should be")
+    output = ["--prediction_writer.output", str(missing / "p.csv")]
+    code, _, err = run_main(["predict", *TINY_ARGS, "--ckpt_path", str(trained["generalist"]), *output], capsys)
+    one_line(code, err, str(missing))
+    assert ".tmp" not in err
