@@ -188,3 +188,20 @@ def test_evaluate_writes_only_its_report(run, tmp_path, capsys):
     changed, new = changes(before, run)  # the default --out: the run's own report, replaced
     assert set(changed) <= {"report.json", "report.md", "pareto.png"} and "report.json" in changed and new == []
     assert (run / "logits").is_dir() and json.loads((run / "report.json").read_text())["routing"]["gate"] == "margin"
+
+
+def test_evaluate_waits_for_a_writer_to_finish(run, tmp_path, capsys):
+    """No lock of its own, but no report written while a pipeline still works in the run."""
+    from test_run_safety import hold
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    holder = hold(copy)
+    try:
+        before = snapshot(copy)
+        code, _, err = run_main(["evaluate", "--run", str(copy)], capsys)
+        assert code == 2 and f"is in use by pid {holder.pid}" in err and "Traceback" not in err
+        assert changes(before, copy) == ([], [])
+    finally:
+        holder.kill()
+        holder.wait()

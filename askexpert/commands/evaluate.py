@@ -60,12 +60,16 @@ def run(argv: list[str]) -> dict:
         recorded_profile,
         routing_config,
     )
+    from askexpert.run_folder import check_not_in_use
 
     # Two passes: the first finds the run (on the command line or in a --config file), the second parses
     # again with the run's own settings as defaults, so only what is given here replaces them.
     first = parser().parse_args(argv)
     saved = saved_settings(first.run)
     check_finished(RunLayout(first.run))
+    # no lock (evaluate only adds a report and cached logits), but not while a pipeline or ablation still writes
+    # the run: the report it is about to write would race this one
+    check_not_in_use(first.run)
     args = parser(saved).parse_args(argv)
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file; give a folder for the report files")
