@@ -1,6 +1,6 @@
 """How much the demo's numbers move between runs: the demo pipeline at other seeds and thread counts.
 
-    python experiments/demo_spread.py        # about 17 min on 2 CPU cores; finished runs are reused
+    python experiments/demo_spread.py        # about 19 min on 2 CPU cores; finished runs are reused
 
 The README's headline table is one run (seed 0, this machine's thread count). This trains the same pipeline
 (configs/pipeline/demo.yaml) once per variant below, each in its own process and run folder
@@ -37,9 +37,26 @@ COLUMNS = [
     ("static experts acc", lambda r: r["baselines"]["static_experts"]["acc"], "{:.2%}"),
     ("oracle acc", lambda r: r["baselines"]["oracle_expert"]["acc"], "{:.2%}"),
     ("routing acc", lambda r: r["selected"]["routing_acc"], "{:.1%}"),
+    ("experts − generalist, own classes (points)", lambda r: expert_gain(r), "{:+.2f}"),
+    (
+        "askexpert − edge only (points)",
+        lambda r: 100 * (r["selected"]["acc"] - r["baselines"]["edge_only"]["acc"]),
+        "{:+.2f}",
+    ),
+    (
+        "askexpert − static (points)",
+        lambda r: 100 * (r["selected"]["acc"] - r["baselines"]["static_experts"]["acc"]),
+        "{:+.2f}",
+    ),
     ("latency (ms)", lambda r: r["selected"]["latency_ms"], "{:.2f}"),
     ("edge energy (mJ)", lambda r: r["selected"]["energy_mj"], "{:.2f}"),
 ]
+
+
+def expert_gain(report: dict) -> float:
+    """Mean accuracy gain, in points, of the (progressive) experts over the generalist on their own classes."""
+    gains = [e["subset_test_acc"] - e["generalist_subset_test_acc"] for e in report["experts"]]
+    return 100 * sum(gains) / len(gains)
 
 
 def run_variant(out: Path, seed: int, threads: int | None) -> tuple[dict, float]:
