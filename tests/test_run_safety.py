@@ -137,6 +137,19 @@ def test_a_pipeline_killed_inside_an_expert_resumes_bit_identical(pipelines):
     assert not temporaries(resumed)
 
 
+@pytest.mark.slow  # DataLoader worker processes: about 30 s more than the default test above
+def test_a_killed_fit_with_loader_workers_resumes_bit_identical(tmp_path):
+    """Workers draw their base seed from the global generator whenever a loader starts an epoch; the loaders are
+    not persistent, so a resumed run draws it exactly where the uninterrupted one did."""
+    args = ["fit", *GENERALIST, "--data.num_workers=1", "--config", str(killer(tmp_path, batch=2))]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    cli_main([*args, "--trainer.default_root_dir", str(whole)])
+    killed([*args, "--trainer.default_root_dir", str(resumed)], tmp_path)
+    cli_main([*args, "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
+    assert_same_weights(whole / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+    assert rows(whole / "metrics.csv") == rows(resumed / "metrics.csv")
+
+
 # -- damaged artefacts ----------------------------------------------------------------------------------------
 def test_a_corrupt_last_checkpoint_restarts_the_fit(generalist, tmp_path, capsys):
     _, resumed = generalist
