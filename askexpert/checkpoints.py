@@ -69,8 +69,8 @@ def _check_archive(path: str) -> None:
         with zipfile.ZipFile(path) as archive:
             bad_member = archive.testzip()
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise UserError(f"checkpoint {path} is corrupt: {err}") from None
+    except Exception as err:  # damaged zip records fail in many ways (bad CRC, names that are not UTF-8, ...)
+        raise UserError(f"checkpoint {path} is corrupt: {type(err).__name__}: {err}") from None
     if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         raise UserError(f"{path} is a zip archive but not a torch checkpoint (it holds no data.pkl)")
     if bad_member is not None:

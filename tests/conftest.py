@@ -67,3 +67,15 @@ def cli_env():
 @pytest.fixture
 def python():
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_generalist_run(tmp_path_factory) -> Path:
+    """One tiny generalist `fit` (TINY_ARGS: one epoch; best.ckpt, and last.ckpt with optimizer, scheduler, loop and
+    callback states), trained once per test session and shared by every module that needs a trained generalist.
+    Read-only: a test that changes it copies it first."""
+    from askexpert.cli import cli_main
+
+    root = tmp_path_factory.mktemp("tiny_generalist") / "generalist"
+    cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)])
+    return root

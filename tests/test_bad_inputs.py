@@ -25,13 +25,12 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file perm
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny generalist, a 2-expert superclass partition and one tiny expert, shared (read-only)."""
+def trained(tmp_path_factory, tiny_generalist_run):
+    """The session's tiny generalist, a 2-expert superclass partition and one tiny expert, shared (read-only)."""
     from askexpert.cli import cli_main
 
     root = tmp_path_factory.mktemp("bad_inputs")
-    generalist = root / "generalist"
-    cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(generalist)])
+    generalist = tiny_generalist_run
     partition = root / "partition.json"
     cli_main(["partition", "--num_experts", "2", "--out", str(partition), "--data.synthetic_train_per_class", "10"])
     expert = root / "expert"

@@ -89,15 +89,10 @@ def test_unknown_option_and_missing_config(fail, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def broken_checkpoints(tmp_path_factory):
+def broken_checkpoints(tmp_path_factory, tiny_generalist_run):
     """A truncated and a bit-flipped copy of a real checkpoint."""
-    from conftest import TINY_ARGS
-
-    from askexpert.cli import cli_main
-
-    root = tmp_path_factory.mktemp("good")
-    cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)])
-    data = (root / "checkpoints" / "last.ckpt").read_bytes()
+    root = tmp_path_factory.mktemp("broken")
+    data = (tiny_generalist_run / "checkpoints" / "last.ckpt").read_bytes()
     truncated, corrupt = root / "truncated.ckpt", root / "corrupt.ckpt"
     truncated.write_bytes(data[: len(data) // 3])
     middle = len(data) // 2
@@ -167,3 +162,18 @@ def test_compiling_keeps_checkpoint_keys(tiny_args):
     keys = list(model.state_dict())
     model.configure_model()
     assert model._compiled and list(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("where", [0.0, 0.01, 0.5, 0.9, 0.995, 1.0])
+def test_damage_anywhere_in_a_checkpoint_is_one_clear_error(tiny_generalist_run, tmp_path, where):
+    """Bytes flipped in a local header, a member, or the central directory at the end (names that are no longer
+    UTF-8, wrong offsets, ...): always a UserError naming the file, never a parser's own exception."""
+    from askexpert.checkpoints import check_checkpoint_file
+    from askexpert.errors import UserError
+
+    data = (tiny_generalist_run / "checkpoints" / "best.ckpt").read_bytes()
+    start = min(int(len(data) * where), len(data) - 64)
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(data[:start] + bytes(b ^ 0xA5 for b in data[start : start + 64]) + data[start + 64 :])
+    with pytest.raises(UserError, match=f"{damaged}"):
+        check_checkpoint_file(str(damaged))

@@ -62,12 +62,11 @@ def with_entries(source: Path, target: Path, **entries) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """One tiny generalist run (1 epoch: last.ckpt with optimizer, schedulers, loops and callback states)."""
-    root = tmp_path_factory.mktemp("safe") / "generalist"
-    cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)])
-    return root
+@pytest.fixture
+def run(tiny_generalist_run) -> Path:
+    """The session's tiny generalist run (1 epoch: last.ckpt with optimizer, schedulers, loops and callback
+    states); read-only."""
+    return tiny_generalist_run
 
 
 @pytest.fixture
