@@ -68,7 +68,9 @@ class Partition:
             if not classes:
                 raise UserError(f"expert {e} has an empty class subset")
             for c in classes:
-                if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < self.num_classes:
+                if not isinstance(c, int) or isinstance(c, bool):
+                    raise UserError(f"expert {e}: class id {c!r} is not a whole number (class ids are 0-based integers)")
+                if not 0 <= c < self.num_classes:
                     raise UserError(f"expert {e}: class id {c!r} is out of range for {self.num_classes} classes")
             if len(set(classes)) != len(classes):
                 raise UserError(f"expert {e} lists a class more than once")
@@ -125,6 +127,12 @@ class Partition:
             partition = cls(experts, list(raw["class_names"]), raw.get("method", "explicit"), raw.get("details", {}))
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
             raise UserError(f"{path} is not a partition file ({type(err).__name__}: {err})") from None
+        version = raw.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"{path} is a partition file of format {version!r}; this askexpert reads format {FORMAT_VERSION} "
+                "(write it again with `python -m askexpert partition`)"
+            )
         if not isinstance(partition.details, dict) or not all(isinstance(n, str) for n in partition.class_names):
             raise UserError(f"{path} is not a partition file (details must be a mapping, class_names texts)")
         partition.check(allow_uncovered=True)  # ids in range before the names they index are compared

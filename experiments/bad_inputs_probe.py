@@ -1,18 +1,22 @@
 """Bad inputs tried as a user would, beyond the tests: each must end in one `askexpert: error:` line, a non-zero
 exit and no traceback.
 
-    python experiments/bad_inputs_probe.py runs/demo     # a finished demo run; about 4 min on 2 CPU cores
+    python experiments/bad_inputs_probe.py runs/demo     # a finished demo run; about 7 min on 2 CPU cores
 
 Each case runs `python -m askexpert ...` in its own process from the repository root; scratch files go to a
 temporary folder. Prints one line per case and the counts (issue 13's note quotes them).
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = os.path.abspath(sys.argv[1])
@@ -117,13 +121,117 @@ cases = {
     "profile: role unknown": ["profile", "--role", "nosuch"],
     "unknown command": ["nosuch"],
 }
+
+DEMO = (REPO / "configs/pipeline/demo.yaml").read_text()
+
+
+def copy_run(name):
+    dst = f"{T}/{name}"
+    shutil.copytree(RUN, dst, symlinks=True)
+    return dst
+
+
+def write(path, text):
+    open(path, "w").write(text)
+    return path
+
+
+prof = (REPO / "configs/profiles/pi4_wifi_orin.yaml").read_text()
+neg = write(f"{T}/neg.yaml", prof.replace("gflops: 10.0", "gflops: -10.0"))
+zero = write(f"{T}/zero.yaml", prof.replace("uplink_mbps: 25.0", "uplink_mbps: 0"))
+nolink = write(f"{T}/nolink.yaml", prof.split("link:")[0])
+strk = write(f"{T}/str.yaml", prof.replace("rtt_ms: 3.7", "rtt_ms: fast"))
+nanp = write(f"{T}/nan.yaml", prof.replace("rtt_ms: 3.7", "rtt_ms: .nan"))
+saved = json.load(open(f"{RUN}/partition.json"))
+
+
+def part(name, change):
+    q = json.loads(json.dumps(saved))
+    change(q)
+    return write(f"{T}/{name}.json", json.dumps(q))
+
+
+p_str = part("strclasses", lambda q: q["experts"][0].__setitem__("classes", ["a", "b"]))
+p_neg = part("negclass", lambda q: q["experts"][0]["classes"].__setitem__(0, -1))
+p_empty = part("noexperts", lambda q: q.__setitem__("experts", []))
+p_ver = part("version", lambda q: q.__setitem__("format_version", 99))
+p_dup = part("dup", lambda q: q["experts"][0]["classes"].append(q["experts"][0]["classes"][0]))
+p_float = part("float", lambda q: q["experts"][0]["classes"].__setitem__(0, 1.5))
+r_stages = copy_run("stages")
+write(f"{r_stages}/stages.json", "{not json")
+r_stages2 = copy_run("stages2")
+write(f"{r_stages2}/stages.json", "[1, 2]")
+r_part = copy_run("part")
+write(f"{r_part}/partition.json", json.dumps({"experts": "x"}))
+r_cache = copy_run("cache")
+for f in os.listdir(f"{r_cache}/logits"):
+    open(f"{r_cache}/logits/{f}", "wb").write(b"\x00" * 10)
+r_prof = copy_run("prof")
+for f in os.listdir(f"{r_prof}/profile"):
+    write(f"{r_prof}/profile/{f}", "name: [")
+r_noexp = copy_run("noexp")
+shutil.rmtree(f"{r_noexp}/experts/progressive/1")
+r_ro = copy_run("ro")
+os.makedirs(f"{T}/imgs", exist_ok=True)
+Image.new("RGB", (5000, 3), (1, 2, 3)).save(f"{T}/imgs/wide.png")
+Image.new("L", (40, 40), 7).save(f"{T}/imgs/gray.png")
+Image.new("RGBA", (40, 40), (1, 2, 3, 4)).save(f"{T}/imgs/rgba.png")
+pipe_unknown = write(f"{T}/pipe_unknown.yaml", DEMO + "\nnot_a_key: 1\n")
+pipe_stage = write(
+    f"{T}/pipe_stage.yaml",
+    DEMO.replace("configs/trainer/cpu.yaml, configs/model/generalist_edge_p8.yaml", "configs/trainer/nope.yaml"),
+)
+pipe_spec = write(f"{T}/pipe_spec.yaml", DEMO.replace("specialization: progressive", "specialization: nosuch"))
+cases |= {
+    "evaluate: negative gflops": ["evaluate", "--run", RUN, "--out", f"{T}/e1", "--profile", neg],
+    "evaluate: zero uplink": ["evaluate", "--run", RUN, "--out", f"{T}/e2", "--profile", zero],
+    "evaluate: profile without link": ["evaluate", "--run", RUN, "--out", f"{T}/e3", "--profile", nolink],
+    "evaluate: rtt a string": ["evaluate", "--run", RUN, "--out", f"{T}/e4", "--profile", strk],
+    "evaluate: rtt NaN": ["evaluate", "--run", RUN, "--out", f"{T}/e5", "--profile", nanp],
+    "evaluate: stages.json not JSON": ["evaluate", "--run", r_stages],
+    "evaluate: stages.json a list": ["evaluate", "--run", r_stages2],
+    "evaluate: partition.json wrong shape": ["evaluate", "--run", r_part],
+    "evaluate: run's profile damaged": ["evaluate", "--run", r_prof],
+    "evaluate: an expert folder deleted": ["evaluate", "--run", r_noexp],
+    "experts: class names strings": [
+        "experts",
+        "--partition",
+        p_str,
+        "--root",
+        f"{T}/x1",
+        "--",
+        "--model.model_name",
+        "vit_micro_patch8_32",
+    ],
+    "experts: negative class": ["experts", "--partition", p_neg, "--root", f"{T}/x2"],
+    "experts: no experts": ["experts", "--partition", p_empty, "--root", f"{T}/x3"],
+    "experts: future format": ["experts", "--partition", p_ver, "--root", f"{T}/x4"],
+    "experts: duplicate class": ["experts", "--partition", p_dup, "--root", f"{T}/x5"],
+    "experts: float class": ["experts", "--partition", p_float, "--root", f"{T}/x6"],
+    "pipeline: unknown key": ["pipeline", "--config", pipe_unknown, "--out", f"{T}/p1"],
+    "pipeline: stage config missing": ["pipeline", "--config", pipe_stage, "--out", f"{T}/p2"],
+    "pipeline: unknown specialization": ["pipeline", "--config", pipe_spec, "--out", f"{T}/p3"],
+    "ablate: out is a file": ["ablate", "--config", "configs/ablations/strategies.yaml", "--out", "/etc/hostname"],
+    "route: threshold 2": ["route", "--run", RUN, "--images", f"{T}/imgs", "--out", f"{T}/r.csv", "--threshold", "2"],
+}
+ok_cases = {
+    "evaluate: cache files zeroed (recomputed)": ["evaluate", "--run", r_cache],
+    "route: wide, gray and RGBA images": ["route", "--run", RUN, "--images", f"{T}/imgs", "--out", f"{T}/r2.csv"],
+}
 bad = 0
 for name, args in cases.items():
-    p = subprocess.run([PY, "-m", "askexpert", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+    p = subprocess.run([PY, "-m", "askexpert", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("askexpert: error:")]
     ok = p.returncode != 0 and "Traceback" not in p.stderr and len(errors) == 1
     bad += not ok
     shown = errors[0][:200] if errors else (lines[-1][:300] if lines else "")
     print(f"{'ok ' if ok else 'BAD'} {name}: rc={p.returncode} {shown}", flush=True)
-print(f"{len(cases)} tried, {len(cases) - bad} clean, {bad} not")
+unexpected = 0
+for name, args in ok_cases.items():  # odd but valid: must succeed
+    p = subprocess.run([PY, "-m", "askexpert", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    unexpected += p.returncode != 0
+    print(f"{'ok ' if p.returncode == 0 else 'BAD'} {name}: rc={p.returncode}", flush=True)
+print(
+    f"{len(cases)} bad inputs: {len(cases) - bad} clean, {bad} not; {len(ok_cases)} odd-but-valid: {unexpected} failed"
+)

@@ -177,3 +177,18 @@ def test_confusion_partition_sizes_differ_by_at_most_one(num_classes, num_expert
         sizes = [len(g) for g in groups]
         assert max(sizes) - min(sizes) <= 1, (seed, sizes)
         assert sorted(c for g in groups for c in g) == list(range(num_classes))
+
+
+def test_a_partition_file_of_another_format_or_with_non_integer_ids_is_refused(tmp_path):
+    names = [f"c{i}" for i in range(4)]
+    Partition([[0, 1], [2, 3]], names).save(str(tmp_path / "p.json"))
+    raw = json.loads((tmp_path / "p.json").read_text())
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**raw, "format_version": 99}))
+    with pytest.raises(UserError, match="partition file of format 99; this askexpert reads format 1"):
+        Partition.load(str(newer))
+    raw["experts"][0]["classes"][0] = 1.5
+    floats = tmp_path / "floats.json"
+    floats.write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="class id 1.5 is not a whole number"):
+        Partition.load(str(floats))

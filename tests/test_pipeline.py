@@ -508,3 +508,12 @@ def test_the_same_pipeline_runs_on_an_image_folder(tmp_path, capsys):
     # superclass partitions need superclasses: refused before training
     code, _, err = run_main([*args[:-4], "--out", str(tmp_path / "other")], capsys)
     assert code == 2 and "no superclasses" in err and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"generalist": "done"}'])
+def test_a_damaged_stage_record_is_one_line(finished, tmp_path, capsys, text):
+    _, out = copy_run(finished, tmp_path)
+    (out / "stages.json").write_text(text)
+    for command in (["evaluate", "--run", str(out)], ["pipeline", "--config", str(finished[0]), "--out", str(out)]):
+        code, _, err = run_main(command, capsys)
+        assert code == 2 and f"{out / 'stages.json'} is damaged; use --overwrite" in err and "Traceback" not in err

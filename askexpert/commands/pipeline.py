@@ -374,9 +374,13 @@ def load_record(layout: RunLayout) -> dict:
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is damaged; use --overwrite to start this run again") from None
+        record = None
+    # a mapping of stage name -> a mapping per stage; anything else was not written by askexpert
+    if not isinstance(record, dict) or not all(isinstance(entry, dict) for entry in record.values()):
+        raise UserError(f"{path} is damaged; use --overwrite to start this run again")
+    return record
 
 
 def check_finished(layout: RunLayout) -> None:
