@@ -69,7 +69,7 @@ class Partition:
                 raise UserError(f"expert {e} has an empty class subset")
             for c in classes:
                 if not isinstance(c, int) or isinstance(c, bool):
-                    raise UserError(f"expert {e}: class id {c!r} is not a whole number (class ids are 0-based integers)")
+                    raise UserError(f"expert {e}: class id {c!r} is not a whole number (ids are 0-based integers)")
                 if not 0 <= c < self.num_classes:
                     raise UserError(f"expert {e}: class id {c!r} is out of range for {self.num_classes} classes")
             if len(set(classes)) != len(classes):

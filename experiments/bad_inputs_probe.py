@@ -1,7 +1,7 @@
 """Bad inputs tried as a user would, beyond the tests: each must end in one `askexpert: error:` line, a non-zero
 exit and no traceback.
 
-    python experiments/bad_inputs_probe.py runs/demo     # a finished demo run; about 7 min on 2 CPU cores
+    python experiments/bad_inputs_probe.py runs/demo     # a finished demo run; about 13 min on 2 CPU cores
 
 Each case runs `python -m askexpert ...` in its own process from the repository root; scratch files go to a
 temporary folder. Prints one line per case and the counts (issue 13's note quotes them).
@@ -172,10 +172,10 @@ for f in os.listdir(f"{r_prof}/profile"):
 r_noexp = copy_run("noexp")
 shutil.rmtree(f"{r_noexp}/experts/progressive/1")
 r_ro = copy_run("ro")
-os.makedirs(f"{T}/imgs", exist_ok=True)
-Image.new("RGB", (5000, 3), (1, 2, 3)).save(f"{T}/imgs/wide.png")
-Image.new("L", (40, 40), 7).save(f"{T}/imgs/gray.png")
-Image.new("RGBA", (40, 40), (1, 2, 3, 4)).save(f"{T}/imgs/rgba.png")
+os.makedirs(f"{T}/imgs2", exist_ok=True)
+Image.new("RGB", (5000, 3), (1, 2, 3)).save(f"{T}/imgs2/wide.png")
+Image.new("L", (40, 40), 7).save(f"{T}/imgs2/gray.png")
+Image.new("RGBA", (40, 40), (1, 2, 3, 4)).save(f"{T}/imgs2/rgba.png")
 pipe_unknown = write(f"{T}/pipe_unknown.yaml", DEMO + "\nnot_a_key: 1\n")
 pipe_stage = write(
     f"{T}/pipe_stage.yaml",
@@ -212,11 +212,11 @@ cases |= {
     "pipeline: stage config missing": ["pipeline", "--config", pipe_stage, "--out", f"{T}/p2"],
     "pipeline: unknown specialization": ["pipeline", "--config", pipe_spec, "--out", f"{T}/p3"],
     "ablate: out is a file": ["ablate", "--config", "configs/ablations/strategies.yaml", "--out", "/etc/hostname"],
-    "route: threshold 2": ["route", "--run", RUN, "--images", f"{T}/imgs", "--out", f"{T}/r.csv", "--threshold", "2"],
+    "route: threshold 2": ["route", "--run", RUN, "--images", f"{T}/imgs2", "--out", f"{T}/r.csv", "--threshold", "2"],
 }
 ok_cases = {
     "evaluate: cache files zeroed (recomputed)": ["evaluate", "--run", r_cache],
-    "route: wide, gray and RGBA images": ["route", "--run", RUN, "--images", f"{T}/imgs", "--out", f"{T}/r2.csv"],
+    "route: wide, gray and RGBA images": ["route", "--run", RUN, "--images", f"{T}/imgs2", "--out", f"{T}/r2.csv"],
 }
 bad = 0
 for name, args in cases.items():
