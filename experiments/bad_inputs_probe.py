@@ -33,6 +33,7 @@ os.makedirs(f"{T}/emptydir", exist_ok=True)
 open(f"{T}/garbage.ckpt", "wb").write(os.urandom(3000))
 gen = f"{RUN}/generalist"
 exp = f"{RUN}/experts/progressive/0/checkpoints/best.ckpt"
+PREDICT = ["predict", "--config", f"{gen}/config.yaml", "--ckpt_path", f"{gen}/checkpoints/best.ckpt"]
 M = [
     "--model.model_name",
     "vit_micro_patch8_32",
@@ -69,24 +70,8 @@ cases = {
     "config missing": ["fit", "--config", f"{T}/nope.yaml", *M],
     "cifar root is a file": ["fit", *M, "--data.source", "cifar100", "--data.root", "/etc/hostname"],
     "imagefolder empty": ["fit", *M, "--data.source", "imagefolder", "--data.root", f"{T}/emptydir"],
-    "predict: output is a folder": [
-        "predict",
-        "--config",
-        f"{gen}/config.yaml",
-        "--ckpt_path",
-        f"{gen}/checkpoints/best.ckpt",
-        "--prediction_writer.output",
-        "/tmp",
-    ],
-    "predict: output unwritable": [
-        "predict",
-        "--config",
-        f"{gen}/config.yaml",
-        "--ckpt_path",
-        f"{gen}/checkpoints/best.ckpt",
-        "--prediction_writer.output",
-        "/proc/x.csv",
-    ],
+    "predict: output is a folder": [*PREDICT, "--prediction_writer.output", "/tmp"],
+    "predict: output unwritable": [*PREDICT, "--prediction_writer.output", "/proc/x.csv"],
     "partition: 0 experts": ["partition", "--method", "superclass", "--num_experts", "0", "--out", f"{T}/p.json"],
     "partition: 1000 experts": ["partition", "--method", "superclass", "--num_experts", "1000", "--out", f"{T}/p.json"],
     "partition: confusion from expert": [
