@@ -46,6 +46,7 @@ from askexpert.errors import (
 from askexpert.guard import NonFiniteGuard
 from askexpert.loggers import RunCSVLogger
 from askexpert.modules import ClassifierModule, ExpertModule
+from askexpert.modules.classifier import check_input_size
 from askexpert.progress import IntervalProgressBar
 from askexpert.rng import RandomStateCheckpoint
 from askexpert.run_folder import (
@@ -183,7 +184,7 @@ class AskExpertCLI(LightningCLI):
         parser.add_argument("--partition", type=str | None, default=None, help="partition JSON (experts only)")
         parser.add_argument("--expert_index", type=int, default=0, help="which expert of the partition to train")
         parser.add_lightning_class_args(SpecializationStrategy, "specialization", subclass_mode=True, required=False)
-        for key in ("num_classes", "class_to_superclass", "superclass_names", "class_names"):
+        for key in ("num_classes", "class_to_superclass", "superclass_names", "class_names", "image_size"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
 
     # -- before anything is built ------------------------------------------------------------------
@@ -389,6 +390,10 @@ class AskExpertCLI(LightningCLI):
         check_outputs(subcommand, self.config[subcommand])
         if isinstance(self.model, ExpertModule):
             self._check_expert(subcommand)
+        elif subcommand == "fit" and self.config[subcommand].get("ckpt_path"):
+            self.model.resuming = True
+        elif subcommand == "fit":
+            self.model.prepare_initial_weights()  # pretrained weights, read and checked before the run writes
         with contextlib.ExitStack() as stack:
             # One writer per run folder (askexpert/run_folder.py); evaluations only read it. DDP ranks other than 0
             # (started by rank 0, which holds the lock) write nothing.
@@ -454,14 +459,17 @@ class AskExpertCLI(LightningCLI):
 
 
 def check_image_size(model, datamodule) -> None:
-    """A ViT built for one input size cannot take another: say so before training, not deep inside timm."""
-    embed = getattr(getattr(model, "net", None), "patch_embed", None)
-    expected = getattr(embed, "img_size", None)
+    """The model must take the size the data gives it: say so before training, not deep inside timm.
+
+    A model is built at `--data.image_size` (linked), so this fails for a checkpoint built at another size, or an
+    architecture that cannot take the size at all (one forward pass of one image tells)."""
     size = datamodule.hparams.image_size
-    if expected is not None and not getattr(embed, "dynamic_img_size", False) and tuple(expected) != (size, size):
+    built = model.hparams.get("image_size", 32)
+    if built != size:
         raise UserError(
-            f"model {model.hparams.model_name} takes {expected[0]}x{expected[1]} images but --data.image_size is {size}"
+            f"model {model.hparams.model_name} was built for {built}x{built} images but --data.image_size is {size}"
         )
+    check_input_size(model.net, model.hparams.model_name, size)
 
 
 def _import_class(class_path: str | None) -> object:
@@ -482,6 +490,11 @@ def check_checkpoint_classes(config: Namespace, datamodule: ImageDataModule) -> 
     saved = _checkpoint_hparams(ckpt_path, root)
     if saved.get("num_classes") is not None:
         check_same_classes(SimpleNamespace(hparams=AttributeDict(saved)), datamodule, f"checkpoint {ckpt_path}")
+    if saved and saved.get("image_size", 32) != datamodule.hparams.image_size:
+        raise UserError(
+            f"checkpoint {ckpt_path} was trained on {saved.get('image_size', 32)} px images but --data.image_size is "
+            f"{datamodule.hparams.image_size}"
+        )
 
 
 def check_outputs(subcommand: str, config: Namespace) -> None:

@@ -16,7 +16,15 @@ about 4x cheaper, which is what makes CPU demos and tests fast. All variants poo
 averaging (no class token): on small datasets average pooling trains faster and more stably.
 
 No variant has published weights. `pretrained=True` therefore needs a local file:
-`timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": PATH})`.
+`timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": PATH})`. The file goes through timm's
+own ViT checkpoint filter (`checkpoint_filter_fn`, also importable from here, where timm's convention looks for
+it), exactly as for timm's ViTs: weights saved at 32 px load into a model built at another `img_size`, their
+position embeddings resampled to the new patch grid (these variants have no class token, so every position is a
+patch position); a file of another patch size has its patch embedding resampled too.
+
+As timm's own ViTs, every variant supports `features_only=True` (a `FeatureGetterNet` returning the last
+`out_indices` blocks, default 3 or all of them when fewer, as NCHW maps at 1/patch resolution),
+`forward_intermediates` and `prune_intermediate_layers`.
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ from __future__ import annotations
 from functools import partial
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import VisionTransformer
+
+# `checkpoint_filter_fn` is timm's own ViT filter. It is also a name of this module on purpose: by timm's convention
+# a model's filter is `checkpoint_filter_fn` of the module that registers it (`sys.modules[entrypoint.__module__]`);
+# timm keeps no reference to it on the built model.
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 # Defaults for the whole family; CIFAR-100's statistics are also the modules' default normalisation.
 _BASE_CFG = {
@@ -54,7 +66,17 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
     args = dict(img_size=32, class_token=False, global_pool="avg", mlp_ratio=4.0, qkv_bias=True)
     args.update(ARCHITECTURES[variant])
     args.update(kwargs)
-    return build_model_with_cfg(VisionTransformer, variant, pretrained, **args)
+    # As timm's `_create_vision_transformer`: features are the last `out_indices` blocks (3 by default; our micro
+    # variant has only 2), taken by the model's own `forward_intermediates` (feature_cls='getter').
+    out_indices = args.pop("out_indices", min(3, args["depth"]))
+    return build_model_with_cfg(
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **args,
+    )
 
 
 def _register(variant: str) -> None:

@@ -3,8 +3,9 @@
 Why it looks like this:
 - Images stay uint8 (CIFAR-100's 50k training images are 150 MB) and are indexed a whole batch at a time
   (`__getitems__`), so a DataLoader with no workers keeps up with the model on CPU and GPU alike.
-- Random crop + flip run on the whole batch after it reached the training device
-  (`on_after_batch_transfer`); normalisation belongs to the model, so a checkpoint carries its own input
+- Random crop + flip (and RandAugment / TrivialAugment, drawn per image) run on the whole batch after it
+  reached the training device (`on_after_batch_transfer`), at the stored size; resizing to the models'
+  `image_size` and normalisation belong to the model, so a checkpoint carries its own input
   statistics and predicting on raw images needs nothing from this class.
 - The loaders are plain `DataLoader(dataset, batch_size, shuffle | sampler)`, so Lightning can still swap in
   a `DistributedSampler` for DDP and specialization strategies can supply their own samplers.
@@ -20,11 +21,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from askexpert.errors import UserError
-from datamodules.augment import random_crop_flip
+from datamodules.augment import AUTO_AUGMENT_POLICIES, auto_augment, random_crop_flip
 from datamodules.sources import SourceName, load_source, source_metadata
 from datamodules.splits import ImageSplits
 
 SPLITS = ("train", "val", "calib", "test")
+CIFAR100_SIZE = 32  # CIFAR-100's images, and the stand-in's default
+
+
+def stored_image_size(source: str, stored_size: int | None, image_size: int) -> int:
+    """Side of the images a source is held at in memory (see `ImageDataModule`'s `stored_size`)."""
+    if source == "cifar100":
+        return CIFAR100_SIZE
+    if source == "synthetic":
+        return stored_size or CIFAR100_SIZE
+    return stored_size or image_size
 
 
 class TensorImageDataset(Dataset):
@@ -80,7 +91,11 @@ class ImageDataModule(pl.LightningDataModule):
         root: folder of the dataset (not used by `synthetic`).
         download: download CIFAR-100 through torchvision when its files are absent (needs a network).
         verify_checksums: check CIFAR-100's official MD5 sums before reading.
-        image_size: side of the square images; imagefolder images are resized to it.
+        image_size: side of the square images the models see (linked into the model; the model resizes the stored
+            images to it on the device, batched, in training, evaluation, prediction and routing alike).
+        stored_size: side of the images held in memory, which the edge device would send: CIFAR-100's own 32 px
+            (the only value it takes); the synthetic stand-in renders at it (default 32); an image folder is
+            decoded at it (default `image_size`). Augmentation runs at this size, before the model's resize.
         val_fraction: share of each training class held out for validation (seeded by `seed`).
         calib_fraction: share of each training class held out for calibration (the routing threshold and the
             temperature, see docs/collaborative.md), after the validation holdout; 0 (default): none, and
@@ -89,8 +104,12 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and prediction.
         num_workers: DataLoader workers; 0 is right for in-memory uint8 tensors (workers are started per epoch).
-        crop_padding: padding of the random crop (0 disables it).
+        crop_padding: padding of the random crop, in stored pixels (0 disables it).
         flip: random horizontal flips during training.
+        auto_augment: `randaugment` or `trivialaugment` (torchvision's ops, drawn per image, batched on the
+            device; `datamodules/augment.py`); unset: none.
+        auto_augment_ops: RandAugment's number of ops per image.
+        auto_augment_magnitude: RandAugment's magnitude (0-30).
         synthetic_train_per_class: stand-in training images per class (CIFAR-100 has 500).
         synthetic_test_per_class: stand-in test images per class (CIFAR-100 has 100; more is cheap and
             makes accuracy comparisons less noisy).
@@ -107,6 +126,7 @@ class ImageDataModule(pl.LightningDataModule):
         download: bool = False,
         verify_checksums: bool = True,
         image_size: int = 32,
+        stored_size: int | None = None,
         val_fraction: float = 0.1,
         calib_fraction: float = 0.0,
         seed: int = 0,
@@ -115,6 +135,9 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         crop_padding: int = 4,
         flip: bool = True,
+        auto_augment: str | None = None,
+        auto_augment_ops: int = 2,
+        auto_augment_magnitude: int = 9,
         synthetic_train_per_class: int = 500,
         synthetic_test_per_class: int = 100,
         synthetic_seed: int = 0,
@@ -131,6 +154,19 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if image_size < 1:
             raise UserError(f"--data.image_size must be a positive number of pixels, got {image_size}")
+        if stored_size is not None and stored_size < 1:
+            raise UserError(f"--data.stored_size must be a positive number of pixels, got {stored_size}")
+        if source == "cifar100" and stored_size not in (None, CIFAR100_SIZE):
+            raise UserError(
+                f"CIFAR-100's images are {CIFAR100_SIZE} px: --data.stored_size must be unset or {CIFAR100_SIZE} (the "
+                f"model resizes them to --data.image_size {image_size})"
+            )
+        if auto_augment is not None and auto_augment not in AUTO_AUGMENT_POLICIES:
+            raise UserError(
+                f"unknown --data.auto_augment {auto_augment!r}; policies: {', '.join(AUTO_AUGMENT_POLICIES)}"
+            )
+        if auto_augment_ops < 0 or not 0 <= auto_augment_magnitude <= 30:
+            raise UserError("--data.auto_augment_ops must not be negative and --data.auto_augment_magnitude in [0, 30]")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise UserError(f"--data.{name} must be at least 1, got {value}")
@@ -164,6 +200,17 @@ class ImageDataModule(pl.LightningDataModule):
         return self.metadata.class_to_superclass
 
     @property
+    def image_size(self) -> int:
+        """Side of the images the models see (linked into the model by the CLI)."""
+        return self.hparams.image_size
+
+    @property
+    def stored_image_size(self) -> int:
+        """Side of the images held in memory (and sent by the edge device), see `stored_size`."""
+        h = self.hparams
+        return stored_image_size(h.source, h.get("stored_size"), h.image_size)
+
+    @property
     def stand_in(self) -> bool:
         return self.hparams.source == "synthetic"
 
@@ -184,7 +231,7 @@ class ImageDataModule(pl.LightningDataModule):
             h.root,
             download=False,
             verify_checksums=h.verify_checksums,
-            image_size=h.image_size,
+            image_size=self.stored_image_size,
             max_memory_gb=h.max_memory_gb,
             synthetic_train_per_class=h.synthetic_train_per_class,
             synthetic_test_per_class=h.synthetic_test_per_class,
@@ -309,6 +356,9 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
             images, labels = batch
-            images = random_crop_flip(images, padding=self.hparams.crop_padding, flip=self.hparams.flip)
+            h = self.hparams
+            images = random_crop_flip(images, padding=h.crop_padding, flip=h.flip)
+            if h.get("auto_augment"):
+                images = auto_augment(images, h.auto_augment, h.auto_augment_ops, h.auto_augment_magnitude)
             return images, labels
         return batch

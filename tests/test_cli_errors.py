@@ -80,7 +80,7 @@ def test_unknown_source_lists_known_ones(fail):
 
 
 def test_pretrained_without_weights(fail):
-    fail(["--model.pretrained", "true"], "cannot load pretrained weights", "--model.pretrained_path")
+    fail(["--model.pretrained", "true"], "timm publishes no pretrained weights", "--model.pretrained_path FILE")
 
 
 def test_unknown_option_and_missing_config(fail, tmp_path):

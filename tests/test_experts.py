@@ -341,9 +341,10 @@ def test_init_pretrained_loads_a_local_state_dict(tmp_path):
     expert = ExpertModule(
         subset=[0], init="pretrained", pretrained_path=str(path), model_name="vit_micro_patch8_32", num_classes=100
     )
+    assert not torch.equal(expert.net.blocks[0].attn.qkv.weight, source.net.blocks[0].attn.qkv.weight)
     expert.prepare_initial_weights()
-    state = expert._initial_state[0]
-    assert torch.equal(state["blocks.0.attn.qkv.weight"], source.net.state_dict()["blocks.0.attn.qkv.weight"])
+    for name, value in source.net.state_dict().items():
+        assert torch.equal(expert.net.state_dict()[name], value), name
 
 
 def test_killed_expert_resumes_without_its_base_and_follows_the_schedule(setup_dir, tmp_path, cli_env):

@@ -34,7 +34,7 @@ STAGE_FILES = ("generalist", "base", "expert")
 TINY_DATA = {"source": "synthetic", "synthetic_train_per_class": 10, "synthetic_test_per_class": 3, "val_fraction": 0.2}
 
 
-def write_configs(folder: Path) -> Path:
+def write_configs(folder: Path, model_name: str = "vit_micro_patch8_32") -> Path:
     """Fit configs of the three kinds of stage plus a pipeline config that uses them; returns the latter."""
     models = {
         "generalist": {"class_path": "askexpert.modules.GeneralistModule"},
@@ -42,7 +42,7 @@ def write_configs(folder: Path) -> Path:
         "expert": {"class_path": "askexpert.modules.ExpertModule", "init_args": {"init": "base"}},
     }
     for name in STAGE_FILES:
-        model = {**models[name], "init_args": {"model_name": "vit_micro_patch8_32", "warmup_epochs": 0}}
+        model = {**models[name], "init_args": {"model_name": model_name, "warmup_epochs": 0}}
         model["init_args"].update(models[name].get("init_args", {}))
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({**STAGE, "model": model}))
     pipeline = {
@@ -285,7 +285,7 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
     for bad, message in (
         (["--models", "nope"], "unknown model 'nope'"),
         (["--models", "vit_micro_patch8_32", "--device", "foo"], "unknown --device"),
-        (["--models", "vit_micro_patch8_32", "--image_size", "20"], "cannot take 20x20 images"),
+        (["--models", "vit_micro_patch8_32", "--image_size", "4"], "4x4 images"),
     ):
         code, _, err = run_main(["profile", *bad, "--out", str(tmp_path / "bad.yaml")], capsys)
         assert code == 2 and message in err and not (tmp_path / "bad.yaml").exists()
@@ -338,7 +338,7 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
         ),
         (["--data.val_fraction", "0"], ["need a validation split"]),
         (["--routing.budget.latency_ms", "0.001"], ["budget.latency_ms 0.001 cannot be met"]),
-        (["--data.image_size", "64"], ["stage generalist:", "takes 32x32 images but --data.image_size is 64"]),
+        (["--data.image_size", "4"], ["stage generalist:", "vit_micro_patch8_32", "4x4 images"]),
         (["--routing", "3"], ["routing"]),
     ],
 )

@@ -134,7 +134,7 @@ def test_expert_base_path(planted, tmp_path, capsys):
 
 
 def test_pretrained_path(run, tmp_path, capsys):
-    """timm reads `--model.pretrained_path` itself, with weights_only=True (timm's own safe read)."""
+    """`--model.pretrained_path` is read by askexpert's safe loader (weights_only=True) before timm sees it."""
     marker = tmp_path / "MARKER"
     state = {k[len("net.") :]: v for k, v in torch.load(run / "checkpoints" / "best.ckpt")["state_dict"].items()}
     state["note"] = RunsCode(marker)
@@ -142,7 +142,7 @@ def test_pretrained_path(run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["fit", *TINY_ARGS, "--model.pretrained", "true", "--model.pretrained_path", str(tmp_path / "weights.pth")]
     code, _, err = run_main([*args, "--trainer.default_root_dir", str(run_dir)], capsys)
-    assert_clean_failure(code, err, run_dir, "cannot load pretrained weights")
+    assert_clean_failure(code, err, run_dir, "refusing checkpoint", "weights.pth", "could run code")
     assert not marker.exists()
 
 

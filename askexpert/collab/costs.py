@@ -166,13 +166,13 @@ def load_profile(path: str) -> Profile:
 
 @lru_cache(maxsize=32)
 def gflops_per_image(model_name: str, num_outputs: int, image_size: int = 32) -> float:
-    """Forward GFLOPs of one image (torch's FLOP counter: 2 per multiply-add, matmuls and attention)."""
-    import timm
+    """Forward GFLOPs of one image at `image_size` (torch's FLOP counter: 2 per multiply-add, matmuls and
+    attention), the model built for that size as training builds it (a ViT's token count follows the size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    import askexpert.models  # noqa: F401  (registers our ViTs)
+    from askexpert.modules.classifier import create_network
 
-    model = timm.create_model(model_name, num_classes=num_outputs).eval()
+    model = create_network(model_name, num_outputs, 0.0, image_size).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, 3, image_size, image_size))
     return counter.get_total_flops() / 1e9

@@ -177,11 +177,12 @@ def evaluate_run(
             check_expert_classes(found["meta"].get("subset"), partition, i, f"{family}_{i}", layout.partition)
             families[family].append(found)
 
+    # the edge sends the stored image (its bytes are the transfer); each model computes at its own input size
     image_shape = tuple(datamodule.tensors("test")[0].shape[1:])
     cost_model = CostModel(profile, image_shape)
-    size = image_shape[-1]
 
     def cost(meta: dict):
+        size = meta.get("image_size") or datamodule.hparams.image_size
         return model_cost(profile, meta["model_name"], meta["num_outputs"], size)
 
     def expert_set(family: str) -> ExpertSet:
@@ -267,7 +268,11 @@ def evaluate_run(
             "profile": profile_entry,
             "image_bytes": cost_model.image_bytes,
             "models": {
-                name: {k: v for k, v in vars(cost(meta)).items() if k != "name"} | {"model_name": meta["model_name"]}
+                name: {k: v for k, v in vars(cost(meta)).items() if k != "name"}
+                | {
+                    "model_name": meta["model_name"],
+                    "image_size": meta.get("image_size") or datamodule.hparams.image_size,
+                }
                 for name, meta in models.items()
             },
         },

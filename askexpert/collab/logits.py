@@ -48,6 +48,8 @@ def _data_key(datamodule: ImageDataModule, split: str) -> dict:
     key = {k: h.get(k) for k in keys}
     if h.source == "synthetic":
         key.update(train=h.synthetic_train_per_class, test=h.synthetic_test_per_class)
+    if h.get("stored_size") is not None:  # only when set: the keys of caches made before it existed stay valid
+        key["stored_size"] = h.stored_size
     key["split"], key["size"] = split, len(datamodule.tensors(split)[1])
     return key
 
@@ -60,6 +62,7 @@ def describe_model(model) -> dict:
         "model_name": h.model_name,
         "num_classes": int(h.num_classes),
         "num_outputs": int(model.num_outputs),
+        "image_size": int(h.get("image_size", 32)),
         "params": sum(p.numel() for p in model.net.parameters()),
         "class_names": list(h.class_names) if h.get("class_names") else None,
     }

@@ -64,6 +64,7 @@ DATASET_KEYS = (
     "download",
     "verify_checksums",
     "image_size",
+    "stored_size",
     "val_fraction",
     "calib_fraction",
     "seed",
@@ -75,7 +76,20 @@ DATASET_KEYS = (
 # Data keys that came after runs and ablation stores existed, with their defaults. At its default such a key is
 # left out of a stage's identity, so the stages of existing runs and stores keep theirs (nothing retrains when
 # the code learns a new option); set to anything else, it changes what the stage sees and so its identity.
-LATER_DATA_DEFAULTS: dict[str, Any] = {"calib_fraction": 0.0}
+LATER_DATA_DEFAULTS: dict[str, Any] = {
+    "calib_fraction": 0.0,
+    "stored_size": None,
+    "auto_augment": None,
+    "auto_augment_ops": 2,
+    "auto_augment_magnitude": 9,
+}
+# The same for the model's options. `mean`/`std` became "unset" (the pretrained weights' own, else CIFAR-100's):
+# unset, they stand in the identity as the CIFAR-100 values they used to default to.
+LATER_MODEL_DEFAULTS: dict[str, Any] = {"img_size": None, "head_lr": None, "layer_decay": None, "random_erase": 0.0}
+FORMER_MODEL_DEFAULTS: dict[str, Any] = {
+    "mean": [0.5071, 0.4865, 0.4409],
+    "std": [0.2673, 0.2564, 0.2762],
+}
 # The run keeps a copy of its device profile (pipeline.yaml names it relative to the run), so a copied or moved
 # run evaluates with the same profile without the file it was made from.
 PROFILE_DIR = "profile"
@@ -297,6 +311,12 @@ def _instantiate(args: list[str], cpu_trainer: bool = False) -> None:
         reason = str(err).strip().splitlines()[0]
         raise UserError(f"{reason} (`--dry_run true` checks a config without building its trainer)") from None
     check_image_size(cli.model, cli.datamodule)
+    h = cli.model.hparams
+    if h.get("pretrained_path") and h.get("init", "pretrained") == "pretrained":
+        # a weights file that does not fit fails now, not after the stages before it trained
+        from askexpert.pretrained import load_file_weights
+
+        load_file_weights(cli.model.net, h.model_name, h.pretrained_path, cli.model.num_outputs)
 
 
 def _resolve_cached(args: list[str], what: str, root: str, cache: dict | None, cpu_trainer: bool = False) -> dict:
@@ -355,12 +375,19 @@ def plan_stages(
 
 
 def _identity_config(config: dict) -> dict:
-    """A stage's config as its identity sees it: without the data keys of `LATER_DATA_DEFAULTS` at their default."""
+    """A stage's config as its identity sees it: without the data and model keys of `LATER_DATA_DEFAULTS` and
+    `LATER_MODEL_DEFAULTS` at their default, and unset `FORMER_MODEL_DEFAULTS` as their former values."""
+    config = dict(config)
     data = config.get("data")
-    if not isinstance(data, dict):
-        return config
-    kept = {k: v for k, v in data.items() if k not in LATER_DATA_DEFAULTS or v != LATER_DATA_DEFAULTS[k]}
-    return {**config, "data": kept}
+    if isinstance(data, dict):
+        config["data"] = {k: v for k, v in data.items() if k not in LATER_DATA_DEFAULTS or v != LATER_DATA_DEFAULTS[k]}
+    model = config.get("model")
+    args = model.get("init_args") if isinstance(model, dict) else None
+    if isinstance(args, dict):
+        args = {k: v for k, v in args.items() if k not in LATER_MODEL_DEFAULTS or v != LATER_MODEL_DEFAULTS[k]}
+        args.update({k: v for k, v in FORMER_MODEL_DEFAULTS.items() if k in args and args[k] is None})
+        config["model"] = {**model, "init_args": args}
+    return config
 
 
 # -- the record of what is done ----------------------------------------------------------------------------

@@ -59,10 +59,10 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
     from askexpert.commands.evaluate import saved_settings
 
     settings = saved_settings(run_dir)
-    size = settings.data.image_size
     found = []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", "checkpoints", "best.ckpt"), recursive=True)):
         h = load_checkpoint(path, mmap=True).get("hyper_parameters", {})
+        size = int(h.get("image_size") or settings.data.image_size)  # the size the model computes at
         entry = (h["model_name"], int(h["num_classes"]) + int(bool(h.get("other_output"))), size)
         if entry not in found:
             found.append(entry)
@@ -74,7 +74,9 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
 @torch.no_grad()
 def time_model(model_name: str, num_outputs: int, image_size: int, device: str, min_run_time: float) -> float:
     """Median milliseconds of one batch-1 forward pass."""
-    model = timm.create_model(model_name, num_classes=num_outputs).eval().to(device)
+    from askexpert.modules.classifier import create_network
+
+    model = create_network(model_name, num_outputs, 0.0, image_size).eval().to(device)
     image = torch.rand(1, 3, image_size, image_size, device=device)
     try:
         model(image)

@@ -23,6 +23,7 @@ from askexpert.checkpoints import load_classifier
 from askexpert.collab.evaluation import RunLayout, check_expert_classes
 from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
 from askexpert.errors import UserError
+from datamodules.datamodule import stored_image_size
 from datamodules.partitions import Partition
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -115,7 +116,10 @@ def run(argv: list[str]) -> list[dict]:
     if args.threshold is not None:
         threshold = args.threshold
     paths = find_images(args.images)
-    images, readable, skipped = read_images(paths, settings.data.image_size)
+    # decoded at the size the run's data is stored at (what an edge device holds and sends); the models resize
+    data = settings.data
+    stored = stored_image_size(data.source, getattr(data, "stored_size", None), data.image_size)
+    images, readable, skipped = read_images(paths, stored)
     if not readable:
         raise UserError(f"no readable image in {args.images} (looked for {', '.join(EXTENSIONS)})")
     partition = Partition.load(layout.partition)

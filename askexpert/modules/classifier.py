@@ -9,21 +9,23 @@ images (or floats in [0, 1]) exactly as the DataModule or a user's own pipeline 
 from __future__ import annotations
 
 import math
-import os
+import sys
 
 import lightning.pytorch as pl
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 from torchmetrics.classification import MulticlassAccuracy
 
 import askexpert.models  # noqa: F401  (registers the 32-px ViTs with timm)
 from askexpert.errors import UserError
 from askexpert.modules.metrics import ClassificationMetrics
+from askexpert.pretrained import load_file_weights, load_published_weights
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -32,25 +34,45 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def create_network(
-    model_name: str, num_classes: int, pretrained: bool, pretrained_path: str | None, drop_path_rate: float
+    model_name: str, num_outputs: int, drop_path_rate: float, image_size: int = 32, img_size: int | None = None
 ) -> torch.nn.Module:
-    """A timm model by registry name, with one clear error for unknown names or unreachable weights."""
+    """A timm model by registry name with random weights, built for `image_size` inputs where it takes a size.
+
+    Models that take an image size (ViTs) are built at `image_size`; others (ResNets, ...) are built as they
+    are and must accept that size (checked by `check_input_size`). An explicit `img_size` that differs from the
+    size the data gives the model is refused: the model would never see what it was built for.
+    """
     if not timm.is_model(model_name):
         known = ", ".join(askexpert.models.model_names())
         raise UserError(f"unknown model {model_name!r}; askexpert models: {known} (or any timm model name)")
-    kwargs: dict = dict(num_classes=num_classes, drop_path_rate=drop_path_rate)
-    if pretrained and pretrained_path:
-        if not os.path.isfile(pretrained_path):
-            raise UserError(f"pretrained weights file not found: {pretrained_path}")
-        kwargs["pretrained_cfg_overlay"] = {"file": pretrained_path, "num_classes": num_classes}
+    if img_size is not None and img_size != image_size:
+        raise UserError(
+            f"--model.img_size {img_size} differs from --data.image_size {image_size}, the size the model is given"
+        )
+    kwargs: dict = dict(num_classes=num_outputs, drop_path_rate=drop_path_rate)
     try:
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError) as err:
-        if not pretrained:
-            raise
-        reason = str(err).split(". ")[0].rstrip(".")
-        hint = "" if pretrained_path else "; give a local state-dict file with --model.pretrained_path FILE"
-        raise UserError(f"cannot load pretrained weights for {model_name!r} ({reason}){hint}") from None
+        try:
+            return timm.create_model(model_name, img_size=image_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            return timm.create_model(model_name, **kwargs)  # an architecture without a built-in size
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot build {model_name!r} for {image_size}x{image_size} images: {reason}") from None
+
+
+def check_input_size(net: torch.nn.Module, model_name: str, image_size: int) -> None:
+    """One forward pass at the size the data gives: an architecture that cannot take it fails now, in one line."""
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, image_size, image_size))
+    except Exception as err:  # shape errors come as RuntimeError, AssertionError, ValueError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model {model_name} cannot take {image_size}x{image_size} images: {reason}") from None
+    finally:
+        net.train(was_training)
 
 
 class ClassifierModule(pl.LightningModule):
@@ -64,9 +86,20 @@ class ClassifierModule(pl.LightningModule):
         superclass_names: names for the per-superclass metrics (linked from the data).
         class_names: the dataset's class names (linked from the data), so a checkpoint records which classes
             it answers and models trained on different class sets are never combined.
-        pretrained: start from pretrained weights (needs `pretrained_path`: our models have none online).
-        pretrained_path: local state-dict file for `pretrained`.
-        lr: peak learning rate of AdamW.
+        image_size: side of the images the network sees (linked from `--data.image_size` by the CLI). Images of
+            another size (the stored size, see the DataModule) are resized to it on the device, batched, here in
+            the model, so training, evaluation, prediction and routing all see the same input.
+        img_size: the architecture's own input size, for timm models that take one; leave it unset (the model
+            is built at `image_size`). Set, it must equal `image_size`.
+        pretrained: start from timm's published weights (downloaded when online, else the local cache), or
+            from `pretrained_path` when that is given (see `askexpert/pretrained.py`).
+        pretrained_path: local weights file (safetensors, a state dict, or a timm or Lightning checkpoint);
+            setting it implies `pretrained`.
+        lr: peak learning rate of AdamW (of the backbone when `head_lr` is set).
+        head_lr: learning rate of the classifier head (fine-tuning: a new head learns faster than a pretrained
+            backbone); unset: `lr`.
+        layer_decay: layer-wise learning-rate decay of the backbone (timm's `param_groups_layer_decay`: block i
+            of n gets `lr * layer_decay ** (n - i)`); unset: none.
         weight_decay: AdamW weight decay (not applied to norms, biases and position embeddings).
         warmup_epochs: linear warm-up length, in (possibly fractional) epochs.
         schedule: `cosine` (decay to `min_lr_ratio * lr` by the last step) or `constant` after warm-up.
@@ -75,8 +108,11 @@ class ClassifierModule(pl.LightningModule):
         drop_path_rate: stochastic depth of the ViT blocks.
         mixup_alpha: Mixup strength (0 disables).
         cutmix_alpha: CutMix strength (0 disables).
-        mean: per-channel input mean, for images scaled to [0, 1].
-        std: per-channel input standard deviation.
+        random_erase: probability of random erasing per training image (timm's RandomErasing, per-pixel noise,
+            applied to the normalised input on the device; 0 disables).
+        mean: per-channel input mean, for images scaled to [0, 1]; unset: the pretrained weights' own
+            normalisation when starting from pretrained weights, else CIFAR-100's statistics.
+        std: per-channel input standard deviation (unset: as `mean`).
         compile: compile the network with `torch.compile` when the Trainer sets the model up (pays off on
             GPUs for the medium models; costs ~50 s of compilation per model on a 2-core CPU for no gain).
         compile_mode: `torch.compile` mode: default, reduce-overhead, max-autotune or
@@ -90,9 +126,13 @@ class ClassifierModule(pl.LightningModule):
         class_to_superclass: list[int] | None = None,
         superclass_names: list[str] | None = None,
         class_names: list[str] | None = None,
+        image_size: int = 32,
+        img_size: int | None = None,
         pretrained: bool = False,
         pretrained_path: str | None = None,
         lr: float = 1e-3,
+        head_lr: float | None = None,
+        layer_decay: float | None = None,
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
         schedule: str = "cosine",
@@ -101,8 +141,9 @@ class ClassifierModule(pl.LightningModule):
         drop_path_rate: float = 0.1,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
-        mean: tuple[float, float, float] = CIFAR100_MEAN,
-        std: tuple[float, float, float] = CIFAR100_STD,
+        random_erase: float = 0.0,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         compile: bool = False,
         compile_mode: str = "default",
     ) -> None:
@@ -117,10 +158,25 @@ class ClassifierModule(pl.LightningModule):
             raise UserError(f"{len(class_names)} class names given for {num_classes} classes")
         if lr <= 0 or warmup_epochs < 0 or not 0 <= label_smoothing < 1:
             raise UserError("lr must be positive, warmup_epochs non-negative and label_smoothing in [0, 1)")
+        if (head_lr is not None and head_lr <= 0) or (layer_decay is not None and not 0 < layer_decay <= 1):
+            raise UserError("--model.head_lr must be positive and --model.layer_decay in (0, 1]")
+        if not 0 <= random_erase <= 1:
+            raise UserError(f"--model.random_erase is a probability in [0, 1], got {random_erase}")
+        if image_size < 1:
+            raise UserError(f"the model's image_size must be a positive number of pixels, got {image_size}")
         self.save_hyperparameters()
-        self.net = create_network(model_name, self.num_outputs, pretrained, pretrained_path, drop_path_rate)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.net = create_network(model_name, self.num_outputs, drop_path_rate, image_size, img_size)
+        # the weights' own normalisation when starting from pretrained weights (recorded, so a checkpoint
+        # predicts with what it was trained with, whatever timm's defaults become)
+        pretrained_cfg = getattr(self.net, "pretrained_cfg", {}) if self.loads_pretrained else {}
+        self.set_normalisation(
+            mean or pretrained_cfg.get("mean") or CIFAR100_MEAN, std or pretrained_cfg.get("std") or CIFAR100_STD
+        )
+        self.resuming = False  # set by the CLI for `fit --ckpt_path`: the checkpoint brings the weights
+        self._weights_loaded = False
+        self.eraser = None
+        if random_erase > 0:
+            self.eraser = RandomErasing(probability=random_erase, mode="pixel", device="cpu")
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             self.mixup = Mixup(
@@ -141,6 +197,38 @@ class ClassifierModule(pl.LightningModule):
         """Width of the network's head (experts with an "other" output have one more than num_classes)."""
         return self.hparams.num_classes
 
+    def set_normalisation(self, mean, std) -> None:
+        """Input mean/std, recorded in the hyper-parameters so a checkpoint predicts with what it trained with."""
+        self.hparams.mean, self.hparams.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(self.hparams.mean) != 3 or len(self.hparams.std) != 3 or min(self.hparams.std) <= 0:
+            raise UserError(f"mean and std need 3 values each (std positive), got {list(mean)} and {list(std)}")
+        self.register_buffer("mean", torch.tensor(self.hparams.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.hparams.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def loads_pretrained(self) -> bool:
+        return bool(self.hparams.get("pretrained") or self.hparams.get("pretrained_path"))
+
+    # -- initial weights -----------------------------------------------------------------------------
+    def prepare_initial_weights(self) -> None:
+        """Load the pretrained weights now, checked against the architecture (the CLI calls this before a run
+        writes anything). Never in `__init__`: a trained model reloads from its own checkpoint without the
+        weights file or a network."""
+        if self._weights_loaded or not self.loads_pretrained:
+            return
+        h = self.hparams
+        if h.pretrained_path:
+            note = load_file_weights(self.net, h.model_name, h.pretrained_path, self.num_outputs)
+        else:
+            note = load_published_weights(self.net, h.model_name, self.num_outputs)
+        print(f"askexpert: {note}", file=sys.stderr)
+        self._weights_loaded = True
+
+    def setup(self, stage: str) -> None:
+        # A resumed run restores its own weights (Lightning sets trainer.ckpt_path only after this hook).
+        if stage == "fit" and not self.resuming and not self.trainer.ckpt_path:
+            self.prepare_initial_weights()
+
     def configure_model(self) -> None:
         # In place (nn.Module.compile): the state-dict keys stay those of the plain network, so checkpoints
         # of compiled and eager runs are interchangeable.
@@ -150,10 +238,23 @@ class ClassifierModule(pl.LightningModule):
 
     # -- inference -----------------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (or [0, 1] float) images -> normalised float input of the network."""
+        """uint8 (or [0, 1] float) images of any size -> normalised float input of the network's size."""
         if images.dtype == torch.uint8:
             images = images.float().div_(255)
+        size = self.hparams.get("image_size", 32)
+        if images.shape[-2:] != (size, size):
+            # bilinear, with antialiasing when shrinking (torchvision's Resize on tensors does the same)
+            shrink = images.shape[-1] > size or images.shape[-2] > size
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
         return (images - self.mean) / self.std
+
+    def training_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's training input: `preprocess`, then random erasing when enabled."""
+        inputs = self.preprocess(images)
+        if self.eraser is not None:
+            self.eraser.device = inputs.device  # timm draws its noise on this device
+            inputs = self.eraser(inputs)
+        return inputs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for uint8 or [0, 1] float images (N, 3, H, W)."""
@@ -168,7 +269,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        inputs, targets = self.preprocess(images), labels
+        inputs, targets = self.training_inputs(images), labels
         if self.mixup is not None and len(labels) % 2 == 0:  # timm's Mixup pairs samples: needs even batches
             inputs, targets = self.mixup(inputs, labels)
         logits = self.net(inputs)
@@ -248,13 +349,20 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         fused = self.device.type == "cuda"  # fused AdamW kernels exist for CUDA tensors only
-        optimizer = create_optimizer_v2(self.net, opt="adamw", lr=h.lr, weight_decay=h.weight_decay, fused=fused)
+        grouped = h.get("head_lr") is not None or h.get("layer_decay") is not None
+        params = self.fine_tuning_groups() if grouped else self.net
+        optimizer = create_optimizer_v2(params, opt="adamw", lr=h.lr, weight_decay=h.weight_decay, fused=fused)
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise UserError("the learning-rate schedule needs a finite run: set --trainer.max_epochs or max_steps")
         epochs = max(1, self.trainer.max_epochs or 1)
         warmup = min(int(h.warmup_epochs * total_steps / epochs), max(0, int(total_steps) - 1))
-        if h.schedule == "cosine":
+        if h.schedule == "cosine" and grouped:
+            # every group decays by the same factor to min_lr_ratio of its own rate (CosineAnnealingLR's floor is
+            # one absolute rate for all groups: it would raise a deep layer's small rate instead)
+            span, floor = max(1, int(total_steps) - warmup), h.min_lr_ratio
+            after = LambdaLR(optimizer, lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / span)))
+        elif h.schedule == "cosine":
             after = CosineAnnealingLR(optimizer, T_max=max(1, int(total_steps) - warmup), eta_min=h.lr * h.min_lr_ratio)
         else:
             after = LambdaLR(optimizer, lambda step: 1.0)
@@ -263,6 +371,29 @@ class ClassifierModule(pl.LightningModule):
             start = LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup)
             scheduler = SequentialLR(optimizer, [start, after], milestones=[warmup])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def fine_tuning_groups(self) -> list[dict]:
+        """AdamW parameter groups with their own learning rates: layer-wise decay (timm's grouping of the
+        backbone into layers) and the head at `head_lr`; weight decay as timm's default groups apply it."""
+        h = self.hparams
+        no_decay = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else set()
+        if h.get("layer_decay") is not None:
+            groups = param_groups_layer_decay(self.net, h.weight_decay, no_decay, layer_decay=h.layer_decay)
+        else:
+            groups = param_groups_weight_decay(self.net, h.weight_decay, no_decay)
+        head = {id(p) for p in self.net.get_classifier().parameters()} if h.get("head_lr") is not None else set()
+        result = []
+        for group in groups:
+            scale = group.pop("lr_scale", 1.0)
+            group.pop("param_names", None)
+            params = list(group.pop("params"))
+            body = [p for p in params if id(p) not in head]
+            top = [p for p in params if id(p) in head]
+            if body:
+                result.append({**group, "params": body, "lr": h.lr * scale})
+            if top:
+                result.append({**group, "params": top, "lr": h.head_lr})
+        return result
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `askexpert.checkpoints.load_classifier` rebuild the right class from the file alone.

@@ -10,9 +10,14 @@ How it starts is its own setting, separate from the specialization strategy:
 - `scratch`: random weights;
 - `base`: the weights of an all-class checkpoint of the same architecture (`base_path`), which is also the
   "offload everything" baseline; the check refuses another architecture or another class set;
-- `pretrained`: a local state-dict file (`pretrained_path`), e.g. ImageNet weights converted by timm.
+- `pretrained`: pretrained weights, from a local file (`pretrained_path`) or timm's published weights
+  (`askexpert/pretrained.py`), with a new head.
 Initial weights are loaded when training starts (not in `__init__`), so loading a trained expert from its
-own checkpoint never needs the base file.
+own checkpoint never needs the base file. Unless `mean`/`std` are set, an expert normalises its input as the
+model it starts from: the base checkpoint's, or the pretrained weights' own.
+
+Mixup/CutMix mix each image with its mirror in the batch and weigh the strategy's loss of both label sets by
+the mixing ratio, so every strategy (dustbin targets, distillation rows) works on mixed batches unchanged.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 
 from askexpert.checkpoints import load_checkpoint
 from askexpert.errors import UserError
-from askexpert.modules.classifier import ClassifierModule, create_network
+from askexpert.modules.classifier import ClassifierModule
 from askexpert.modules.metrics import ClassificationMetrics
+from askexpert.pretrained import classifier_names
 
 INITS = ("scratch", "base", "pretrained")
 
@@ -55,9 +61,11 @@ class ExpertModule(ClassifierModule):
     ) -> None:
         if init not in INITS:
             raise UserError(f"unknown expert init {init!r}; inits: {', '.join(INITS)}")
-        if kwargs.get("mixup_alpha") or kwargs.get("cutmix_alpha"):
-            raise UserError("experts do not support Mixup/CutMix (mixed labels cross the subset boundary)")
-        kwargs["pretrained"] = False  # initial weights are loaded in `setup("fit")`, see the module docstring
+        if init == "pretrained":
+            kwargs.setdefault("pretrained", True)  # timm's published weights unless pretrained_path names a file
+        elif kwargs.get("pretrained") or kwargs.get("pretrained_path"):
+            raise UserError(f"--model.pretrained/--model.pretrained_path need --model.init pretrained, not {init!r}")
+        self._explicit_normalisation = kwargs.get("mean") is not None or kwargs.get("std") is not None
         self._other_output = other_output  # read by `num_outputs` while the parent builds the network
         # save_hyperparameters() in the parent also records this __init__'s arguments (Lightning walks the frames)
         super().__init__(model_name=model_name, **kwargs)
@@ -75,7 +83,6 @@ class ExpertModule(ClassifierModule):
         self.register_buffer("in_subset_table", in_subset, persistent=False)
         self.specialization = None  # set by the strategy callback at setup("fit")
         self._initial_state: tuple[dict, str] | None = None
-        self.resuming = False  # set by the CLI for `fit --ckpt_path`: the checkpoint brings the weights
         h = self.hparams
         self.val_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
         self.test_subset_metrics = ClassificationMetrics(num_classes, h.class_to_superclass, h.superclass_names)
@@ -90,23 +97,24 @@ class ExpertModule(ClassifierModule):
         h = self.hparams
         if h.init == "base" and not h.base_path:
             raise UserError("init: base needs the all-class base checkpoint: --model.base_path FILE")
-        if h.init == "pretrained" and not h.pretrained_path:
-            raise UserError("init: pretrained needs a local state-dict file: --model.pretrained_path FILE")
-        if h.init == "base":
-            checkpoint = self._base_checkpoint()
-            state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-            self._initial_state = (self._fit_head(state), h.base_path)
-        elif h.init == "pretrained":
-            source = create_network(h.model_name, h.num_classes, True, h.pretrained_path, 0.0)
-            self._initial_state = (self._fit_head(source.state_dict()), h.pretrained_path)
-        else:
+        if h.init == "pretrained":
+            super().prepare_initial_weights()
             return
+        if h.init != "base":
+            return
+        checkpoint = self._base_checkpoint()
+        state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        self._initial_state = (self._fit_head(state), h.base_path)
+        base = checkpoint.get("hyper_parameters", {})
+        if not getattr(self, "_explicit_normalisation", True) and base.get("mean") and base.get("std"):
+            self.set_normalisation(base["mean"], base["std"])
         # shapes are checked now, on a throw-away copy, so a wrong architecture fails before training starts
         try:
             copy.deepcopy(self.net).load_state_dict(self._initial_state[0])
         except RuntimeError as err:
+            details = [line.strip() for line in str(err).splitlines() if line.strip()]
             raise UserError(
-                f"{self._initial_state[1]} does not fit this expert's network: {str(err).splitlines()[0]}"
+                f"{self._initial_state[1]} does not fit this expert's network: {' '.join(details[:2])}"
             ) from None
 
     def setup(self, stage: str) -> None:
@@ -114,6 +122,9 @@ class ExpertModule(ClassifierModule):
         if stage != "fit" or self.resuming or self.trainer.ckpt_path:
             return
         if self.hparams.init == "scratch":
+            return
+        if self.hparams.init == "pretrained":
+            super().prepare_initial_weights()
             return
         if getattr(self, "_initial_state", None) is None:
             self.prepare_initial_weights()
@@ -143,10 +154,12 @@ class ExpertModule(ClassifierModule):
     def _fit_head(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An all-class state dict with, for a dustbin expert, the extra "other" output appended at zero."""
         state = dict(state)
-        head_w, head_b = state.get("head.weight"), state.get("head.bias")
-        if self.hparams.other_output and head_w is not None and head_w.shape[0] == self.hparams.num_classes:
-            state["head.weight"] = torch.cat([head_w, head_w.new_zeros(1, head_w.shape[1])])
-            state["head.bias"] = torch.cat([head_b, head_b.new_zeros(1)])
+        for name in classifier_names(self.net):  # `head` for ViTs, `fc` for ResNets, ... (timm's config says)
+            head_w, head_b = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+            if self.hparams.other_output and head_w is not None and head_w.shape[0] == self.hparams.num_classes:
+                state[f"{name}.weight"] = torch.cat([head_w, head_w.new_zeros(1, *head_w.shape[1:])])
+                if head_b is not None:
+                    state[f"{name}.bias"] = torch.cat([head_b, head_b.new_zeros(1)])
         return state
 
     def base_network(self) -> torch.nn.Module:
@@ -162,15 +175,24 @@ class ExpertModule(ClassifierModule):
     # -- training ------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        inputs = self.preprocess(images)
+        inputs = self.training_inputs(images)
+        ratio = 1.0
+        if self.mixup is not None and len(labels) % 2 == 0:  # timm's Mixup pairs samples: needs even batches
+            # timm's batch mixing: in place, each image with its mirror in the batch; the ratio it drew (CutMix:
+            # the area kept) weighs the two label sets' losses
+            ratio = float(self.mixup._mix_batch(inputs))
         logits = self.net(inputs)
-        in_subset = self.in_subset(labels)
-        if self.specialization is not None:
-            loss = self.specialization.loss(self, inputs, logits, labels, in_subset)
-        else:  # trained without a strategy callback: plain cross-entropy on all classes
-            loss = self.training_loss(logits, labels)
+        loss = self.subset_loss(inputs, logits, labels)
+        if ratio < 1.0:
+            loss = ratio * loss + (1 - ratio) * self.subset_loss(inputs, logits, labels.flip(0))
         self.log_training_step(loss, self.answer_logits(logits.detach(), labels), labels)
         return loss
+
+    def subset_loss(self, inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The strategy's loss for `labels` (plain cross-entropy on all classes without a strategy callback)."""
+        if self.specialization is not None:
+            return self.specialization.loss(self, inputs, logits, labels, self.in_subset(labels))
+        return self.training_loss(logits, labels)
 
     def in_subset(self, labels: torch.Tensor) -> torch.Tensor:
         """(N,) bool: which labels are this expert's classes (a table look-up on the device, no host sync)."""
