@@ -382,6 +382,11 @@ class AskExpertCLI(LightningCLI):
 
     # -- running -----------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit" and not isinstance(self.model, ExpertModule):
+            if self.config[subcommand].get("ckpt_path"):
+                self.model.resuming = True
+            else:  # pretrained weights, read and checked first: a missing file or network fails in seconds
+                self.model.prepare_initial_weights()
         # Load and check all data before the run writes anything into its folder.
         self.datamodule.prepare_data()
         self.datamodule.setup()
@@ -390,10 +395,6 @@ class AskExpertCLI(LightningCLI):
         check_outputs(subcommand, self.config[subcommand])
         if isinstance(self.model, ExpertModule):
             self._check_expert(subcommand)
-        elif subcommand == "fit" and self.config[subcommand].get("ckpt_path"):
-            self.model.resuming = True
-        elif subcommand == "fit":
-            self.model.prepare_initial_weights()  # pretrained weights, read and checked before the run writes
         with contextlib.ExitStack() as stack:
             # One writer per run folder (askexpert/run_folder.py); evaluations only read it. DDP ranks other than 0
             # (started by rank 0, which holds the lock) write nothing.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_ARGS
 from test_cli import run_main
-from test_pipeline import write_configs
+from test_pipeline import make_four_class_folder, write_configs
 
 from askexpert.checkpoints import load_classifier
 from askexpert.cli import cli_main
@@ -57,22 +57,12 @@ def test_every_strategy_trains_a_resnet_expert(resnet_base, tmp_path, name, extr
 
 def test_the_pipeline_runs_end_to_end_with_resnets_at_another_size(tmp_path, capsys) -> None:
     """Every stage a ResNet that sees 48-px images of a folder stored at 24 px; `route` answers new images."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    root = tmp_path / "images"
-    for split, count in (("train", 6), ("test", 2)):
-        for c, name in enumerate(("ant", "bee", "cat", "dog")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 256, (30, 30, 3), generator=generator, dtype=torch.uint8)
-                pixels[..., c % 3] = 40 * c
-                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+    root = make_four_class_folder(tmp_path / "images", side=30)
     config = write_configs(tmp_path, model_name="resnet18")
     out = tmp_path / "run"
     args = ["pipeline", "--config", str(config), "--out", str(out), "--data.source", "imagefolder"]
     args += ["--data.root", str(root), "--partition.method", "random", "--data.image_size", "48"]
-    args += ["--data.stored_size", "24"]
+    args += ["--data.stored_size", "24", "--static_baseline", "false"]
     code, _, err = run_main(args, capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())

@@ -267,6 +267,7 @@ def test_partition_command_generalist_of_another_class_set(tmp_path, capsys, set
 
 
 # -- training all experts -----------------------------------------------------------------------------
+@pytest.mark.slow  # ~30 s; the job runner itself is tested below, and pipelines run experts in processes too
 def test_experts_command_trains_each_expert_in_its_own_folder(setup_dir, tiny_args, tmp_path):
     root = tmp_path / "experts"
     fit_args = [*tiny_args, "--model", "askexpert.modules.ExpertModule", "--model.base_path", str(setup_dir["base"])]

@@ -481,19 +481,24 @@ def test_evaluate_logs_tables_and_plot_to_wandb_offline(finished, tmp_path, caps
     assert any(name.startswith("pareto") and name.endswith(".png") for name in media), media
 
 
-def test_the_same_pipeline_runs_on_an_image_folder(tmp_path, capsys):
-    """`--data.source imagefolder --data.root PATH`: 4 classes without superclasses, a random partition."""
+def make_four_class_folder(root: Path, side: int) -> Path:
+    """ROOT/{train,test}/{ant,bee,cat,dog}/*.png: 6 train and 2 test images per class, side x side pixels."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(0)
-    root = tmp_path / "images"
     for split, count in (("train", 6), ("test", 2)):
         for c, name in enumerate(("ant", "bee", "cat", "dog")):
             (root / split / name).mkdir(parents=True)
             for i in range(count):
-                pixels = torch.randint(0, 256, (20, 20, 3), generator=generator, dtype=torch.uint8)
+                pixels = torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8)
                 pixels[..., c % 3] = 40 * c  # a little class signal
                 Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_the_same_pipeline_runs_on_an_image_folder(tmp_path, capsys):
+    """`--data.source imagefolder --data.root PATH`: 4 classes without superclasses, a random partition."""
+    root = make_four_class_folder(tmp_path / "images", side=20)
     config = write_configs(tmp_path)
     out = tmp_path / "run"
     args = ["pipeline", "--config", str(config), "--out", str(out), "--data.source", "imagefolder"]
