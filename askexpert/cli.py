@@ -210,6 +210,8 @@ class AskExpertCLI(LightningCLI):
                     raise UserError(
                         f"--ckpt_path last: no last.ckpt in {checkpoint_dir(config.trainer.default_root_dir)}"
                     )
+                else:  # nothing to resume yet (a requeued job's first start): a fresh run, with its initial weights
+                    config.ckpt_path = None
             elif ckpt_path and ckpt_path not in LIGHTNING_CKPT_ALIASES:
                 check_checkpoint_file(ckpt_path)
                 found = ckpt_path
@@ -382,10 +384,12 @@ class AskExpertCLI(LightningCLI):
 
     # -- running -----------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand == "fit" and not isinstance(self.model, ExpertModule):
-            if self.config[subcommand].get("ckpt_path"):
+        if not isinstance(self.model, ExpertModule):
+            if subcommand == "fit" and self.config[subcommand].get("ckpt_path"):
                 self.model.resuming = True
-            else:  # pretrained weights, read and checked first: a missing file or network fails in seconds
+            elif not self.config[subcommand].get("ckpt_path"):
+                # pretrained weights, read and checked first (a missing file or network fails in seconds); also
+                # what `validate`/`test`/`predict` without a checkpoint evaluate: the pretrained model itself
                 self.model.prepare_initial_weights()
         # Load and check all data before the run writes anything into its folder.
         self.datamodule.prepare_data()

@@ -66,6 +66,15 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def file_normalisation(path: str) -> tuple[list[float], list[float]] | None:
+    """The input mean/std an askexpert (Lightning) checkpoint recorded, so a model started from it keeps them."""
+    if path.endswith(".safetensors"):
+        return None
+    hparams = load_checkpoint(path, mmap=True).get("hyper_parameters") or {}
+    mean, std = hparams.get("mean"), hparams.get("std")
+    return (list(mean), list(std)) if mean and std else None
+
+
 def classifier_names(net: torch.nn.Module) -> tuple[str, ...]:
     """Module names of the classifier head(s), as the model's pretrained config declares them."""
     names = net.pretrained_cfg.get("classifier") or ()
@@ -104,7 +113,8 @@ def check_fits(net: torch.nn.Module, model_name: str, state: dict[str, torch.Ten
             raise UserError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     head = {f"{name}.{suffix}" for name in classifier_names(net) for suffix in ("weight", "bias")}
     expected = net.state_dict()
-    missing = [k for k in expected if k not in filtered and k not in head]
+    # torch fills in a BatchNorm's step counter when a file leaves it out (torchvision's weights do)
+    missing = [k for k in expected if k not in filtered and k not in head and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in filtered if k not in expected and k not in head]
     wrong = [
         f"{k} {tuple(filtered[k].shape)} vs {tuple(expected[k].shape)}"
@@ -146,7 +156,10 @@ def _head_note(source: str, file_classes: int, num_classes: int, has_head: bool)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all (a DNS failure or closed network is known in ~1 s)."""
+    """Whether the Hugging Face hub answers at all (a DNS failure or closed network is known in ~1 s). Behind a
+    proxy or with a mirror (`HF_ENDPOINT`) a direct probe proves nothing: the hub client is left to try."""
+    if any(os.environ.get(name) for name in ("HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     try:
         with socket.create_connection(HUB_HOST, timeout=timeout):
             return True

@@ -8,7 +8,8 @@
 # 2. configs/pipeline/standin_full.yaml, one seed: every stage timed against its bare compute (goal: wall / bare
 #    <= 1.3), the headline table and the sanity findings; then its 4 progressive experts trained again side by
 #    side (goal: <= 1.5x the time of one alone).
-# JSON: benchmarks/results/{train_throughput,pipeline_overhead}_cuda.json (docs/performance.md and
+# 3. the fine-tuning input path's cost and syncs (benchmarks/augment_speed.py, ~20 s).
+# JSON: benchmarks/results/{train_throughput,pipeline_overhead,augment_speed}_cuda.json (docs/performance.md and
 # docs/results.md take their GPU rows from them). Whatever exists at the end, even after a failure (a diverged
 # stage, say), is copied to $OUT: the JSON files, the run's report, stages.json and every stage's logs.
 set -euo pipefail
@@ -36,6 +37,11 @@ echo "install: $((SECONDS - start)) s"
 python3 benchmarks/train_throughput.py --device cuda --batch 256 --steps 20 --warmup 5 --no-loader \
     --overhead-batch 256 --repeats 2
 echo "throughput: $((SECONDS - start)) s"
+
+# the fine-tuning input path (RandAugment / TrivialAugment per image, resize to 224, random erasing) as a share of a
+# ViT-Tiny/16 step at 224 px, and its syncs per batch (torchvision's affine ops may copy to the device)
+python3 benchmarks/augment_speed.py --device cuda --batch 128 --image-size 224
+echo "augment: $((SECONDS - start)) s"
 
 mkdir -p runs
 rm -rf runs/gpu_check runs/gpu_check_side_by_side

@@ -181,3 +181,56 @@ def test_bad_fine_tuning_rates_are_refused() -> None:
         GeneralistModule(model_name="vit_micro_patch8_32", num_classes=10, head_lr=0.0)
     with pytest.raises(UserError, match="layer_decay in"):
         GeneralistModule(model_name="vit_micro_patch8_32", num_classes=10, layer_decay=1.5)
+
+
+def test_an_expert_with_init_pretrained_asks_for_weights_even_when_pretrained_is_false() -> None:
+    """The CLI passes every parent argument (`pretrained: false` included): `init: pretrained` must still load."""
+    expert = ExpertModule(
+        subset=[1], init="pretrained", pretrained=False, model_name="vit_micro_patch8_32", num_classes=100
+    )
+    with pytest.raises(UserError, match="timm publishes no pretrained weights for 'vit_micro_patch8_32'"):
+        expert.prepare_initial_weights()
+
+
+def test_a_file_without_batchnorm_counters_loads(tmp_path) -> None:
+    """torchvision's ResNet weights have no `num_batches_tracked`; torch fills them in, so they are not missing."""
+    torch.manual_seed(2)
+    state = {k: v for k, v in timm.create_model("resnet18").state_dict().items() if "num_batches_tracked" not in k}
+    path = _save(state, tmp_path / "resnet", "pth")
+    model = GeneralistModule(model_name="resnet18", num_classes=100, pretrained_path=str(path))
+    model.prepare_initial_weights()
+    assert _backbone_equal(model, {k: v for k, v in state.items() if not k.startswith("fc.")}) == []
+
+
+def test_an_askexpert_checkpoint_brings_its_normalisation(tmp_path) -> None:
+    source = GeneralistModule(model_name="vit_micro_patch8_32", num_classes=10)
+    state = {f"net.{k}": v for k, v in source.net.state_dict().items()}
+    hparams = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, tmp_path / "run.ckpt")
+    model = GeneralistModule(
+        model_name="vit_micro_patch8_32", num_classes=10, pretrained_path=str(tmp_path / "run.ckpt")
+    )
+    model.prepare_initial_weights()
+    assert model.hparams.mean == (0.1, 0.2, 0.3) and torch.allclose(model.std.flatten(), torch.tensor([0.4, 0.5, 0.6]))
+    explicit = GeneralistModule(
+        model_name="vit_micro_patch8_32", num_classes=10, pretrained_path=str(tmp_path / "run.ckpt"), mean=(0.5,) * 3
+    )
+    explicit.prepare_initial_weights()
+    assert explicit.hparams.mean == (0.5, 0.5, 0.5)  # what the user set wins
+
+
+def test_cli_loads_pretrained_weights_for_a_first_start_with_ckpt_path_last_and_for_test(tmp_path, capsys) -> None:
+    """A requeued job passes `--ckpt_path last` from its first start: nothing to resume, so the weights load;
+    `test` without a checkpoint evaluates the pretrained model itself."""
+    from conftest import TINY_ARGS
+    from test_cli import run_main
+
+    torch.manual_seed(3)
+    path = _save(timm.create_model("vit_micro_patch8_32", num_classes=100).state_dict(), tmp_path / "w", "safetensors")
+    common = [*TINY_ARGS, "--model.pretrained_path", str(path), "--trainer.limit_train_batches", "1"]
+    code, _, err = run_main(
+        ["fit", *common, "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "r")], capsys
+    )
+    assert code == 0 and "loaded pretrained weights from" in err, err
+    code, _, err = run_main(["test", *common, "--trainer.default_root_dir", str(tmp_path / "t")], capsys)
+    assert code == 0 and "loaded pretrained weights from" in err, err

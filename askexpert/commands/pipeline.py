@@ -385,7 +385,10 @@ def _identity_config(config: dict) -> dict:
     args = model.get("init_args") if isinstance(model, dict) else None
     if isinstance(args, dict):
         args = {k: v for k, v in args.items() if k not in LATER_MODEL_DEFAULTS or v != LATER_MODEL_DEFAULTS[k]}
-        args.update({k: v for k, v in FORMER_MODEL_DEFAULTS.items() if k in args and args[k] is None})
+        # only where unset still means CIFAR-100's statistics: starting from pretrained weights it means theirs
+        pretrained = args.get("pretrained") or args.get("pretrained_path") or args.get("init") == "pretrained"
+        if not pretrained:
+            args.update({k: v for k, v in FORMER_MODEL_DEFAULTS.items() if k in args and args[k] is None})
         config["model"] = {**model, "init_args": args}
     return config
 

@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 import askexpert.models  # noqa: F401  (registers the 32-px ViTs with timm)
 from askexpert.errors import UserError
 from askexpert.modules.metrics import ClassificationMetrics
-from askexpert.pretrained import load_file_weights, load_published_weights
+from askexpert.pretrained import file_normalisation, load_file_weights, load_published_weights
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -169,6 +169,7 @@ class ClassifierModule(pl.LightningModule):
         # the weights' own normalisation when starting from pretrained weights (recorded, so a checkpoint
         # predicts with what it was trained with, whatever timm's defaults become)
         pretrained_cfg = getattr(self.net, "pretrained_cfg", {}) if self.loads_pretrained else {}
+        self._explicit_normalisation = mean is not None or std is not None
         self.set_normalisation(
             mean or pretrained_cfg.get("mean") or CIFAR100_MEAN, std or pretrained_cfg.get("std") or CIFAR100_STD
         )
@@ -219,6 +220,9 @@ class ClassifierModule(pl.LightningModule):
         h = self.hparams
         if h.pretrained_path:
             note = load_file_weights(self.net, h.model_name, h.pretrained_path, self.num_outputs)
+            recorded = file_normalisation(h.pretrained_path)
+            if recorded and not self._explicit_normalisation:  # an askexpert checkpoint: the statistics it used
+                self.set_normalisation(*recorded)
         else:
             note = load_published_weights(self.net, h.model_name, self.num_outputs)
         print(f"askexpert: {note}", file=sys.stderr)

@@ -62,10 +62,11 @@ class ExpertModule(ClassifierModule):
         if init not in INITS:
             raise UserError(f"unknown expert init {init!r}; inits: {', '.join(INITS)}")
         if init == "pretrained":
-            kwargs.setdefault("pretrained", True)  # timm's published weights unless pretrained_path names a file
+            # timm's published weights unless pretrained_path names a file (the CLI always passes pretrained=False
+            # from the parent's signature, so this is set, not defaulted)
+            kwargs["pretrained"] = True
         elif kwargs.get("pretrained") or kwargs.get("pretrained_path"):
             raise UserError(f"--model.pretrained/--model.pretrained_path need --model.init pretrained, not {init!r}")
-        self._explicit_normalisation = kwargs.get("mean") is not None or kwargs.get("std") is not None
         self._other_output = other_output  # read by `num_outputs` while the parent builds the network
         # save_hyperparameters() in the parent also records this __init__'s arguments (Lightning walks the frames)
         super().__init__(model_name=model_name, **kwargs)
