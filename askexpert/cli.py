@@ -107,6 +107,9 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "profile": Command(
         "time each model on this machine and write a device profile", _lazy("askexpert.commands.profile")
     ),
+    "export": Command(
+        "a finished run's generalist and experts as verified ONNX files + manifest", _lazy("askexpert.commands.export")
+    ),
 }
 
 DEFAULT_ROOT_DIR = "runs/default"

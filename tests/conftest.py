@@ -79,3 +79,19 @@ def tiny_generalist_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_generalist") / "generalist"
     cli_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", str(root)])
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(pipeline config, finished run folder) of one tiny stand-in pipeline (micro ViTs, 2 experts, one epoch per
+    stage), run once per test session and shared by the pipeline, evaluate, route, profile and export tests.
+    Read-only: a test that changes it copies it first."""
+    from test_pipeline import write_configs
+
+    from askexpert.cli import cli_main
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    config = write_configs(folder)
+    out = folder / "run"
+    cli_main(["pipeline", "--config", str(config), "--out", str(out)])
+    return config, out

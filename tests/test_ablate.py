@@ -190,6 +190,7 @@ def test_a_second_ablate_on_the_same_store_is_refused_while_the_first_runs(tmp_p
         pass
 
 
+@pytest.mark.slow  # ~15 s; bit-identical reruns are also checked by tests/test_run_safety.py in the default run
 def test_rerunning_a_cell_from_scratch_reproduces_its_metrics(finished, tmp_path):
     from askexpert.cli import cli_main
 

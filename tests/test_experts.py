@@ -348,6 +348,7 @@ def test_init_pretrained_loads_a_local_state_dict(tmp_path):
         assert torch.equal(expert.net.state_dict()[name], value), name
 
 
+@pytest.mark.slow  # ~25 s; tests/test_run_safety.py resumes a pipeline killed inside an expert in the default run
 def test_killed_expert_resumes_without_its_base_and_follows_the_schedule(setup_dir, tmp_path, cli_env):
     """The schedule spans epochs (Lightning's epoch reaches the batch sampler), a killed expert resumes from
     last.ckpt even after its base file moved, and the finished run keeps weights only."""

@@ -59,16 +59,10 @@ def write_configs(folder: Path, model_name: str = "vit_micro_patch8_32") -> Path
     return path
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One finished tiny pipeline run, shared (read-only) by the tests below; copy it before changing it."""
-    folder = tmp_path_factory.mktemp("pipeline")
-    config = write_configs(folder)
-    out = folder / "run"
-    from askexpert.cli import cli_main
-
-    cli_main(["pipeline", "--config", str(config), "--out", str(out)])
-    return config, out
+@pytest.fixture
+def finished(tiny_pipeline_run):
+    """The session's finished tiny pipeline run (conftest.py), read-only; copy it before changing it."""
+    return tiny_pipeline_run
 
 
 def copy_run(finished, tmp_path) -> tuple[Path, Path]:

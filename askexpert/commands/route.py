@@ -51,6 +51,22 @@ def parser():
     return p
 
 
+def operating_point(run_dir: str) -> tuple[dict, float]:
+    """The routing settings (temperature value, gate, top-k, fusion) and threshold the run's report selected."""
+    report_path = os.path.join(run_dir, "report.json")
+    if not os.path.isfile(report_path):
+        raise UserError(f"{run_dir} has no report.json yet: finish it with `python -m askexpert pipeline` first")
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            report = json.load(f)
+        routing, threshold = report["routing"], float(report["selected"]["threshold"])
+        return {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}, threshold
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(
+            f"{report_path} is damaged; write it again with `python -m askexpert evaluate --run {run_dir}`"
+        ) from None
+
+
 def find_images(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise UserError(f"image folder not found: {folder}")
@@ -99,20 +115,9 @@ def run(argv: list[str]) -> list[dict]:
     from askexpert.commands.pipeline import check_finished
 
     check_finished(layout)
-    report_path = os.path.join(args.run, "report.json")
-    if not os.path.isfile(report_path):
-        raise UserError(f"{args.run} has no report.json yet: finish it with `python -m askexpert pipeline` first")
+    routing, threshold = operating_point(args.run)
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; give a CSV file name")
-    try:
-        with open(report_path, encoding="utf-8") as f:
-            report = json.load(f)
-        routing, threshold = report["routing"], report["selected"]["threshold"]
-        routing = {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise UserError(
-            f"{report_path} is damaged; write it again with `python -m askexpert evaluate --run {args.run}`"
-        ) from None
     if args.threshold is not None:
         threshold = args.threshold
     paths = find_images(args.images)

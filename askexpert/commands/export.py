@@ -1,0 +1,238 @@
+"""`python -m askexpert export --run DIR --out EXPORT`: a finished run's generalist and experts as ONNX, verified.
+
+Each model is exported whole, input pipeline included: it takes the stored uint8 images (N, 3, S, S) that an edge
+device holds and sends, and resizes and normalises them inside the graph as the PyTorch module does, so a server
+or an edge client needs nothing but the file. torch's own exporter (`torch.onnx.export(dynamo=True)`) writes
+them with a dynamic batch; `onnx.checker` checks them.
+
+Verification runs every exported model with ONNX Runtime on the run's test images and compares it with PyTorch:
+the largest logit difference (must be within `--atol`), the share of images with the same top-1 (each model),
+and the share with the same routing decision (offload or not, and to which expert) at the run's operating point.
+Below 99.9 % on either share the export is refused: a flipped gate changes what is offloaded. Nothing is written
+unless every model passes (the folder is built aside and renamed into place).
+
+EXPORT/manifest.json records the operating point (threshold, gate, temperature, top-k, fusion), the partition,
+the class names, every model's file, SHA-256, input and output, the verification figures and package versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+
+import torch
+
+from askexpert.callbacks import atomic_write_text
+from askexpert.checkpoints import load_classifier
+from askexpert.collab.evaluation import RunLayout, check_expert_classes, package_versions
+from askexpert.collab.routing import NO_EXPERT, confidence, select_experts
+from askexpert.commands.route import operating_point
+from askexpert.errors import UserError
+
+FORMAT_VERSION = 1
+MIN_AGREEMENT = 0.999  # top-1 and routing decisions: what the issue asks of an export
+OPSET = 18
+
+
+def parser():
+    from askexpert.commands import command_parser
+
+    p = command_parser("export", "Export a finished run's generalist and experts to ONNX, verified.", with_data=False)
+    p.add_argument("--run", type=str, required=True, help="finished pipeline run folder (with report.json)")
+    p.add_argument("--out", type=str, required=True, help="folder to write (must not exist, or --overwrite)")
+    p.add_argument("--overwrite", type=bool, default=False, help="replace an existing export folder")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit| difference ONNX vs PyTorch")
+    p.add_argument("--batch_size", type=int, default=256, help="images per verification batch")
+    return p
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(model, path: str, stored_size: int) -> None:
+    """`model` (uint8 images in, logits out) as an ONNX file with a dynamic batch dimension."""
+    example = torch.zeros(2, 3, stored_size, stored_size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: batch}},
+            external_data=False,  # one self-contained file per model (its hash covers the weights)
+            verbose=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(path, full_check=True)
+
+
+def batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def compare(model, path: str, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(PyTorch logits, ONNX Runtime logits, agreement figures) of one model on `images`."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = batched(lambda x: model(x).float(), images, batch_size)
+    got = batched(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), images, batch_size)
+    same = (expected.argmax(-1) == got.argmax(-1)).float()
+    figures = {
+        "images": len(images),
+        "max_abs_logit_diff": float((expected - got).abs().max()) if len(images) else 0.0,
+        "top1_agreement": float(same.mean()) if len(images) else 1.0,
+        "top1_flips": int((1 - same).sum()),
+    }
+    return expected, got, figures
+
+
+def routing_decisions(logits: torch.Tensor, routing: dict, threshold: float, coverage: torch.Tensor) -> torch.Tensor:
+    """Per image: the expert it is offloaded to, or NO_EXPERT (exactly as `route` decides)."""
+    probs = (logits.double() / routing["temperature_value"]).softmax(-1)
+    chosen = select_experts(probs, coverage, routing["top_k"])
+    offloaded = (confidence(probs, routing["gate"]) < threshold) & (chosen != NO_EXPERT)
+    return torch.where(offloaded, chosen, torch.full_like(chosen, NO_EXPERT))
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.isfile(out):
+        raise UserError(f"--out {out} is a file; give a folder to write the export into")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"--out {out} already holds files; pass --overwrite true to replace it")
+
+
+def run(argv: list[str]) -> dict:
+    from askexpert.commands.evaluate import saved_settings
+    from askexpert.commands.pipeline import check_finished
+    from datamodules.datamodule import ImageDataModule
+    from datamodules.partitions import Partition
+
+    args = parser().parse_args(argv)
+    if args.atol <= 0 or args.batch_size < 1:
+        raise UserError("--atol must be positive and --batch_size at least 1")
+    _check_out(args.out, args.overwrite)
+    layout = RunLayout(args.run)
+    settings = saved_settings(args.run)
+    check_finished(layout)
+    routing, threshold = operating_point(args.run)
+    partition = Partition.load(layout.partition)
+    datamodule = ImageDataModule(**settings.data.as_dict())
+    images = datamodule.tensors("test")[0]
+    stored = int(images.shape[-1])
+    family = settings.specialization
+    models = {"generalist": layout.best(layout.stage_dir("generalist"))}
+    models.update({f"expert_{i}": layout.best(layout.expert_dir(family, i)) for i in range(partition.num_experts)})
+
+    parent = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(args.out))}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        manifest = _export_all(models, (partition, layout.partition), routing, threshold, images, stored, staging, args)
+        manifest["class_names"] = list(datamodule.class_names)
+        atomic_write_text(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+        if os.path.isdir(args.out):
+            shutil.rmtree(args.out)
+        os.replace(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _print_summary(manifest, args.out)
+    return manifest
+
+
+def _export_all(models, partition_and_file, routing, threshold, images, stored, staging, args) -> dict:
+    partition, partition_file = partition_and_file
+    entries, logits = {}, {}
+    for name, checkpoint in models.items():
+        model = load_classifier(checkpoint)
+        if name != "generalist":
+            index = int(name.split("_")[1])
+            check_expert_classes(model.hparams.get("subset"), partition, index, name, partition_file)
+        path = os.path.join(staging, f"{name}.onnx")
+        print(f"exporting {name} ({model.hparams.model_name}) ...", flush=True)
+        export_model(model, path, stored)
+        expected, got, figures = compare(model, path, images, args.batch_size)
+        logits[name] = (expected, got)
+        if figures["max_abs_logit_diff"] > args.atol or figures["top1_agreement"] < MIN_AGREEMENT:
+            raise UserError(
+                f"the ONNX export of {name} disagrees with PyTorch: max |logit diff| "
+                f"{figures['max_abs_logit_diff']:.2e} (allowed {args.atol:g}), same top-1 on "
+                f"{100 * figures['top1_agreement']:.2f} % of {figures['images']} test images (needed "
+                f"{100 * MIN_AGREEMENT:.1f} %); nothing was written"
+            )
+        h = model.hparams
+        entries[name] = {
+            "file": f"{name}.onnx",
+            "sha256": sha256(path),
+            "model_name": h.model_name,
+            "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, stored, stored]},
+            "output": {"name": "logits", "shape": ["batch", int(model.num_outputs)]},
+            "model_image_size": int(h.get("image_size", 32)),
+            "checkpoint_sha256": sha256(checkpoint),
+            "verification": figures,
+        }
+        if name != "generalist":
+            entries[name].update(subset=sorted(int(c) for c in h.subset), other_output=bool(h.get("other_output")))
+        del model
+    coverage = partition.coverage()
+    torch_routes = routing_decisions(logits["generalist"][0], routing, threshold, coverage)
+    onnx_routes = routing_decisions(logits["generalist"][1], routing, threshold, coverage)
+    flips = int((torch_routes != onnx_routes).sum())
+    gate = {
+        "images": len(images),
+        "routing_flips": flips,
+        "routing_agreement": 1.0 - flips / max(1, len(images)),
+        "offloaded_torch": int((torch_routes != NO_EXPERT).sum()),
+        "offloaded_onnx": int((onnx_routes != NO_EXPERT).sum()),
+    }
+    if gate["routing_agreement"] < MIN_AGREEMENT:
+        raise UserError(
+            f"the ONNX generalist routes {flips} of {len(images)} test images differently from PyTorch "
+            f"(needed {100 * MIN_AGREEMENT:.1f} % the same); nothing was written"
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "operating_point": {"threshold": threshold, **routing},
+        "partition": {"num_experts": partition.num_experts, "experts": [list(e) for e in partition.experts]},
+        "models": entries,
+        "verification": {"atol": args.atol, "min_agreement": MIN_AGREEMENT, "routing": gate},
+        "packages": {**package_versions(), **_onnx_versions()},
+    }
+
+
+def _onnx_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _print_summary(manifest: dict, out: str) -> None:
+    for name, entry in manifest["models"].items():
+        v = entry["verification"]
+        print(
+            f"{name}: same top-1 on {100 * v['top1_agreement']:.2f} % of {v['images']} test images, "
+            f"max |logit diff| {v['max_abs_logit_diff']:.1e}"
+        )
+    gate = manifest["verification"]["routing"]
+    print(
+        f"routing: {gate['routing_flips']} of {gate['images']} test images routed differently "
+        f"({gate['offloaded_onnx']} offloaded with ONNX, {gate['offloaded_torch']} with PyTorch) -> {out}"
+    )

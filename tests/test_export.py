@@ -1,0 +1,68 @@
+"""`export`: the session's tiny pipeline run as ONNX files + manifest, verified against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_cli import run_main
+from test_cli_errors import assert_clean_failure
+
+from askexpert.checkpoints import load_classifier
+from askexpert.commands.export import sha256
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_pipeline_run, tmp_path_factory):
+    from askexpert.cli import cli_main
+
+    _, run = tiny_pipeline_run
+    out = tmp_path_factory.mktemp("export") / "system"
+    manifest = cli_main(["export", "--run", str(run), "--out", str(out)])
+    return run, out, manifest
+
+
+def test_every_model_is_exported_verified_and_described(exported) -> None:
+    run, out, manifest = exported
+    report = json.loads((run / "report.json").read_text())
+    assert sorted(manifest["models"]) == ["expert_0", "expert_1", "generalist"]
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    point = manifest["operating_point"]
+    assert point["threshold"] == report["selected"]["threshold"] and point["gate"] == report["routing"]["gate"]
+    assert set(point) >= {"temperature_value", "top_k", "fusion"} and len(manifest["class_names"]) == 100
+    assert manifest["partition"]["num_experts"] == 2 and manifest["packages"]["onnxruntime"]
+    for entry in manifest["models"].values():
+        path = out / entry["file"]
+        assert entry["sha256"] == sha256(str(path)) and not (out / f"{entry['file']}.data").exists()
+        v = entry["verification"]
+        assert v["images"] == report["data"]["test_size"] and v["top1_agreement"] >= 0.999
+        assert v["max_abs_logit_diff"] <= manifest["verification"]["atol"]
+        assert entry["input"]["dtype"] == "uint8" and entry["input"]["shape"][1:] == [3, 32, 32]
+    routing = manifest["verification"]["routing"]
+    assert routing["routing_agreement"] >= 0.999 and routing["offloaded_onnx"] == routing["offloaded_torch"]
+    assert not list(out.parent.glob(".*partial*"))  # the staging folder is gone
+
+
+def test_an_exported_model_takes_any_batch_of_stored_images_like_pytorch(exported) -> None:
+    run, out, _ = exported
+    onnx.checker.check_model(str(out / "generalist.onnx"))
+    session = ort.InferenceSession(str(out / "generalist.onnx"), providers=["CPUExecutionProvider"])
+    model = load_classifier(str(run / "generalist" / "checkpoints" / "best.ckpt"))
+    for batch in (1, 5):
+        images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+        got = session.run(None, {"images": images.numpy()})[0]
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(got), model(images), atol=1e-4)
+
+
+def test_an_export_is_refused_when_it_disagrees_or_would_overwrite(exported, tmp_path, capsys) -> None:
+    run, out, _ = exported
+    target = tmp_path / "strict"
+    code, _, err = run_main(["export", "--run", str(run), "--out", str(target), "--atol", "1e-12"], capsys)
+    assert_clean_failure(code, err, target, "disagrees with PyTorch", "nothing was written")
+    assert not list(tmp_path.iterdir())  # no staging folder left either
+    code, _, err = run_main(["export", "--run", str(run), "--out", str(out)], capsys)
+    assert code == 2 and "already holds files; pass --overwrite true" in err
