@@ -12,7 +12,7 @@ from test_cli import run_main
 from test_cli_errors import assert_clean_failure
 
 from askexpert.checkpoints import load_classifier
-from askexpert.commands.export import sha256
+from askexpert.collab.logits import file_sha256 as sha256
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,20 @@ HEADER = "askexpert"  # the safetensors metadata entry holding {"key": ..., "met
 _noted_old_caches: set[str] = set()
 
 
-def _checkpoint_key(path: str) -> dict:
-    """The checkpoint's content (not its path or time), so a moved or copied run keeps its cache."""
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's content, read in 1 MiB blocks."""
     import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"sha256": digest.hexdigest(), "size": os.path.getsize(path)}
+    return digest.hexdigest()
+
+
+def _checkpoint_key(path: str) -> dict:
+    """The checkpoint's content (not its path or time), so a moved or copied run keeps its cache."""
+    return {"sha256": file_sha256(path), "size": os.path.getsize(path)}
 
 
 def _data_key(datamodule: ImageDataModule, split: str) -> dict:

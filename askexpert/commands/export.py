@@ -17,7 +17,6 @@ the class names, every model's file, SHA-256, input and output, the verification
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 from askexpert.callbacks import atomic_write_text
 from askexpert.checkpoints import load_classifier
 from askexpert.collab.evaluation import RunLayout, check_expert_classes, package_versions
+from askexpert.collab.logits import file_sha256 as sha256
 from askexpert.collab.routing import NO_EXPERT, confidence, select_experts
 from askexpert.commands.route import operating_point
 from askexpert.errors import UserError
@@ -47,14 +47,6 @@ def parser():
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit| difference ONNX vs PyTorch")
     p.add_argument("--batch_size", type=int, default=256, help="images per verification batch")
     return p
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_model(model, path: str, stored_size: int) -> None:
