@@ -110,6 +110,10 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "export": Command(
         "a finished run's generalist and experts as verified ONNX files + manifest", _lazy("askexpert.commands.export")
     ),
+    "serve": Command("serve an export's experts over HTTP (LitServe)", _lazy("askexpert.commands.serve")),
+    "edge": Command(
+        "the edge side: generalist here, unsure images offloaded to a server, to CSV", _lazy("askexpert.commands.edge")
+    ),
 }
 
 DEFAULT_ROOT_DIR = "runs/default"

@@ -23,23 +23,13 @@ from tqdm.auto import tqdm
 
 from askexpert.callbacks import atomic_write_bytes
 from askexpert.checkpoints import check_same_classes, load_classifier
+from askexpert.hashing import file_sha256
 from datamodules.datamodule import ImageDataModule
 
 CACHE_VERSION = 2  # 1: pickled .pt files (not read any more)
 SUFFIX = ".safetensors"
 HEADER = "askexpert"  # the safetensors metadata entry holding {"key": ..., "meta": ...} as JSON
 _noted_old_caches: set[str] = set()
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's content, read in 1 MiB blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checkpoint_key(path: str) -> dict:

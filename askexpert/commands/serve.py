@@ -1,0 +1,163 @@
+"""`python -m askexpert serve --export EXPORT`: the experts of an export behind LitServe, on the accelerator's host.
+
+    python -m askexpert serve --export exports/demo --port 8000
+
+Endpoints: `POST /predict` (one routed endpoint for every expert; wire format in askexpert/deploy/expert_api.py
+and the README), `GET /health` (200 once every expert is loaded), `GET /metrics` (Prometheus), `GET /info`.
+
+- Binds 127.0.0.1 unless `--host` says otherwise (LitServe's own default is 0.0.0.0). Any other host needs a
+  token (`--token` or the ASKEXPERT_TOKEN environment variable); with a token every endpoint wants
+  `Authorization: Bearer <token>`.
+- Dynamic batching: requests that arrive within `--batch_window_ms` of each other (up to `--max_batch_size`)
+  run as one batch; the edge waits on every reply, so the window is short.
+- Replacing the export folder (e.g. `export --overwrite true` into it) loads the new models beside the old ones
+  and switches between two batches: no request is dropped, every reply names the version that answered it.
+- SIGTERM (or Ctrl+C) drains: the HTTP process stops accepting, answers what it holds, then the models stop.
+- Writes nothing into the working directory (LitServe's client.py is not generated; metrics live in a
+  temporary folder removed at exit).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from askexpert.errors import UserError
+
+TOKEN_ENV = "ASKEXPERT_TOKEN"
+LOOPBACK = "127.0.0.1"
+# LitServe binds only these; "localhost" is taken to mean the IPv4 loopback.
+HOSTS = (LOOPBACK, "0.0.0.0", "::")
+DRAIN_TIMEOUT_S = 30
+
+
+def parser():
+    from askexpert.commands import command_parser
+
+    p = command_parser("serve", "Serve an export's experts over HTTP (LitServe).", with_data=False)
+    p.add_argument("--export", type=str, required=True, help="export folder (python -m askexpert export)")
+    p.add_argument("--host", type=str, default=LOOPBACK, help="address to bind: 127.0.0.1, 0.0.0.0 or ::")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
+    p.add_argument("--token", type=str | None, default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--max_batch_size", type=int, default=16, help="most requests in one model batch")
+    p.add_argument("--batch_window_ms", type=float, default=2.0, help="how long a batch waits to fill")
+    p.add_argument("--timeout_s", type=float, default=30.0, help="a request queued longer gets 504")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model (0: its default)")
+    p.add_argument("--log_level", type=str, default="warning", help="uvicorn/LitServe log level")
+    return p
+
+
+def check_args(args) -> tuple[str, str | None]:
+    """(host to bind, token); refuses what would serve the wrong thing or serve it openly."""
+    host = LOOPBACK if args.host == "localhost" else args.host
+    if host not in HOSTS:
+        raise UserError(f"--host {args.host}: LitServe binds 127.0.0.1, 0.0.0.0 or :: (all interfaces)")
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if host != LOOPBACK and not token:
+        raise UserError(f"--host {host} serves other machines: give a token with --token or ${TOKEN_ENV}")
+    if not 1024 <= args.port <= 65535:
+        raise UserError(f"--port must be between 1024 and 65535, got {args.port}")
+    if args.max_batch_size < 1 or args.batch_window_ms < 0 or args.timeout_s <= 0 or args.threads < 0:
+        raise UserError("--max_batch_size must be >= 1, --batch_window_ms >= 0, --timeout_s > 0, --threads >= 0")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, args.port))
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{args.port}: {err.strerror or err}") from None
+    return host, token
+
+
+def _draining_server_class():
+    import litserve as ls
+
+    class DrainingServer(ls.LitServer):
+        """LitServer whose SIGTERM drains: HTTP processes first (they finish what they hold), then the models.
+
+        LitServe's own shutdown closes the model queue before the HTTP processes, failing requests in flight.
+        """
+
+        def _start_server(self, port, num_api_servers, log_level, sockets, worker_type, **kwargs):
+            workers = super()._start_server(port, num_api_servers, log_level, sockets, worker_type, **kwargs)
+            self._http_processes = list(workers.values())
+            for sock in sockets:  # the HTTP processes hold the socket now; once they exit, connections are refused
+                sock.close()
+            signal.signal(signal.SIGTERM, self._drain)
+            signal.signal(signal.SIGINT, self._drain)
+            return workers
+
+        def _drain(self, signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print("askexpert serve: draining in-flight requests ...", file=sys.stderr, flush=True)
+            for process in self._http_processes:
+                process.terminate()  # uvicorn: stop accepting, answer the requests it holds, exit
+            for process in self._http_processes:
+                process.join(timeout=DRAIN_TIMEOUT_S)
+            self._shutdown_event.set()
+
+    return DrainingServer
+
+
+def run(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    host, token = check_args(args)
+    from askexpert.deploy.bundle import load_bundle
+
+    bundle = load_bundle(args.export)
+    for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
+        bundle.session(name, threads=1)
+    metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
+    try:
+        _serve(args, host, token, bundle)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(args, host: str, token: str | None, bundle) -> None:
+    from fastapi import Depends, Response
+
+    from askexpert.deploy.expert_api import ExpertAPI, max_request_bytes, set_contract
+    from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
+
+    set_contract(bundle.contract())
+    api = ExpertAPI(
+        os.path.abspath(args.export),
+        token,
+        max_batch_size=args.max_batch_size,
+        batch_window_s=args.batch_window_ms / 1000.0,
+        threads=args.threads,
+    )
+    server = _draining_server_class()(
+        api,
+        accelerator="cpu",  # the models run in ONNX Runtime, whatever torch sees
+        timeout=args.timeout_s,
+        max_payload_size=max_request_bytes(bundle.stored_size),
+        middlewares=[RequestMetricsMiddleware],
+        model_metadata={"export": bundle.folder, "model_version": bundle.version, "experts": bundle.expert_names},
+        disable_openapi_url=True,
+    )
+
+    @server.app.get("/metrics", dependencies=[Depends(api.authorize)])
+    async def prometheus_metrics() -> Response:
+        return Response(content=exposition(), media_type="text/plain; version=0.0.4")
+
+    print(
+        f"askexpert serve: {len(bundle.expert_names)} experts of {bundle.folder} (version {bundle.version}) "
+        f"on http://{host if ':' not in host else f'[{host}]'}:{args.port} — POST /predict, GET /health, GET /metrics",
+        flush=True,
+    )
+    server.run(
+        host=host,
+        port=args.port,
+        num_api_servers=1,
+        log_level=args.log_level,
+        generate_client_file=False,
+        api_server_worker_type="process",
+    )

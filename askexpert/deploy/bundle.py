@@ -1,0 +1,118 @@
+"""An export folder (`python -m askexpert export`) as the server and the edge client read it.
+
+Torch-free on purpose: the expert server's inference workers import this module, and they need only NumPy and
+ONNX Runtime. Every model file is checked against the SHA-256 the manifest records before it is loaded, so a
+half-copied or swapped folder is refused rather than served.
+
+The model version is the first 12 hex digits of the manifest's own SHA-256: a new export (new weights, new
+operating point) is a new version, and every reply of the server carries it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+from askexpert.errors import UserError
+from askexpert.hashing import file_sha256
+
+SUPPORTED_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ExportBundle:
+    folder: str
+    manifest: dict
+    version: str
+
+    @property
+    def stored_size(self) -> int:
+        return int(self.manifest["models"]["generalist"]["input"]["shape"][-1])
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [name for name in self.manifest["models"] if name != "generalist"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def operating_point(self) -> dict:
+        return dict(self.manifest["operating_point"])
+
+    def contract(self) -> dict:
+        """What a client may send and expect back; a reload must keep it (the HTTP side validates against it)."""
+        return {
+            "stored_size": self.stored_size,
+            "experts": {name: int(self.manifest["models"][name]["output"]["shape"][-1]) for name in self.expert_names},
+        }
+
+    def model_path(self, name: str) -> str:
+        return os.path.join(self.folder, self.manifest["models"][name]["file"])
+
+    def session(self, name: str, threads: int = 0):
+        """An ONNX Runtime session for one model, after checking the file's hash against the manifest."""
+        import onnxruntime as ort
+
+        path = self.model_path(name)
+        if not os.path.isfile(path):
+            raise UserError(f"{self.folder} lacks {os.path.basename(path)}; export the run again")
+        if file_sha256(path) != self.manifest["models"][name]["sha256"]:
+            raise UserError(f"{path} does not match the SHA-256 in its manifest (damaged or replaced); export again")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def manifest_path(folder: str) -> str:
+    return os.path.join(folder, "manifest.json")
+
+
+def manifest_stamp(folder: str) -> tuple | None:
+    """(inode, size, mtime) of the manifest, or None while there is none: a cheap way to notice a new export."""
+    try:
+        st = os.stat(manifest_path(folder))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def load_bundle(folder: str) -> ExportBundle:
+    """Read and check an export folder's manifest (the model files are checked when each is loaded)."""
+    path = manifest_path(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"export folder not found: {folder} (write one with `python -m askexpert export`)")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} has no manifest.json: it is not an export (or one still being written)")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        manifest = json.loads(raw.decode("utf-8"))
+        version = manifest["format_version"]
+        models = manifest["models"]
+        if not isinstance(models, dict) or "generalist" not in models:
+            raise KeyError("models")
+        for entry in models.values():
+            int(entry["input"]["shape"][-1]), int(entry["output"]["shape"][-1]), str(entry["file"])
+            str(entry["sha256"])
+        op = manifest["operating_point"]
+        float(op["threshold"]), float(op["temperature_value"]), str(op["gate"]), int(op["top_k"]), str(op["fusion"])
+        [list(map(int, e)) for e in manifest["partition"]["experts"]]
+        list(manifest["class_names"])
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
+        raise UserError(f"{path} is damaged or not an askexpert manifest; export the run again") from None
+    if version != SUPPORTED_FORMAT:
+        raise UserError(f"{path} has format_version {version!r}; this askexpert reads {SUPPORTED_FORMAT}")
+    experts = [name for name in models if name != "generalist"]
+    if not experts:
+        raise UserError(f"{path} lists no expert; nothing to serve or offload to")
+    if len(manifest["partition"]["experts"]) != len(experts):
+        raise UserError(f"{path} lists {len(experts)} expert models for {len(manifest['partition']['experts'])} subsets")
+    return ExportBundle(os.path.abspath(folder), manifest, hashlib.sha256(raw).hexdigest()[:12])

@@ -1,0 +1,79 @@
+"""The expert server's Prometheus metrics, shared across LitServe's processes.
+
+LitServe answers HTTP in one process and runs the models in another, so the metrics use prometheus_client's
+multiprocess mode: every process writes its samples into `PROMETHEUS_MULTIPROC_DIR` (a temporary folder the
+`serve` command creates and removes, never the working directory) and `/metrics` merges them. The variable
+must be set before any metric is created, hence the lazy construction.
+
+- `askexpert_requests_total{path,status}`: HTTP requests answered, by path and status code (4xx/5xx = errors);
+- `askexpert_request_seconds{path}`: time from the request's arrival to its reply, inside the server;
+- `askexpert_batch_size`: requests per model batch (what dynamic batching achieved);
+- `askexpert_expert_seconds{expert}`: one expert's model time per batch;
+- `askexpert_inference_errors_total{expert}`: batches a model failed on;
+- `askexpert_model_loads_total{version}`: exports loaded (startup and every reload).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@lru_cache(maxsize=1)
+def metrics() -> dict:
+    from prometheus_client import Counter, Histogram
+
+    return {
+        "requests": Counter("askexpert_requests", "HTTP requests answered", ["path", "status"]),
+        "request_seconds": Histogram(
+            "askexpert_request_seconds", "request arrival to reply, in the server", ["path"], buckets=LATENCY_BUCKETS
+        ),
+        "batch_size": Histogram("askexpert_batch_size", "requests per model batch", buckets=BATCH_BUCKETS),
+        "expert_seconds": Histogram(
+            "askexpert_expert_seconds", "one expert's model time per batch", ["expert"], buckets=LATENCY_BUCKETS
+        ),
+        "inference_errors": Counter("askexpert_inference_errors", "batches a model failed on", ["expert"]),
+        "model_loads": Counter("askexpert_model_loads", "exports loaded", ["version"]),
+    }
+
+
+def exposition() -> bytes:
+    """All processes' samples in Prometheus' text format."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+class RequestMetricsMiddleware:
+    """ASGI middleware counting every HTTP request by path and status, and timing it inside the server."""
+
+    PATHS = ("/predict", "/health", "/metrics", "/info")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import time
+
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope.get("path", "") if scope.get("path") in self.PATHS else "other"
+            m = metrics()
+            m["requests"].labels(path, str(status["code"])).inc()
+            m["request_seconds"].labels(path).observe(time.perf_counter() - start)
