@@ -95,3 +95,15 @@ def tiny_pipeline_run(tmp_path_factory) -> tuple[Path, Path]:
     out = folder / "run"
     cli_main(["pipeline", "--config", str(config), "--out", str(out)])
     return config, out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_pipeline_run, tmp_path_factory) -> tuple[Path, dict]:
+    """(export folder, manifest) of the session's tiny pipeline run, shared by the export and deploy tests.
+    Read-only: a test that changes it copies it first."""
+    from askexpert.cli import cli_main
+
+    _, run = tiny_pipeline_run
+    out = tmp_path_factory.mktemp("export") / "system"
+    manifest = cli_main(["export", "--run", str(run), "--out", str(out)])
+    return out, manifest

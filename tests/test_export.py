@@ -16,12 +16,9 @@ from askexpert.collab.logits import file_sha256 as sha256
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_pipeline_run, tmp_path_factory):
-    from askexpert.cli import cli_main
-
+def exported(tiny_pipeline_run, tiny_export):
     _, run = tiny_pipeline_run
-    out = tmp_path_factory.mktemp("export") / "system"
-    manifest = cli_main(["export", "--run", str(run), "--out", str(out)])
+    out, manifest = tiny_export
     return run, out, manifest
 
 

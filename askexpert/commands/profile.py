@@ -10,6 +10,11 @@ and head widths). The output is `--base_profile` with `measured_ms` added to the
 under `MODEL/OUTPUTS/INPUT_SIDE` (a dustbin head is another model), and those devices renamed to this machine
 (the times are its; the header says which fields still come from the base profile); `evaluate --profile OUT`
 then uses these times instead of the FLOP estimate and its report says so.
+
+    python -m askexpert profile --link http://orin.local:8000 --out configs/profiles/my_link.yaml
+
+`--link URL` measures the link to a running `python -m askexpert serve` (with or without timing models) and
+writes `rtt_ms` and `uplink_mbps` into the profile's `link` section (see `measure_link`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import datetime
 import logging
 import os
 import platform
+import time
 
 import timm
 import torch
@@ -48,6 +54,9 @@ def parser():
     p.add_argument("--out", type=str, required=True, help="profile YAML to write")
     p.add_argument("--min_run_time", type=float, default=1.0, help="seconds of timing per model")
     p.add_argument("--device", type=str, default="cpu", help="torch device to time on (cpu, cuda)")
+    p.add_argument("--link", type=str | None, default=None, help="URL of a running `askexpert serve` to measure")
+    p.add_argument("--link_token", type=str | None, default=None, help="its bearer token (default: $ASKEXPERT_TOKEN)")
+    p.add_argument("--link_requests", type=int, default=50, help="timed requests per measurement of the link")
     return p
 
 
@@ -111,8 +120,14 @@ def check_arguments(args) -> None:
 
     if args.role not in ROLES:
         raise UserError(f"unknown role {args.role!r}; roles: {', '.join(ROLES)}")
-    if (args.run is None) == (args.models is None):
-        raise UserError("give either --run DIR or --models NAME ...")
+    if args.run is not None and args.models is not None:
+        raise UserError("give either --run DIR or --models NAME ..., not both")
+    if args.run is None and args.models is None and args.link is None:
+        raise UserError("give --run DIR or --models NAME ... (models to time), --link URL (a link to measure), or both")
+    if args.link is not None and not args.link.startswith(("http://", "https://")):
+        raise UserError(f"--link {args.link}: give the server's URL, e.g. http://127.0.0.1:8000")
+    if args.link_requests < 5:
+        raise UserError("--link_requests must be at least 5 (the medians need a few samples)")
     for name in args.models or []:
         if not timm.is_model(name):
             raise UserError(f"unknown model {name!r}; askexpert models: {', '.join(askexpert.models.model_names())}")
@@ -129,15 +144,123 @@ def check_arguments(args) -> None:
     check_output_path(args.out, "--out", "file")
 
 
-def run(argv: list[str]) -> dict:
-    from askexpert.commands.pipeline import find_config_file
+WARMUPS = 3  # requests before any timing: the connection is open and the server's first-call costs are paid
 
-    args = parser().parse_args(argv)
-    check_arguments(args)
-    args.base_profile = find_config_file(args.base_profile, "base profile")
-    load_profile(args.base_profile)  # checked before timing anything
-    with open(args.base_profile, encoding="utf-8") as f:
-        profile = yaml.safe_load(f)
+
+def _metric(text: str, name: str, label: str = "") -> float:
+    """One Prometheus sample summed over its label sets, or over those containing `label` (e.g. 'path="/health"')."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and label in line
+    )
+
+
+def _server_mean_s(before: str, after: str, name: str, label: str = "") -> float:
+    """The server's mean time per observation of a histogram between two /metrics pages (0 without any)."""
+    count = _metric(after, f"{name}_count", label) - _metric(before, f"{name}_count", label)
+    total = _metric(after, f"{name}_sum", label) - _metric(before, f"{name}_sum", label)
+    return total / count if count > 0 else 0.0
+
+
+def _wire_bytes(request) -> int:
+    """What an HTTP/1.1 request occupies on the wire: request line, headers, blank line, body."""
+    head = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n"
+    head += "".join(f"{k.decode()}: {v.decode()}\r\n" for k, v in request.headers.raw) + "\r\n"
+    return len(head.encode()) + len(request.content)
+
+
+def measure_link(url: str, token: str | None = None, requests: int = 50) -> dict:
+    """The link to a running `askexpert serve`, as one edge client sees it, on one kept-alive connection.
+
+    rtt_ms: the median `GET /health` round trip (after WARMUPS; no handshake counted) less the server's own mean
+    time for /health (askexpert_request_seconds{path="/health"} in `/metrics`: LitServe's health check asks its
+    multiprocessing manager for the workers' status, 1-3 ms on a small busy CPU, which is not the network).
+    uplink_mbps: from `POST /predict` with a valid request (a random image of the server's stored size, from
+    `GET /info`): transfer = median POST time - rtt - the server's model time per request (the delta of
+    askexpert_expert_seconds sum/count), uplink = request bytes on the wire * 8 / transfer. The server's own time
+    for /predict cannot be subtracted instead: its clock starts at the headers, so it holds the body's transfer.
+    So what else the server spends on a request (batch window, JSON and base64, the hop to its model process)
+    lands in `transfer`: this is an effective rate, the one that makes the cost model's offload time (transfer +
+    rtt + model) match what a client sees, and a lower bound on the raw link rate; on a fast link it mostly
+    measures that overhead (5-7 ms per request on a 2-core test machine: over loopback, with no link to speak
+    of, it came out near 5 Mbit/s). It is None, with the reason
+    in `note`, when transfer is not positive or within the spread of the POST times, or when the server does
+    not tell its image size. Other clients of the server during the measurement skew the server's times.
+    """
+    import base64
+    import statistics
+
+    import httpx
+    import numpy as np
+
+    def check(reply, path):
+        if reply.status_code == 401:
+            raise UserError(f"{url} answered 401 to {path}: give the server's token with --link_token")
+        if reply.status_code != 200:
+            raise UserError(f"{url}{path} answered {reply.status_code}: {reply.text[:200].strip()}")
+        return reply
+
+    def timed(send) -> tuple[list[float], str, str]:
+        """(seconds of each of `requests` calls after WARMUPS, /metrics before, /metrics after)."""
+        for _ in range(WARMUPS):
+            send()
+        before = metrics_page()
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            send()
+            times.append(time.perf_counter() - start)
+        return times, before, metrics_page()
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # trust_env=False: a proxy from the environment would be measured instead of the link
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10.0, trust_env=False) as client:
+
+        def metrics_page() -> str:
+            reply = client.get("/metrics")  # a server without it (or another program): no server times
+            return reply.text if reply.status_code == 200 else ""
+
+        try:
+            health, before, after = timed(lambda: check(client.get("/health"), "/health"))
+            server_s = _server_mean_s(before, after, "askexpert_request_seconds", 'path="/health"')
+            rtt = max(statistics.median(health) - server_s, 0.0)
+            result = {"rtt_ms": rtt * 1e3, "health_server_ms": server_s * 1e3, "uplink_mbps": None}
+            result["requests"] = requests
+            model = check(client.get("/info"), "/info").json().get("model") or {}
+            if not model.get("stored_size") or not model.get("experts"):
+                result["note"] = f"{url}/info does not give the image size (an older askexpert serve?)"
+                return result
+            size = int(model["stored_size"])
+            image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8).tobytes()
+            body = {"expert": model["experts"][0], "image": base64.b64encode(image).decode("ascii")}
+            request = client.build_request("POST", "/predict", json=body)
+            posts, before, after = timed(lambda: check(client.send(request), "/predict"))
+        except httpx.HTTPError as err:
+            raise UserError(f"cannot measure the link to {url}: {type(err).__name__}: {err}") from None
+        except (ValueError, AttributeError):  # /info is not an askexpert server's
+            raise UserError(f"{url} is not an askexpert server (its /info is not what `serve` answers)") from None
+    model_s = _server_mean_s(before, after, "askexpert_expert_seconds")
+    post_s = statistics.median(posts)
+    transfer = post_s - rtt - model_s
+    q1, _, q3 = statistics.quantiles(posts, n=4)
+    result.update(post_ms=post_s * 1e3, model_ms=model_s * 1e3, request_bytes=_wire_bytes(request))
+    # shown, not used: the server's own time per /predict (from its headers on, so it holds part of the transfer)
+    result["in_server_ms"] = _server_mean_s(before, after, "askexpert_request_seconds", 'path="/predict"') * 1e3
+    if transfer <= 0:
+        result["note"] = f"uplink not measurable: POST {post_s * 1e3:.2f} ms <= rtt + model time"
+    elif transfer < (q3 - q1) / 2:
+        result["note"] = (
+            f"uplink unstable: its transfer time {transfer * 1e3:.2f} ms is within the spread "
+            f"(+-{(q3 - q1) / 2 * 1e3:.2f} ms) of the POST times"
+        )
+    else:
+        result["uplink_mbps"] = result["request_bytes"] * 8 / transfer / 1e6
+    return result
+
+
+def time_models(args, profile: dict) -> str:
+    """Time the models of --run / --models into the --role device(s) of `profile`; the header's line about it."""
     models = run_models(args.run) if args.run else [(m, args.num_classes, args.image_size) for m in args.models]
     measured = {}
     for name, width, size in models:
@@ -155,11 +278,59 @@ def run(argv: list[str]) -> dict:
         if section.get("name") != machine:
             renamed.append(f"{role} was {section.get('name')!r}")
             section["name"] = machine
+    return (
+        f"measured_ms of the {', '.join(roles)} device(s) timed on {machine}"
+        f"{' (' + '; '.join(renamed) + ')' if renamed else ''}"
+    )
+
+
+def put_link(url: str, link: dict, profile: dict) -> str:
+    """Write a measured link into `profile` (the radio fields stay the base's); the header's line about it."""
+    section = profile["link"]
+    section["name"] = f"measured to {url}"
+    section["rtt_ms"] = round(link["rtt_ms"], 3)
+    fields = "rtt_ms"
+    if link["uplink_mbps"] is not None:
+        section["uplink_mbps"] = round(link["uplink_mbps"], 3)
+        fields = "rtt_ms and uplink_mbps (effective: includes the server's per-request overhead)"
+        print(
+            f"link to {url}: rtt {link['rtt_ms']:.2f} ms (median of {link['requests']} GET /health, less the "
+            f"server's {link['health_server_ms']:.2f} ms), uplink "
+            f"{link['uplink_mbps']:.2f} Mbit/s effective ({link['request_bytes']} bytes per POST /predict: "
+            f"{link['post_ms']:.2f} ms, of which model {link['model_ms']:.2f} ms; in the server from the headers "
+            f"on {link['in_server_ms']:.2f} ms)",
+            flush=True,
+        )
+    else:
+        print(f"link to {url}: rtt {link['rtt_ms']:.2f} ms; {link['note']}; uplink_mbps kept from the base profile")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"link {fields} measured to {url} at {when}"
+
+
+def run(argv: list[str]) -> dict:
+    from askexpert.commands.pipeline import find_config_file
+
+    args = parser().parse_args(argv)
+    check_arguments(args)
+    args.base_profile = find_config_file(args.base_profile, "base profile")
+    load_profile(args.base_profile)  # checked before timing anything
+    with open(args.base_profile, encoding="utf-8") as f:
+        profile = yaml.safe_load(f)
+    from askexpert.commands.serve import TOKEN_ENV
+
+    token = args.link_token or os.environ.get(TOKEN_ENV) or None  # the same default as the server's
+    # the link first: an unreachable server stops the command before minutes of model timing
+    link = measure_link(args.link, token, args.link_requests) if args.link else None
+    done = [time_models(args, profile)] if args.run or args.models else []
+    if link is not None:
+        done.append(put_link(args.link, link, profile))
     profile["name"] = os.path.splitext(os.path.basename(args.out))[0]
+    kept = "rates, powers, link" if link is None else "rates, powers, radio"
+    if link is not None and link["uplink_mbps"] is None:
+        kept += ", uplink_mbps"
     header = (
-        f"# Written by `python -m askexpert profile` on {datetime.date.today()}: measured_ms of the {', '.join(roles)} "
-        f"device(s) timed on {machine}{' (' + '; '.join(renamed) + ')' if renamed else ''};\n"
-        f"# every other field (rates, powers, link) copied from {args.base_profile}.\n"
+        f"# Written by `python -m askexpert profile` on {datetime.date.today()}: {'; '.join(done)};\n"
+        f"# every other field ({kept}) copied from {args.base_profile}.\n"
     )
     atomic_write_text(args.out, header + yaml.safe_dump(profile, sort_keys=False))
     print(f"profile written to {args.out}")

@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 
 from askexpert.errors import UserError
 
@@ -92,8 +93,13 @@ def _draining_server_class():
             return workers
 
         def _drain(self, signum, frame):
+            # The main thread is inside a call to LitServe's manager (waiting on its shutdown event) when the
+            # signal arrives; a second call on that thread's connection would break it, so drain from a thread.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            threading.Thread(target=self._drain_then_stop, name="drain", daemon=True).start()
+
+        def _drain_then_stop(self):
             print("askexpert serve: draining in-flight requests ...", file=sys.stderr, flush=True)
             for process in self._http_processes:
                 process.terminate()  # uvicorn: stop accepting, answer the requests it holds, exit
@@ -122,6 +128,8 @@ def run(argv: list[str]) -> None:
 
 def _serve(args, host: str, token: str | None, bundle) -> None:
     from fastapi import Depends, Response
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     from askexpert.deploy.expert_api import ExpertAPI, max_request_bytes, set_contract
     from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
@@ -140,13 +148,24 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
         timeout=args.timeout_s,
         max_payload_size=max_request_bytes(bundle.stored_size),
         middlewares=[RequestMetricsMiddleware],
-        model_metadata={"export": bundle.folder, "model_version": bundle.version, "experts": bundle.expert_names},
+        model_metadata={
+            "export": bundle.folder,
+            "model_version": bundle.version,
+            "experts": bundle.expert_names,
+            "stored_size": bundle.stored_size,  # so a client (e.g. `profile --link`) can build a valid request
+        },
         disable_openapi_url=True,
     )
 
     @server.app.get("/metrics", dependencies=[Depends(api.authorize)])
     async def prometheus_metrics() -> Response:
         return Response(content=exposition(), media_type="text/plain; version=0.0.4")
+
+    @server.app.exception_handler(RequestValidationError)
+    async def short_validation_error(request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the whole input back: for an image that is the request again
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     print(
         f"askexpert serve: {len(bundle.expert_names)} experts of {bundle.folder} (version {bundle.version}) "

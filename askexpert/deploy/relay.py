@@ -15,6 +15,7 @@ from a socket, in each direction (uplink: client -> server, downlink: server -> 
   `loss` a chunk is held an extra 200 ms (Linux's minimum RTO). This is not packet loss itself: no
   congestion-window back-off, and a chunk is one loss event however many packets it spans.
 
+Timers have about 1 ms granularity (epoll), so a delay can come out up to ~1 ms long per direction.
 Not emulated: the TCP handshake (the relay answers it locally, so a new connection costs no round trip; keep
 connections alive, as the edge client does) and buffer limits beyond a bounded queue per direction.
 """
@@ -162,6 +163,8 @@ class LinkRelay:
                 )
             except (OSError, asyncio.IncompleteReadError):
                 pass  # a reset on either side ends the connection
+            except asyncio.CancelledError:
+                pass  # stop(): end quietly (Python 3.11's stream callback raises on a cancelled handler task)
             finally:
                 for writer in (client_writer, server_writer):
                     writer.close()

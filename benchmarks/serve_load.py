@@ -1,0 +1,269 @@
+"""Load on the expert server: throughput and latency at a few levels of concurrency, and what batching achieved.
+
+    python benchmarks/serve_load.py --export /tmp/export_demo                  # levels 1 4 16, 10 s each
+    python benchmarks/serve_load.py --export EXPORT --levels 1 16 --batch_window_ms 5 --out results.json
+
+Starts `python -m askexpert serve --export EXPORT` itself (and stops its whole process group at the end). For each
+level N, N clients each send `POST /predict` back to back (round-robin over the experts, random uint8 images) for
+`--seconds`; reported per level: requests/s, p50/p99 latency as the client sees it, and the server's side from
+`/metrics` (mean batch size, mean model time per batch). Two goals, each PASS or MISS with its numbers:
+- scaling: throughput at the most clients / throughput at 1 client >= 3;
+- batch-1 overhead: p50 latency at 1 client - the bare model's p50 (ONNX Runtime at batch 1, timed in this process
+  before the server starts) <= batch window + 2 ms.
+The clients share the machine with the server, so on a small CPU they take cycles from it; the load client is a
+minimal keep-alive HTTP/1.1 client on asyncio streams (not httpx) to take as few as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from askexpert.deploy.bundle import load_bundle  # noqa: E402
+
+HOST = "127.0.0.1"
+WARMUP_S = 1.0  # per level, not counted: connections open, the server's queues settle
+IMAGES = 64  # distinct random images each client cycles through
+
+
+def bare_model_ms(bundle, threads: int, seconds: float = 2.0) -> float:
+    """p50 ms of one expert call at batch 1 straight in ONNX Runtime, round-robin over the experts."""
+    sessions = [bundle.session(name, threads) for name in bundle.expert_names]
+    rng = np.random.default_rng(0)
+    s = bundle.stored_size
+    image = rng.integers(0, 256, (1, 3, s, s), dtype=np.uint8)
+    for session in sessions:  # warm-up
+        for _ in range(5):
+            session.run(None, {"images": image})
+    times, deadline, i = [], time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        sessions[i % len(sessions)].run(None, {"images": image})
+        times.append(time.perf_counter() - start)
+        i += 1
+    return statistics.median(times) * 1e3
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    import httpx
+
+    reply = httpx.get(f"http://{HOST}:{port}{path}", timeout=timeout, trust_env=False)
+    return reply.status_code, reply.content
+
+
+def start_server(args, log) -> subprocess.Popen:
+    command = [sys.executable, "-m", "askexpert", "serve", "--export", args.export, "--port", str(args.port)]
+    command += ["--batch_window_ms", str(args.batch_window_ms), "--max_batch_size", str(args.max_batch_size)]
+    command += ["--threads", str(args.threads)]
+    # its own session: the server's LitServe workers are stopped with it, by process group
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(server: subprocess.Popen, port: int, limit_s: float = 90.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode}")
+        try:
+            if http_get(port, "/health", timeout=1.0)[0] == 200:
+                return
+        except Exception:  # not listening yet
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server was not healthy within {limit_s:g} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGTERM)  # drains, then stops its workers
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    except ProcessLookupError:
+        pass
+
+
+def metric(text: str, name: str, label: str = "") -> float:
+    """One Prometheus sample summed over its label sets (or those containing `label`)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and label in line
+    )
+
+
+def server_view(before: str, after: str) -> dict:
+    """Mean batch size, model ms per batch and in-server ms per request between two /metrics pages."""
+
+    def mean(name, label=""):
+        count = metric(after, f"{name}_count", label) - metric(before, f"{name}_count", label)
+        return (metric(after, f"{name}_sum", label) - metric(before, f"{name}_sum", label)) / count if count else 0.0
+
+    return {
+        "mean_batch": mean("askexpert_batch_size"),
+        "model_ms_per_batch": mean("askexpert_expert_seconds") * 1e3,
+        "server_ms_per_request": mean("askexpert_request_seconds", 'path="/predict"') * 1e3,
+    }
+
+
+async def client(port: int, bodies: list[bytes], offset: int, stop_at: float, counted_from: float, out: dict):
+    """One client: back-to-back requests on one kept-alive connection; latencies of those sent after counted_from."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    loop = asyncio.get_running_loop()
+    i = offset
+    try:
+        while (start := loop.time()) < stop_at:
+            body = bodies[i % len(bodies)]
+            i += 1
+            head = f"POST /predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            status_line = await reader.readline()
+            if not status_line:
+                raise ConnectionError("the server closed the connection")
+            status = int(status_line.split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if start >= counted_from:
+                out["latencies" if status == 200 else "errors"].append(loop.time() - start)
+    finally:
+        writer.close()
+
+
+async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    loop = asyncio.get_running_loop()
+    counted_from = loop.time() + WARMUP_S
+    stop_at = counted_from + seconds
+    out = {"latencies": [], "errors": []}
+    step = max(1, len(bodies) // clients)  # clients start at different images (and experts)
+    await asyncio.gather(*(client(port, bodies, k * step, stop_at, counted_from, out) for k in range(clients)))
+    return out
+
+
+def run_level(args, bodies: list[bytes], clients: int) -> dict:
+    before = http_get(args.port, "/metrics")[1].decode()
+    out = asyncio.run(load(args.port, bodies, clients, args.seconds))
+    after = http_get(args.port, "/metrics")[1].decode()
+    latencies = sorted(out["latencies"])
+    n = len(latencies)
+    return {
+        "clients": clients,
+        "requests": n,
+        "errors": len(out["errors"]),
+        # each request counted is one that started in the window; they end up to one latency past it
+        "throughput_rps": n / args.seconds,
+        "p50_ms": latencies[n // 2] * 1e3 if n else float("nan"),
+        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
+        **server_view(before, after),
+    }
+
+
+def request_bodies(bundle) -> list[bytes]:
+    """JSON bodies of random images, round-robin over the experts (built once: no client CPU in the loop)."""
+    rng = np.random.default_rng(1)
+    s = bundle.stored_size
+    experts = bundle.expert_names
+    return [
+        json.dumps(
+            {
+                "expert": experts[i % len(experts)],
+                "image": base64.b64encode(rng.integers(0, 256, (3, s, s), dtype=np.uint8).tobytes()).decode(),
+            }
+        ).encode()
+        for i in range(IMAGES)
+    ]
+
+
+def report(args, bare_ms: float, levels: list[dict]) -> dict:
+    window, most = args.batch_window_ms, args.max_batch_size
+    print(f"\nexpert server load: {args.export}, batch window {window:g} ms, max batch {most}")
+    print(f"{os.cpu_count()} CPU cores shared by the server and the clients; {args.seconds:g} s per level\n")
+    print("| clients | req/s | p50 ms | p99 ms | errors | mean batch | model ms/batch | in-server ms/req |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in levels:
+        print(
+            f"| {r['clients']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | "
+            f"{r['mean_batch']:.2f} | {r['model_ms_per_batch']:.2f} | {r['server_ms_per_request']:.2f} |"
+        )
+    low, high = levels[0], levels[-1]
+    ratio = high["throughput_rps"] / low["throughput_rps"] if low["throughput_rps"] else float("nan")
+    scaling_ok = ratio >= 3.0
+    print(f"\nbare model p50 at batch 1 (ONNX Runtime in this process): {bare_ms:.2f} ms")
+    print(
+        f"scaling: throughput({high['clients']}) / throughput({low['clients']}) = {high['throughput_rps']:.1f} / "
+        f"{low['throughput_rps']:.1f} = {ratio:.2f}x (goal >= 3x): {'PASS' if scaling_ok else 'MISS'}"
+    )
+    verdict = {"scaling_ratio": ratio, "scaling_pass": scaling_ok}
+    if low["clients"] == 1:
+        overhead = low["p50_ms"] - bare_ms
+        goal = args.batch_window_ms + 2.0
+        print(
+            f"batch-1 overhead: p50 at 1 client {low['p50_ms']:.2f} ms - bare model {bare_ms:.2f} ms = "
+            f"{overhead:.2f} ms (goal <= window {args.batch_window_ms:g} + 2 = {goal:g} ms): "
+            f"{'PASS' if overhead <= goal else 'MISS'}"
+        )
+        verdict.update(batch1_overhead_ms=overhead, batch1_overhead_pass=overhead <= goal)
+    else:
+        print("batch-1 overhead: not measured (the levels do not start at 1 client)")
+    return verdict
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--export", required=True, help="export folder to serve")
+    p.add_argument("--port", type=int, default=8765, help="port for the server (1024-65535)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="numbers of concurrent clients")
+    p.add_argument("--batch_window_ms", type=float, default=2.0, help="the server's --batch_window_ms")
+    p.add_argument("--max_batch_size", type=int, default=16, help="the server's --max_batch_size")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (server and bare timing; 0: default)")
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = p.parse_args()
+    if not 1024 <= args.port <= 65535 or args.seconds <= 0 or min(args.levels) < 1:
+        p.error("--port must be 1024-65535, --seconds positive, every level at least 1 client")
+    args.levels = sorted(set(args.levels))
+    bundle = load_bundle(args.export)
+    bare_ms = bare_model_ms(bundle, args.threads)  # before the server: nothing else runs
+    bodies = request_bodies(bundle)
+    with tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log") as log:
+        server = start_server(args, log)
+        try:
+            try:
+                wait_healthy(server, args.port)
+            except RuntimeError as err:
+                log.seek(0)
+                sys.exit(f"serve_load: {err}\n{log.read()[-2000:]}")
+            levels = []
+            for clients in args.levels:
+                levels.append(run_level(args, bodies, clients))
+                print(f"{clients} clients: {levels[-1]['throughput_rps']:.1f} req/s", flush=True)
+        finally:
+            stop_server(server)
+    verdict = report(args, bare_ms, levels)
+    if args.out:
+        results = {"settings": vars(args), "bare_model_p50_ms": bare_ms, "levels": levels, **verdict}
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
