@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from conftest import REPO
 from test_cli import run_main
 
 from askexpert.callbacks import atomic_write_text
 from askexpert.cli import cli_main
-from conftest import REPO
 
 
 def free_port() -> int:
@@ -266,16 +266,28 @@ def test_the_default_server_is_not_reachable_from_another_address(served):
 def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(tiny_export, tmp_path):
     token = {"Authorization": "Bearer s3cret"}
     # a long batch window keeps the requests in flight when SIGTERM arrives
-    server = Server(tiny_export[0], tmp_path, "--batch_window_ms", "1500", "--max_batch_size", "64",
-                    env={"ASKEXPERT_TOKEN": "s3cret"})
+    server = Server(
+        tiny_export[0],
+        tmp_path,
+        "--batch_window_ms",
+        "1500",
+        "--max_batch_size",
+        "64",
+        env={"ASKEXPERT_TOKEN": "s3cret"},
+    )
     try:
         server.wait_ready(headers=token)
         assert httpx.get(f"{server.url}/health").status_code == 401
         assert httpx.post(f"{server.url}/predict", json=request("expert_0", random_image())).status_code == 401
         with ThreadPoolExecutor(8) as pool:
             replies = [
-                pool.submit(httpx.post, f"{server.url}/predict", json=request("expert_0", random_image()),
-                            headers=token, timeout=30)
+                pool.submit(
+                    httpx.post,
+                    f"{server.url}/predict",
+                    json=request("expert_0", random_image()),
+                    headers=token,
+                    timeout=30,
+                )
                 for _ in range(8)
             ]
             time.sleep(0.5)

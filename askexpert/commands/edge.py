@@ -136,7 +136,7 @@ class EdgeRouter:
 
 def summarise(rows: list[dict], client: ExpertClient, labels: list[int | None]) -> dict:
     latency = np.array([r["latency_ms"] for r in rows], dtype=np.float64)
-    known = [(r["prediction_id"], y) for r, y in zip(rows, labels) if y is not None]
+    known = [(r["prediction_id"], y) for r, y in zip(rows, labels, strict=True) if y is not None]
     offloaded = sum(r["offloaded"] for r in rows)
     return {
         "images": len(rows),
@@ -190,7 +190,7 @@ def run(argv: list[str]) -> dict:
             rows = list(pool.map(router.classify, arrays))
     finally:
         client.close()
-    for row, path in zip(rows, readable):
+    for row, path in zip(rows, readable, strict=True):
         row["image"] = os.path.relpath(path, args.images)
     summary = summarise(rows, client, folder_labels(readable, args.images, bundle.class_names))
     summary.update(server=args.server, threshold=threshold, concurrency=args.concurrency, skipped=len(skipped))
@@ -207,7 +207,9 @@ def run(argv: list[str]) -> dict:
 
 
 def _print_summary(s: dict, out: str) -> None:
-    accuracy = f", accuracy {100 * s['accuracy']:.2f} % on {s['labelled']} labelled" if s["accuracy"] is not None else ""
+    accuracy = (
+        f", accuracy {100 * s['accuracy']:.2f} % on {s['labelled']} labelled" if s["accuracy"] is not None else ""
+    )
     lat = s["latency_ms"]
     print(
         f"{s['images']} images answered{accuracy}; {s['offloaded']} offloaded ({100 * s['offload_ratio']:.1f} %), "

@@ -114,5 +114,7 @@ def load_bundle(folder: str) -> ExportBundle:
     if not experts:
         raise UserError(f"{path} lists no expert; nothing to serve or offload to")
     if len(manifest["partition"]["experts"]) != len(experts):
-        raise UserError(f"{path} lists {len(experts)} expert models for {len(manifest['partition']['experts'])} subsets")
+        raise UserError(
+            f"{path} lists {len(experts)} expert models for {len(manifest['partition']['experts'])} subsets"
+        )
     return ExportBundle(os.path.abspath(folder), manifest, hashlib.sha256(raw).hexdigest()[:12])
