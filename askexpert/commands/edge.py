@@ -24,7 +24,9 @@ import csv
 import io
 import json
 import os
+import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -147,6 +149,7 @@ def summarise(rows: list[dict], client: ExpertClient, labels: list[int | None]) 
         "fallbacks": sum(r["fallback"] for r in rows),
         "requests_sent": client.attempts,
         "breaker_openings": client.breakers_opened(),
+        "fallback_reasons": dict(Counter(r["error"] for r in rows if r["fallback"]).most_common()),
         "latency_ms": {f"p{q}": round(float(np.percentile(latency, q)), 3) for q in (50, 95, 99)},
     }
 
@@ -201,6 +204,11 @@ def run(argv: list[str]) -> dict:
     atomic_write_text(args.out, buffer.getvalue())
     atomic_write_text(f"{os.path.splitext(args.out)[0]}.summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, args.out)
+    if summary["fallbacks"]:
+        reasons = ", ".join(f"{n} x {why}" for why, n in summary["fallback_reasons"].items())
+        alone = " (every offloaded image: these answers are the generalist's alone)"
+        whole = alone if summary["fallbacks"] == summary["offloaded"] else ""
+        print(f"askexpert edge: warning: {summary['fallbacks']} fallbacks{whole}: {reasons}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")
     return summary
