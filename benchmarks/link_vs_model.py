@@ -9,16 +9,20 @@ Steps:
    the server's `--threads 1` and `edge --threads 1`; median of RUNS after WARMUP). Both are reported; the
    prediction uses the ONNX Runtime times (written under the profile's `measured_ms` keys), because ONNX
    Runtime is what `edge` and `serve` actually run.
-2. One `python -m askexpert serve --threads 1` for the whole benchmark (its process group is killed at the end).
+2. One `python -m askexpert serve --threads 1` for the whole benchmark (its process group is killed at the end),
+   and a reference `edge --concurrency 1` run straight to it (loopback, no relay).
 3. Per link NAME:RTT_MS:UPLINK_MBPS: a `LinkRelay` with that round trip and uplink (downlink unlimited, as the
    cost model has no downlink term) in front of the server, and `edge --concurrency 1` through it on the images.
 4. Per image, the cost model's latency (askexpert/collab/costs.py) with that profile and the link's figures:
    generalist on the edge + [offloaded] * (transfer + rtt + expert). Two variants of the bytes sent: what the
    profile says (by default the raw uint8 image, C*H*W), and the JSON+base64 body the client actually sends.
 5. Per link: mean and p50 measured vs predicted for offloaded and for edge-only images, the ratio, and PASS/MISS
-   (within TOLERANCE). And from `/metrics` deltas: the time inside the server per request and how much of it
-   is model time; the rest is serving overhead (LitServe's process hand-offs, batch window, JSON/base64), which
-   the cost model does not model.
+   (within TOLERANCE; a miss is printed as one). From `/metrics` deltas: the time inside the server per request
+   and how much of it is model time; the rest is serving overhead (LitServe's process hand-offs, batch window,
+   JSON/base64), which the cost model does not model. The offloaded mean's gap to the prediction is then split
+   into that overhead (from the direct run, whose server clock holds no emulated transfer), the model running
+   slower in the server than alone, the edge's own per-offload work (gate, base64, HTTP client; from the direct
+   run) and the rest (mostly the relay: its ~1 ms timers, its thread in this process).
 
 Both ends share this machine (edge, relay and server on 2 cores here), so the edge's compute competes with the
 server's; on real hardware they are separate devices.
@@ -225,15 +229,38 @@ def read_rows(path: str) -> list[dict]:
     ]
 
 
+def run_edge(args, url: str, tag: str, folder: str) -> tuple[list[dict], dict, dict]:
+    """`edge --concurrency 1` against `url`: its rows (the first one left out), its summary, the server's split."""
+    out_csv = os.path.join(folder, f"edge_{tag}.csv")
+    before = metrics_page(args.port)
+    argv = ["edge", "--export", args.export, "--server", url, "--images", args.images, "--out", out_csv]
+    summary = cli_main([*argv, "--concurrency", "1", "--threads", "1"])
+    after = metrics_page(args.port)
+    rows = read_rows(out_csv)[1:]  # the first image pays the edge session's first call: not counted
+    return rows, summary, server_split(before, after)
+
+
+def run_direct(args, folder: str) -> dict:
+    """Reference without a relay (loopback): the server's overhead with no emulated transfer inside its clock,
+    and what the edge spends per offloaded image outside the generalist and the server."""
+    rows, summary, server = run_edge(args, f"http://{HOST}:{args.port}", "direct", folder)
+    offloaded = [r["latency_ms"] for r in rows if r["offloaded"] and not r["fallback"]]
+    measured = statistics.fmean(offloaded) if offloaded else float("nan")
+    generalist = args.measured[args.generalist_key]
+    return {
+        "edge_summary": summary,
+        "server": server,
+        "offloaded_images": len(offloaded),
+        "offloaded_mean_ms": measured,
+        # gate, base64/JSON, the HTTP client and loopback, the server's parsing before its clock starts
+        "edge_side_ms": measured - server["in_server_ms"] - generalist,
+    }
+
+
 def run_link(args, link, bundle, models, variants: dict, folder: str) -> dict:
     name, rtt, uplink = link
-    out_csv = os.path.join(folder, f"edge_{name}.csv")
     with LinkRelay(HOST, args.port, rtt_ms=rtt, uplink_mbps=uplink) as relay:
-        before = metrics_page(args.port)
-        argv = ["edge", "--export", args.export, "--server", f"http://{HOST}:{relay.port}", "--images", args.images]
-        summary = cli_main([*argv, "--out", out_csv, "--concurrency", "1", "--threads", "1"])
-        after = metrics_page(args.port)
-    rows = read_rows(out_csv)[1:]  # the first image pays the edge session's first call: not counted
+        rows, summary, server = run_edge(args, f"http://{HOST}:{relay.port}", name, folder)
     result = {"link": {"name": name, "rtt_ms": rtt, "uplink_mbps": uplink}, "edge_summary": summary}
     result["fallbacks"] = sum(r["fallback"] for r in rows)
     groups = {
@@ -246,8 +273,25 @@ def run_link(args, link, bundle, models, variants: dict, folder: str) -> dict:
         for variant, (_, image_bytes) in variants.items():
             model = cost_model(args.base, link, args.measured, image_bytes, bundle.stored_size)
             result[group][variant] = compare(measured, [predicted_ms(model, models, r) for r in members])
-    result["server"] = server_split(before, after)
+    result["server"] = server
     return result
+
+
+def explain(result: dict, direct: dict, expert_alone_ms: float) -> dict | None:
+    """The offloaded mean's gap (measured - predicted B) split into what the cost model leaves out."""
+    b = result["offloaded"]["wire"]
+    if not b["images"]:
+        return None
+    gap = b["mean"]["measured_ms"] - b["mean"]["predicted_ms"]
+    parts = {
+        "gap_ms": gap,
+        "serving_overhead_ms": direct["server"]["overhead_ms"],  # from the direct run: no transfer inside it
+        "model_slower_in_server_ms": result["server"]["model_ms"] - expert_alone_ms,  # sharing 2 cores with the edge
+        "edge_side_ms": direct["edge_side_ms"],
+    }
+    # what is left: mostly the relay (timers of ~1 ms granularity per direction, its thread in the edge's process)
+    parts["rest_ms"] = gap - sum(v for k, v in parts.items() if k != "gap_ms")
+    return parts
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -258,7 +302,7 @@ def verdict(c: dict, stat: str) -> tuple[str, str, str]:
     return f"{s['predicted_ms']:.2f}", f"{s['ratio']:.2f}", "PASS" if s["pass"] else "**MISS**"
 
 
-def report(args, results: list[dict], times: dict, variants: dict) -> None:
+def report(args, results: list[dict], direct: dict, times: dict, variants: dict, expert_alone_ms: float) -> None:
     print(f"\n## Measured vs cost model: {args.export}, {args.images}\n")
     print("Compute times at batch 1 on this machine; the prediction uses ONNX Runtime's (what edge and serve run):\n")
     print("| model | key | PyTorch ms (`profile`, 1 torch thread) | ONNX Runtime ms (1 thread, median) |")
@@ -280,17 +324,28 @@ def report(args, results: list[dict], times: dict, variants: dict) -> None:
                 measured = f"{a[stat]['measured_ms']:.2f}" if a["images"] else "n/a"
                 cells = [label, f"{group.replace('_', '-')} ({a['images']})", stat, measured]
                 print("| " + " | ".join([*cells, *verdict(a, stat), *verdict(b, stat)]) + " |")
-    print("\nInside the server, per /predict request (/metrics deltas over each run; the cost model's expert time is")
-    print("only the model part, so the serving overhead is not in the prediction):\n")
-    print("| link | requests | mean batch | in server ms | of which model ms | serving overhead ms | "
-          "gap: measured − predicted B, offloaded mean ms |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        s, b = r["server"], r["offloaded"]["wire"]
-        gap = f"{b['mean']['measured_ms'] - b['mean']['predicted_ms']:.2f}" if b["images"] else "n/a"
+    print("\nInside the server, per /predict request (/metrics deltas over each run). Its clock starts at the request")
+    print("headers; the relay delivers headers and body as one chunk or as two, so through a link part of the")
+    print("emulated body transfer falls inside it. The direct run (loopback, no relay) gives the clean overhead.\n")
+    print("| run | requests | mean batch | in server ms | of which model ms | in server − model ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, s in [("direct (no relay)", direct["server"]), *[(r["link"]["name"], r["server"]) for r in results]]:
         print(
-            f"| {r['link']['name']} | {s['requests']} | {s['mean_batch']:.2f} | {s['in_server_ms']:.2f} | "
-            f"{s['model_ms']:.2f} | {s['overhead_ms']:.2f} | {gap} |"
+            f"| {name} | {s['requests']} | {s['mean_batch']:.2f} | {s['in_server_ms']:.2f} | {s['model_ms']:.2f} | "
+            f"{s['overhead_ms']:.2f} |"
+        )
+    print(f"\nWhere the offloaded mean's gap to predicted B goes (model alone: {expert_alone_ms:.2f} ms, the experts'")
+    print("median in ONNX Runtime; edge side: direct run's offloaded mean − its in-server time − the generalist):\n")
+    print("| link | gap ms | serving overhead ms | model slower in server ms | edge side ms | rest (relay, noise) ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        e = r["explained"]
+        if e is None:
+            print(f"| {r['link']['name']} | n/a (no offloaded image) | | | | |")
+            continue
+        print(
+            f"| {r['link']['name']} | {e['gap_ms']:.2f} | {e['serving_overhead_ms']:.2f} | "
+            f"{e['model_slower_in_server_ms']:.2f} | {e['edge_side_ms']:.2f} | {e['rest_ms']:.2f} |"
         )
     fallbacks = sum(r["fallbacks"] for r in results)
     if fallbacks:
@@ -335,6 +390,7 @@ def main() -> None:
             key: statistics.median(t["onnx_ms"] for t in times.values() if t["key"] == key)
             for key in {t["key"] for t in times.values()}
         }
+        args.generalist_key = times["generalist"]["key"]
         log = open(os.path.join(folder, "serve.log"), "w+")  # the server's output, shown if it fails to start
         command = [sys.executable, "-m", "askexpert", "serve", "--export", args.export, "--port", str(args.port)]
         server = subprocess.Popen(
@@ -351,6 +407,7 @@ def main() -> None:
                 log.seek(0)
                 raise SystemExit(f"link_vs_model: {err}\n{log.read()[-2000:]}") from None
             warm_server(args.port, bundle)
+            direct = run_direct(args, folder)
             results = [run_link(args, link, bundle, models, variants, folder) for link in links]
         finally:
             try:
@@ -359,7 +416,10 @@ def main() -> None:
                 pass
             server.wait()
             log.close()
-    report(args, results, times, variants)
+    expert_alone_ms = statistics.median(t["onnx_ms"] for name, t in times.items() if name != "generalist")
+    for r in results:
+        r["explained"] = explain(r, direct, expert_alone_ms)
+    report(args, results, direct, times, variants, expert_alone_ms)
     if args.out:
         document = {
             "export": args.export,
@@ -372,6 +432,8 @@ def main() -> None:
             "variants": {k: {"label": label, "image_bytes": b} for k, (label, b) in variants.items()},
             "tolerance": TOLERANCE,
             "cpu_count": os.cpu_count(),
+            "direct": direct,
+            "expert_alone_ms": expert_alone_ms,
             "links": results,
         }
         Path(args.out).write_text(json.dumps(document, indent=2) + "\n")

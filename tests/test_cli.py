@@ -48,7 +48,10 @@ def test_help_lists_every_command(capsys):
 def test_unknown_command_is_one_clear_line(capsys):
     code, _, err = run_main(["train"], capsys)
     assert code == 2
-    commands = "fit, validate, test, predict, partition, experts, pipeline, evaluate, ablate, route, profile, export"
+    commands = (
+        "fit, validate, test, predict, partition, experts, pipeline, evaluate, ablate, route, profile, export, "
+        "serve, edge"
+    )
     assert err.strip() == f"askexpert: error: unknown command 'train'; commands: {commands}"
 
 

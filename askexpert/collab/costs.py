@@ -2,7 +2,8 @@
 
 Per sample (all times in ms, powers in W, so W x ms = mJ):
     edge      = the generalist's compute time on the edge device
-    offload   = transfer (image bytes over the uplink) + round trip + the expert's compute on the near-edge
+    offload   = transfer (image bytes over the uplink) + round trip + per-request overhead + the expert's
+                compute on the near-edge
     latency   = edge + [offloaded] * offload
     edge energy   = P_edge_active * edge
                     + [offloaded] * (P_radio * transfer + P_edge_idle * (transfer + RTT + expert))
@@ -11,6 +12,9 @@ The edge device stays on (idle power) while it sends and waits for the network a
 radio adds P_radio while sending (Huang et al.'s model is the radio's power above the idle baseline). The
 near-edge accelerator is charged only for the time it computes for this sample (it is shared: its idle
 power belongs to nobody's sample).
+The per-request overhead (`link.overhead_ms`, optional, 0 by default and in the shipped profiles) is what a
+real deployment spends on an offload besides the link and the model: serialisation, HTTP, the server's batch
+window and process hand-offs. benchmarks/link_vs_model.py measures it on loopback (docs/deploy.md).
 Radio power follows the linear model of Huang et al. (MobiSys'12): P_radio = a * uplink_Mbps + b.
 
 A model's compute time is `overhead_ms + GFLOPs / gflops` (the device's sustained rate and fixed
@@ -33,6 +37,7 @@ from askexpert.errors import UserError
 
 DEVICE_FIELDS = ("name", "gflops", "overhead_ms", "active_power_w", "idle_power_w")
 LINK_FIELDS = ("name", "uplink_mbps", "rtt_ms", "radio_w_per_mbps", "radio_base_w")
+LINK_OPTIONAL_FIELDS = ("overhead_ms",)
 
 
 def measured_key(model_name: str, num_outputs: int, image_size: int) -> str:
@@ -68,6 +73,7 @@ class Link:
     rtt_ms: float
     radio_w_per_mbps: float
     radio_base_w: float
+    overhead_ms: float = 0.0  # per offloaded request, besides transfer, round trip and model (see above)
 
     @property
     def radio_power_w(self) -> float:
@@ -114,7 +120,7 @@ def _section(raw: dict, section: str, fields: tuple[str, ...], positive: tuple[s
     missing = [key for key in fields if key not in values]
     if missing:
         raise UserError(f"profile section {section!r} misses {', '.join(missing)}")
-    allowed = (*fields, "measured_ms") if section != "link" else fields
+    allowed = (*fields, "measured_ms") if section != "link" else (*fields, *LINK_OPTIONAL_FIELDS)
     unknown = sorted(str(key) for key in values if key not in allowed)
     if unknown:
         raise UserError(
@@ -125,6 +131,9 @@ def _section(raw: dict, section: str, fields: tuple[str, ...], positive: tuple[s
     out = {"name": values["name"]}
     for key in fields[1:]:
         out[key] = _number(section, key, values[key], allow_zero=key not in positive)
+    for key in LINK_OPTIONAL_FIELDS if section == "link" else ():
+        if key in values:
+            out[key] = _number(section, key, values[key], allow_zero=True)
     if "measured_ms" in values:
         measured = values["measured_ms"] or {}
         if not isinstance(measured, dict):
@@ -230,7 +239,7 @@ class CostModel:
         """The extra cost of sending one image to `model` on the near-edge accelerator and getting the answer."""
         p = self.profile
         transfer = p.link.transfer_ms(self.image_bytes)
-        wait = p.link.rtt_ms + model.near_edge_ms
+        wait = p.link.rtt_ms + p.link.overhead_ms + model.near_edge_ms
         edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * (transfer + wait)
         system_energy = edge_energy + p.near_edge.active_power_w * model.near_edge_ms
         return SampleCosts(transfer + wait, edge_energy, system_energy)
