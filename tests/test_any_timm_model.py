@@ -55,6 +55,8 @@ def test_every_strategy_trains_a_resnet_expert(resnet_base, tmp_path, name, extr
     assert type(reloaded.net).__name__ == "ResNet"
 
 
+# slow (~55 s): the default run trains a ResNet expert with every strategy; this adds the whole pipeline + route
+@pytest.mark.slow
 def test_the_pipeline_runs_end_to_end_with_resnets_at_another_size(tmp_path, capsys) -> None:
     """Every stage a ResNet that sees 48-px images of a folder stored at 24 px; `route` answers new images."""
     root = make_four_class_folder(tmp_path / "images", side=30)

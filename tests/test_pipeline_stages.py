@@ -169,6 +169,8 @@ def test_a_diverging_stage_stops_the_pipeline_and_a_new_config_retrains_it(tmp_p
 
 
 # -- experts side by side --------------------------------------------------------------------------------
+# slow (~33 s): trains the experts twice; the launcher itself is covered by the experts tests in the default run
+@pytest.mark.slow
 def test_experts_trained_side_by_side_equal_experts_trained_one_after_another(tmp_path, capsys):
     config = tiny_pipeline(tmp_path)
     sequential = tmp_path / "sequential"
