@@ -48,6 +48,7 @@ def parser():
     p.add_argument("--batch_window_ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--timeout_s", type=float, default=30.0, help="a request queued longer gets 504")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model (0: its default)")
+    p.add_argument("--device", type=str, default="auto", help="cpu, cuda or auto (CUDA when ONNX Runtime has it)")
     p.add_argument("--log_level", type=str, default="warning", help="uvicorn/LitServe log level")
     return p
 
@@ -117,7 +118,7 @@ def run(argv: list[str]) -> None:
 
     bundle = load_bundle(args.export)
     for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
-        bundle.session(name, threads=1)
+        bundle.session(name, threads=1, device=args.device)
     metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
     try:
@@ -141,10 +142,11 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
         max_batch_size=args.max_batch_size,
         batch_window_s=args.batch_window_ms / 1000.0,
         threads=args.threads,
+        device=args.device,
     )
     server = _draining_server_class()(
         api,
-        accelerator="cpu",  # the models run in ONNX Runtime, whatever torch sees
+        accelerator="cpu",  # LitServe's worker placement; the models' device is ONNX Runtime's (--device)
         timeout=args.timeout_s,
         max_payload_size=max_request_bytes(bundle.stored_size),
         middlewares=[RequestMetricsMiddleware],

@@ -53,8 +53,11 @@ class ExportBundle:
     def model_path(self, name: str) -> str:
         return os.path.join(self.folder, self.manifest["models"][name]["file"])
 
-    def session(self, name: str, threads: int = 0):
-        """An ONNX Runtime session for one model, after checking the file's hash against the manifest."""
+    def session(self, name: str, threads: int = 0, device: str = "cpu"):
+        """An ONNX Runtime session for one model, after checking the file's hash against the manifest.
+
+        `device`: "cpu", "cuda" (ONNX Runtime's CUDA provider: needs the onnxruntime-gpu package) or "auto"
+        (CUDA when this ONNX Runtime has it)."""
         import onnxruntime as ort
 
         path = self.model_path(name)
@@ -66,7 +69,18 @@ class ExportBundle:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=providers(device))
+
+
+def providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "cuda" and not cuda:
+        raise UserError("--device cuda: this ONNX Runtime has no CUDA provider (install onnxruntime-gpu)")
+    if device not in ("cpu", "cuda", "auto"):
+        raise UserError(f"--device must be cpu, cuda or auto, got {device!r}")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and device != "cpu" else ["CPUExecutionProvider"]
 
 
 def manifest_path(folder: str) -> str:

@@ -84,12 +84,14 @@ class ExpertAPI(ls.LitAPI):
         batch_window_s: float,
         reload_poll_s: float = 0.5,
         threads: int = 0,
+        device: str = "cpu",
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_window_s, api_path="/predict")
         self.export_dir = export_dir
         self.token = token
         self.reload_poll_s = reload_poll_s
         self.threads = threads
+        self.model_device = device  # LitServe's own `device` attribute names its worker slot, not ours
         self._current = None  # (bundle, {expert: session}), replaced whole on reload
 
     # ---- worker side -------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ class ExpertAPI(ls.LitAPI):
         threading.Thread(target=self._watch, name="export-watcher", daemon=True).start()
 
     def _load(self, bundle):
-        sessions = {name: bundle.session(name, self.threads) for name in bundle.expert_names}
+        sessions = {name: bundle.session(name, self.threads, self.model_device) for name in bundle.expert_names}
         metrics()["model_loads"].labels(bundle.version).inc()
         return bundle, sessions
 
