@@ -248,7 +248,8 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["report.json"]
     # what a SIGKILLed writer leaves behind is removed by the next process that locks the folder
     (tmp_path / "checkpoints").mkdir()
-    stale = tmp_path / "checkpoints" / ".last.ckpt.4242.0123abcd.tmp"
+    dead = next(pid for pid in range(4242, 4_194_304) if not os.path.exists(f"/proc/{pid}"))  # no such process
+    stale = tmp_path / "checkpoints" / f".last.ckpt.{dead}.0123abcd.tmp"
     stale.write_bytes(b"x")
     with locked(str(tmp_path)):
         assert not stale.exists() and (tmp_path / "report.json").exists()
