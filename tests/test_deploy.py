@@ -23,6 +23,8 @@ from test_cli import run_main
 
 from askexpert.callbacks import atomic_write_text
 from askexpert.cli import cli_main
+from askexpert.deploy.bundle import load_bundle
+from askexpert.deploy.expert_api import ExpertAPI
 
 
 def free_port() -> int:
@@ -139,7 +141,7 @@ def test_edge_answers_like_route_survives_a_dead_server_and_resumes(
                 assert row[column] == expected[name][column], (name, column)
             assert float(row["latency_ms"]) > 0 and row["fallback"] == "False"
         assert {row["model_version"] for row in got.values() if row["offloaded"] == "True"} == {
-            json.loads(httpx.get(f"{server.url}/info").text)["model"]["model_version"]
+            load_bundle(str(export)).version
         }
         lat = summary["latency_ms"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
@@ -248,6 +250,45 @@ def test_a_new_export_is_loaded_without_a_failed_request(served):
     assert versions == sorted(versions, key=lambda v: v != old["model_version"])  # one switch, never back
 
 
+def test_an_edge_with_another_export_falls_back_instead_of_mixing_systems(served, tiny_export, images, tmp_path):
+    server, export, _ = served
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["note"] = "another export for the edge test"
+    atomic_write_text(str(export / "manifest.json"), json.dumps(manifest))
+    mine = load_bundle(str(tiny_export[0])).version
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        reply = httpx.post(f"{server.url}/predict", json=request("expert_0", random_image())).json()
+        if reply["model_version"] != mine:
+            break
+        time.sleep(0.1)
+    out = tmp_path / "mixed.csv"
+    summary = cli_main(
+        ["edge", "--export", str(tiny_export[0]), "--server", server.url, "--images", str(images), "--out", str(out)]
+    )
+    assert summary["offloaded"] > 0 and summary["fallbacks"] == summary["offloaded"]
+    assert all(why.startswith("server holds export version") for why in summary["fallback_reasons"])
+
+
+def test_one_request_batches_and_lists_give_the_same_answers():
+    """`--max_batch_size 1` makes LitServe hand `predict` one request instead of a list."""
+
+    class Session:
+        def run(self, _, feeds):
+            return [feeds["images"].reshape(len(feeds["images"]), -1)[:, :4].astype(np.float32)]
+
+    class Bundle:
+        version = "v1"
+
+    api = ExpertAPI("unused", None, max_batch_size=1, batch_window_s=0.0)
+    api._current = (Bundle(), {"expert_0": Session(), "expert_1": Session()})
+    images = [random_image(), random_image()[::-1].copy()]
+    one = api.predict(("expert_1", images[1]))
+    both = api.predict([("expert_0", images[0]), ("expert_1", images[1])])
+    assert one[0] == both[1][0] == "expert_1" and np.array_equal(one[2], both[1][2])
+    assert api.encode_response(one)["prediction_id"] == int(np.argmax(one[2]))
+
+
 def test_the_default_server_is_not_reachable_from_another_address(served):
     server, _, _ = served
     try:
@@ -263,7 +304,7 @@ def test_the_default_server_is_not_reachable_from_another_address(served):
     socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
 
 
-def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(tiny_export, tmp_path):
+def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(tiny_export, images, tmp_path, capsys):
     token = {"Authorization": "Bearer s3cret"}
     # a long batch window keeps the requests in flight when SIGTERM arrives
     server = Server(
@@ -279,6 +320,9 @@ def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(tin
         server.wait_ready(headers=token)
         assert httpx.get(f"{server.url}/health").status_code == 401
         assert httpx.post(f"{server.url}/predict", json=request("expert_0", random_image())).status_code == 401
+        edge = ["edge", "--export", str(tiny_export[0]), "--server", server.url, "--images", str(images)]
+        code, _, err = run_main([*edge, "--out", str(tmp_path / "no_token.csv")], capsys)
+        assert code == 2 and "refused the token" in err and not (tmp_path / "no_token.csv").exists()
         with ThreadPoolExecutor(8) as pool:
             replies = [
                 pool.submit(
@@ -307,9 +351,12 @@ def test_serve_and_edge_refuse_bad_options_in_one_line(tiny_export, tmp_path, ca
         ("serve", "--export", export, "--host", "0.0.0.0"): "give a token",
         ("serve", "--export", export, "--host", "10.1.2.3", "--token", "x"): "binds 127.0.0.1, 0.0.0.0 or ::",
         ("serve", "--export", export, "--port", "80"): "between 1024 and 65535",
+        ("serve", "--export", export, "--log_level", "loud"): "--log_level must be one of",
+        ("serve", "--export", export, "--device", "gpu"): "--device must be cpu, cuda or auto",
         ("serve", "--export", str(tmp_path / "none")): "export folder not found",
         ("serve", "--export", str(tmp_path)): "has no manifest.json",
         ("edge", "--export", export, "--server", "127.0.0.1:1", "--images", str(tmp_path), "--out", "x.csv"): "URL",
+        ("edge", "--export", export, "--server", "http://", "--images", str(tmp_path), "--out", "x.csv"): "URL",
         ("edge", "--export", export, "--server", "http://x", "--images", str(tmp_path / "no"), "--out", "x.csv"): (
             "image folder not found"
         ),

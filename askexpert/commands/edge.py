@@ -76,8 +76,14 @@ def parser():
 
 def check_args(args) -> None:
     check_threshold(args.threshold)
-    if not args.server.startswith(("http://", "https://")):
-        raise UserError(f"--server must be an http:// or https:// URL, got {args.server!r}")
+    import httpx
+
+    try:
+        url = httpx.URL(args.server)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise UserError(f"--server must be an http:// or https:// URL with a host, got {args.server!r}")
     if args.concurrency < 1 or args.breaker_failures < 1 or args.threads < 0:
         raise UserError("--concurrency and --breaker_failures must be at least 1, --threads at least 0")
     if min(args.connect_timeout_s, args.read_timeout_s) <= 0 or args.breaker_cooldown_s < 0:
@@ -185,7 +191,12 @@ def run(argv: list[str]) -> dict:
         args.breaker_failures,
         args.breaker_cooldown_s,
         max_connections=args.concurrency,
+        version=bundle.version,
+        widths={name: int(bundle.manifest["models"][name]["output"]["shape"][-1]) for name in bundle.expert_names},
     )
+    unreachable = client.check_server()
+    if unreachable:
+        print(f"askexpert edge: warning: {args.server} is not answering ({unreachable}); unsure images fall back")
     router = EdgeRouter(bundle, client, threshold, args.threads)
     arrays = images.numpy()
     try:

@@ -292,6 +292,7 @@ def put_link(url: str, link: dict, profile: dict) -> str:
     fields = "rtt_ms"
     if link["uplink_mbps"] is not None:
         section["uplink_mbps"] = round(link["uplink_mbps"], 3)
+        section.pop("overhead_ms", None)  # the effective uplink already holds it: not counted twice
         fields = "rtt_ms and uplink_mbps (effective: includes the server's per-request overhead)"
         print(
             f"link to {url}: rtt {link['rtt_ms']:.2f} ms (median of {link['requests']} GET /health, less the "

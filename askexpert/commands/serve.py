@@ -34,6 +34,7 @@ LOOPBACK = "127.0.0.1"
 # LitServe binds only these; "localhost" is taken to mean the IPv4 loopback.
 HOSTS = (LOOPBACK, "0.0.0.0", "::")
 DRAIN_TIMEOUT_S = 30
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def parser():
@@ -63,6 +64,8 @@ def check_args(args) -> tuple[str, str | None]:
         raise UserError(f"--host {host} serves other machines: give a token with --token or ${TOKEN_ENV}")
     if not 1024 <= args.port <= 65535:
         raise UserError(f"--port must be between 1024 and 65535, got {args.port}")
+    if args.log_level not in LOG_LEVELS:
+        raise UserError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     if args.max_batch_size < 1 or args.batch_window_ms < 0 or args.timeout_s <= 0 or args.threads < 0:
         raise UserError("--max_batch_size must be >= 1, --batch_window_ms >= 0, --timeout_s > 0, --threads >= 0")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -114,11 +117,12 @@ def _draining_server_class():
 def run(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     host, token = check_args(args)
-    from askexpert.deploy.bundle import load_bundle
+    from askexpert.deploy.bundle import load_bundle, providers
 
+    providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
     bundle = load_bundle(args.export)
     for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
-        bundle.session(name, threads=1, device=args.device)
+        bundle.session(name, threads=1, device="cpu")  # (CPU: this process must not hold a GPU context)
     metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
     try:
@@ -143,6 +147,7 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
         batch_window_s=args.batch_window_ms / 1000.0,
         threads=args.threads,
         device=args.device,
+        contract=bundle.contract(),
     )
     server = _draining_server_class()(
         api,
@@ -150,9 +155,10 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
         timeout=args.timeout_s,
         max_payload_size=max_request_bytes(bundle.stored_size),
         middlewares=[RequestMetricsMiddleware],
+        # the version at start: every reply names the version that answered it (a reload changes it)
         model_metadata={
             "export": bundle.folder,
-            "model_version": bundle.version,
+            "model_version_at_start": bundle.version,
             "experts": bundle.expert_names,
             "stored_size": bundle.stored_size,  # so a client (e.g. `profile --link`) can build a valid request
         },
@@ -174,11 +180,16 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
         f"on http://{host if ':' not in host else f'[{host}]'}:{args.port} — POST /predict, GET /health, GET /metrics",
         flush=True,
     )
-    server.run(
-        host=host,
-        port=args.port,
-        num_api_servers=1,
-        log_level=args.log_level,
-        generate_client_file=False,
-        api_server_worker_type="process",
-    )
+    try:
+        server.run(
+            host=host,
+            port=args.port,
+            num_api_servers=1,
+            log_level=args.log_level,
+            generate_client_file=False,
+            api_server_worker_type="process",
+        )
+    except RuntimeError as err:
+        if "workers failed to start" not in str(err):
+            raise
+        raise UserError("the expert worker failed to start (its error is in the log above)") from None

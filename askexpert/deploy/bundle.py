@@ -16,7 +16,6 @@ import os
 from dataclasses import dataclass
 
 from askexpert.errors import UserError
-from askexpert.hashing import file_sha256
 
 SUPPORTED_FORMAT = 1
 
@@ -45,9 +44,12 @@ class ExportBundle:
 
     def contract(self) -> dict:
         """What a client may send and expect back; a reload must keep it (the HTTP side validates against it)."""
+        models = self.manifest["models"]
         return {
             "stored_size": self.stored_size,
-            "experts": {name: int(self.manifest["models"][name]["output"]["shape"][-1]) for name in self.expert_names},
+            "experts": {name: int(models[name]["output"]["shape"][-1]) for name in self.expert_names},
+            "class_names": self.class_names,
+            "partition": [list(map(int, e)) for e in self.manifest["partition"]["experts"]],
         }
 
     def model_path(self, name: str) -> str:
@@ -63,13 +65,19 @@ class ExportBundle:
         path = self.model_path(name)
         if not os.path.isfile(path):
             raise UserError(f"{self.folder} lacks {os.path.basename(path)}; export the run again")
-        if file_sha256(path) != self.manifest["models"][name]["sha256"]:
+        with open(path, "rb") as f:
+            data = f.read()  # hashed and loaded from the same bytes: a folder swapped meanwhile cannot slip in
+        if hashlib.sha256(data).hexdigest() != self.manifest["models"][name]["sha256"]:
             raise UserError(f"{path} does not match the SHA-256 in its manifest (damaged or replaced); export again")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only
-        return ort.InferenceSession(path, options, providers=providers(device))
+        wanted = providers(device)
+        session = ort.InferenceSession(data, options, providers=wanted)
+        if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+            raise UserError(f"--device cuda: ONNX Runtime could not put {name} on the GPU")
+        return session
 
 
 def providers(device: str) -> list[str]:

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 
 from askexpert.deploy.breaker import CircuitBreaker
+from askexpert.errors import UserError
 
 
 class OffloadFailed(Exception):
@@ -31,6 +32,8 @@ class ExpertClient:
         breaker_failures: int = 3,
         breaker_cooldown_s: float = 5.0,
         max_connections: int = 4,
+        version: str | None = None,
+        widths: dict[str, int] | None = None,
     ):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(
@@ -41,6 +44,8 @@ class ExpertClient:
             trust_env=False,  # an edge device talks to its near-edge server directly, not through a proxy
         )
         self.breakers = {name: CircuitBreaker(breaker_failures, breaker_cooldown_s) for name in experts}
+        self.version = version
+        self.widths = widths or {}
         self.attempts = 0  # requests that went out (not refused by a breaker)
         self._lock = threading.Lock()
 
@@ -63,18 +68,40 @@ class ExpertClient:
         except httpx.HTTPError as err:
             breaker.failure()
             raise OffloadFailed(type(err).__name__) from None
+        if response.status_code in (401, 403):
+            raise UserError(f"{self.http.base_url} refused the token (HTTP {response.status_code}): pass --token")
+        if response.status_code in (413, 422):
+            raise UserError(
+                f"{self.http.base_url} refused this export's request (HTTP {response.status_code}: "
+                f"{response.text[:200]}): does it serve the same export?"
+            )
         if response.status_code != 200:
             breaker.failure()
             raise OffloadFailed(f"HTTP {response.status_code}")
         try:
             reply = response.json()
             reply["logits"] = [float(v) for v in reply["logits"]]
-            str(reply["model_version"])
+            version = str(reply["model_version"])
+            if expert in self.widths and len(reply["logits"]) != self.widths[expert]:
+                raise ValueError("logits of another width")
         except (ValueError, KeyError, TypeError):
             breaker.failure()
             raise OffloadFailed("bad reply") from None
         breaker.success()
+        if self.version is not None and version != self.version:
+            # another export may route and fuse differently: its answer is not this system's answer
+            raise OffloadFailed(f"server holds export version {version}, this edge {self.version}")
         return reply
+
+    def check_server(self) -> str | None:
+        """None when the server answers /health; a reason when it cannot be reached. A refused token is fatal."""
+        try:
+            response = self.http.get("/health")
+        except httpx.HTTPError as err:
+            return type(err).__name__
+        if response.status_code in (401, 403):
+            raise UserError(f"{self.http.base_url} refused the token (HTTP {response.status_code}): pass --token")
+        return None if response.status_code == 200 else f"/health answered {response.status_code}"
 
     def breakers_opened(self) -> int:
         return sum(b.opened for b in self.breakers.values())

@@ -22,6 +22,8 @@ import base64
 import binascii
 import hmac
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -38,6 +40,15 @@ log = logging.getLogger("askexpert.serve")
 
 # What clients may send: set by `serve` before LitServe forks its HTTP processes, which inherit it.
 _CONTRACT: dict = {}
+
+
+def folder_state(folder: str) -> tuple:
+    """(name, size, mtime) of every file in a folder: changes when a copy into it goes on."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file())
+    except OSError:
+        return ()
 
 
 def set_contract(contract: dict) -> None:
@@ -85,6 +96,7 @@ class ExpertAPI(ls.LitAPI):
         reload_poll_s: float = 0.5,
         threads: int = 0,
         device: str = "cpu",
+        contract: dict | None = None,
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_window_s, api_path="/predict")
         self.export_dir = export_dir
@@ -92,12 +104,19 @@ class ExpertAPI(ls.LitAPI):
         self.reload_poll_s = reload_poll_s
         self.threads = threads
         self.model_device = device  # LitServe's own `device` attribute names its worker slot, not ours
+        self.contract = contract  # what the HTTP process validates against (the export `serve` checked)
         self._current = None  # (bundle, {expert: session}), replaced whole on reload
 
     # ---- worker side -------------------------------------------------------------------------------------
     def setup(self, device):
-        self._current = self._load(load_bundle(self.export_dir))
-        self._stamp = manifest_stamp(self.export_dir)
+        # Ctrl+C reaches every process of the terminal's group: the worker keeps answering while the main
+        # process drains the HTTP side, then LitServe stops it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self._stamp = manifest_stamp(self.export_dir)  # before reading: a newer export is then seen as new
+        bundle = load_bundle(self.export_dir)
+        if self.contract is not None and bundle.contract() != self.contract:
+            raise UserError(f"{self.export_dir} changed while the server started; start it again")
+        self._current = self._load(bundle)
         threading.Thread(target=self._watch, name="export-watcher", daemon=True).start()
 
     def _load(self, bundle):
@@ -106,12 +125,18 @@ class ExpertAPI(ls.LitAPI):
         return bundle, sessions
 
     def _watch(self):
-        """Poll the export's manifest; load a new export beside the old one, then swap (between two batches)."""
-        reported = None
+        """Poll the export's manifest; load a new export beside the old one, then swap (between two batches).
+
+        A new export that cannot be loaded is reported once and tried again only when a file in the folder
+        changes (a copy still in progress finishes; a broken one is not rebuilt twice a second)."""
+        failed = None
         while True:
             time.sleep(self.reload_poll_s)
             stamp = manifest_stamp(self.export_dir)
             if stamp is None or stamp == self._stamp:
+                continue
+            state = (stamp, folder_state(self.export_dir))
+            if state == failed:
                 continue
             try:
                 bundle = load_bundle(self.export_dir)
@@ -120,17 +145,13 @@ class ExpertAPI(ls.LitAPI):
                     self._stamp = stamp
                     continue
                 if bundle.contract() != old.contract():
-                    raise UserError("its experts or image size differ from the served ones; restart the server")
+                    raise UserError("its experts, classes, partition or image size differ; restart the server")
                 self._current = self._load(bundle)
                 self._stamp = stamp
                 log.warning("loaded export version %s (was %s)", bundle.version, old.version)
-            except (UserError, OSError) as err:
-                if stamp != reported:  # a folder still being copied: say it once, try again on the next poll
-                    log.error("not reloading %s: %s", self.export_dir, err)
-                    reported = stamp
-            except Exception:
-                log.exception("not reloading %s", self.export_dir)
-                reported = stamp
+            except Exception as err:  # noqa: BLE001 (anything ONNX Runtime raises on a bad file included)
+                log.error("not reloading %s: %s", self.export_dir, err)
+                failed = state
 
     def decode_request(self, request: ExpertRequest):
         size = self._current[0].stored_size
@@ -138,6 +159,8 @@ class ExpertAPI(ls.LitAPI):
         return request.expert, image
 
     def predict(self, inputs):
+        if isinstance(inputs, tuple):  # --max_batch_size 1: LitServe's unbatched loop hands one request
+            return self.predict([inputs])[0]
         bundle, sessions = self._current  # one version answers the whole batch
         m = metrics()
         m["batch_size"].observe(len(inputs))
