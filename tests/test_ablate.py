@@ -326,6 +326,9 @@ def test_values_that_are_not_plain_names_get_distinct_folders():
     assert len({c.name for c in cells}) == 2 and all("/" not in c.name for c in cells)
 
 
+# slow (~19 s): a whole extra ablation; divergence inside a pipeline stays in the default run
+# (test_pipeline_stages.py::test_a_diverging_stage_stops_the_pipeline_and_a_new_config_retrains_it)
+@pytest.mark.slow
 def test_a_diverged_cell_is_recorded_and_the_others_go_on(tmp_path, capsys):
     grid = {"base.overrides.model.init_args.lr": [1e30, 1e-3], "routing.top_k": [1, 2]}
     config = write_ablation(tmp_path, grid, seeds=[0])

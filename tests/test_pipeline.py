@@ -154,6 +154,8 @@ def test_rerun_skips_every_finished_stage(finished, tmp_path, capsys):
     assert (out / "generalist" / "checkpoints" / "best.ckpt").stat().st_mtime_ns == before
 
 
+# slow (~18 s): retrains a pipeline; stage identities and refusals stay in the default run (test_pipeline_stages.py)
+@pytest.mark.slow
 def test_a_changed_config_is_refused_then_overwritten(finished, tmp_path, capsys):
     config, out = copy_run(finished, tmp_path)
     record = (out / "stages.json").read_text()
