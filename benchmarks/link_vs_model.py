@@ -67,6 +67,7 @@ import yaml  # noqa: E402
 from askexpert.cli import cli_main  # noqa: E402
 from askexpert.collab.costs import CostModel, load_profile, measured_key, model_cost  # noqa: E402
 from askexpert.deploy.bundle import load_bundle  # noqa: E402
+from askexpert.deploy.metrics import sample_sum  # noqa: E402
 from askexpert.deploy.relay import RTO_S  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -169,26 +170,17 @@ def metrics_page(port: int) -> str:
     return httpx.get(f"http://{HOST}:{port}/metrics", timeout=5.0, trust_env=False).text
 
 
-def metric(text: str, name: str, label: str = "") -> float:
-    """One Prometheus sample summed over its label sets (or those containing `label`)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " ")) and label in line
-    )
-
-
 def server_split(before: str, after: str) -> dict:
     """Per /predict request between two /metrics pages: time in the server, of which model time."""
     path = 'path="/predict"'
-    requests = metric(after, "askexpert_request_seconds_count", path) - metric(
+    requests = sample_sum(after, "askexpert_request_seconds_count", path) - sample_sum(
         before, "askexpert_request_seconds_count", path
     )
-    in_server = metric(after, "askexpert_request_seconds_sum", path) - metric(
+    in_server = sample_sum(after, "askexpert_request_seconds_sum", path) - sample_sum(
         before, "askexpert_request_seconds_sum", path
     )
-    model = metric(after, "askexpert_expert_seconds_sum") - metric(before, "askexpert_expert_seconds_sum")
-    batches = metric(after, "askexpert_expert_seconds_count") - metric(before, "askexpert_expert_seconds_count")
+    model = sample_sum(after, "askexpert_expert_seconds_sum") - sample_sum(before, "askexpert_expert_seconds_sum")
+    batches = sample_sum(after, "askexpert_expert_seconds_count") - sample_sum(before, "askexpert_expert_seconds_count")
     per = 1e3 / requests if requests else float("nan")
     return {
         "requests": int(requests),

@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from askexpert.deploy.bundle import load_bundle  # noqa: E402
+from askexpert.deploy.metrics import sample_sum  # noqa: E402
 
 HOST = "127.0.0.1"
 WARMUP_S = 1.0  # per level, not counted: connections open, the server's queues settle
@@ -100,21 +101,13 @@ def stop_server(server: subprocess.Popen) -> None:
         pass
 
 
-def metric(text: str, name: str, label: str = "") -> float:
-    """One Prometheus sample summed over its label sets (or those containing `label`)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " ")) and label in line
-    )
-
-
 def server_view(before: str, after: str) -> dict:
     """Mean batch size, model ms per batch and in-server ms per request between two /metrics pages."""
 
     def mean(name, label=""):
-        count = metric(after, f"{name}_count", label) - metric(before, f"{name}_count", label)
-        return (metric(after, f"{name}_sum", label) - metric(before, f"{name}_sum", label)) / count if count else 0.0
+        count = sample_sum(after, f"{name}_count", label) - sample_sum(before, f"{name}_count", label)
+        total = sample_sum(after, f"{name}_sum", label) - sample_sum(before, f"{name}_sum", label)
+        return total / count if count else 0.0
 
     return {
         "mean_batch": mean("askexpert_batch_size"),

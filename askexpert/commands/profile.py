@@ -31,6 +31,7 @@ import yaml
 
 from askexpert.callbacks import atomic_write_text
 from askexpert.collab.costs import load_profile, measured_key
+from askexpert.deploy.metrics import sample_sum
 from askexpert.errors import UserError, check_output_path
 
 ROLES = ("edge", "near_edge", "both")
@@ -147,19 +148,10 @@ def check_arguments(args) -> None:
 WARMUPS = 3  # requests before any timing: the connection is open and the server's first-call costs are paid
 
 
-def _metric(text: str, name: str, label: str = "") -> float:
-    """One Prometheus sample summed over its label sets, or over those containing `label` (e.g. 'path="/health"')."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " ")) and label in line
-    )
-
-
 def _server_mean_s(before: str, after: str, name: str, label: str = "") -> float:
     """The server's mean time per observation of a histogram between two /metrics pages (0 without any)."""
-    count = _metric(after, f"{name}_count", label) - _metric(before, f"{name}_count", label)
-    total = _metric(after, f"{name}_sum", label) - _metric(before, f"{name}_sum", label)
+    count = sample_sum(after, f"{name}_count", label) - sample_sum(before, f"{name}_count", label)
+    total = sample_sum(after, f"{name}_sum", label) - sample_sum(before, f"{name}_sum", label)
     return total / count if count > 0 else 0.0
 
 

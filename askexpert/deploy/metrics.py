@@ -39,6 +39,16 @@ def metrics() -> dict:
     }
 
 
+def sample_sum(text: str, name: str, label: str = "") -> float:
+    """One metric's samples in a `/metrics` page, summed over its label sets (or those containing `label`,
+    e.g. 'path="/predict"'). For the clients that read the server's own view (profile --link, benchmarks)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " ")) and label in line
+    )
+
+
 def exposition() -> bytes:
     """All processes' samples in Prometheus' text format."""
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
