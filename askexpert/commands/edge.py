@@ -34,25 +34,15 @@ import torch
 
 from askexpert.callbacks import atomic_write_text
 from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
+from askexpert.commands.route import COLUMNS as ROUTE_COLUMNS
 from askexpert.deploy.bundle import load_bundle
 from askexpert.deploy.client import ExpertClient, OffloadFailed
 from askexpert.errors import UserError
 
 TOKEN_ENV = "ASKEXPERT_TOKEN"
-COLUMNS = (
-    "image",
-    "prediction",
-    "prediction_id",
-    "confidence",
-    "offloaded",
-    "expert",
-    "fallback",
-    "latency_ms",
-    "generalist_prediction",
-    "generalist_probability",
-    "model_version",
-    "error",
-)
+# route's columns, with what a deployment adds: whether the answer is a fallback, the measured latency, the
+# server's model version and why an offload failed
+COLUMNS = (*ROUTE_COLUMNS[:6], "fallback", "latency_ms", *ROUTE_COLUMNS[6:], "model_version", "error")
 
 
 def parser():
