@@ -39,9 +39,8 @@ from askexpert.checkpoints import (
 from askexpert.errors import (
     UserError,
     check_output_path,
-    find_user_error,
+    one_line_for_user,
     one_line_parse_error,
-    os_error_message,
 )
 from askexpert.guard import NonFiniteGuard
 from askexpert.loggers import RunCSVLogger
@@ -110,7 +109,7 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "export": Command(
         "a finished run's generalist and experts as verified ONNX files + manifest", _lazy("askexpert.commands.export")
     ),
-    "serve": Command("serve an export's experts over HTTP (LitServe)", _lazy("askexpert.commands.serve")),
+    "serve": Command("serve an export's experts over HTTP", _lazy("askexpert.commands.serve")),
     "edge": Command(
         "the edge side: generalist here, unsure images offloaded to a server, to CSV", _lazy("askexpert.commands.edge")
     ),
@@ -578,14 +577,10 @@ def main() -> None:
     try:
         cli_main()
     except Exception as err:
-        # jsonargparse wraps what a class raised while being built; the user's problem is the UserError inside.
-        user_error = find_user_error(err)
-        # An OSError about a path (read-only folder, full disk, a file where a folder should be) is the user's
-        # to fix too; any other exception is a bug and keeps its traceback.
-        message = str(user_error) if user_error is not None else os_error_message(err)
-        if message is None and isinstance(err, MisconfigurationException):
-            message = str(err).strip().splitlines()[0]  # Lightning's word for a setting it refuses (`max_epochs -5`)
-        if message is None:
+        found = one_line_for_user(err)
+        if found is None and isinstance(err, MisconfigurationException):
+            found = (str(err).strip().splitlines()[0], 2)  # Lightning's word for a setting it refuses (`max_epochs -5`)
+        if found is None:
             raise
-        print(f"askexpert: error: {message}", file=sys.stderr)
-        sys.exit(getattr(user_error, "exit_status", 2))
+        print(f"askexpert: error: {found[0]}", file=sys.stderr)
+        sys.exit(found[1])

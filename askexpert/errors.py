@@ -76,6 +76,17 @@ def one_line_parse_error(message: str, prog: str, ex: BaseException | None, nest
     return UserError(f"{' '.join(lines[:2])} (see `{prog} --help`)")
 
 
+def one_line_for_user(err: BaseException) -> tuple[str, int] | None:
+    """(message, exit status) when an exception is the user's to fix, None when it is a bug (keep the traceback).
+
+    jsonargparse wraps what a class raised while being built: the user's problem is the UserError inside. An
+    OSError about a path (read-only folder, full disk, a file where a folder should be) is the user's to fix too.
+    """
+    user_error = find_user_error(err)
+    message = str(user_error) if user_error is not None else os_error_message(err)
+    return None if message is None else (message, getattr(user_error, "exit_status", 2))
+
+
 def os_error_message(err: BaseException) -> str | None:
     """One line for an OSError about a path (or a full disk), naming the path; None for anything else.
 

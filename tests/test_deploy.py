@@ -23,8 +23,12 @@ from test_cli import run_main
 
 from askexpert.callbacks import atomic_write_text
 from askexpert.cli import cli_main
+from askexpert.deploy.batcher import Batcher
 from askexpert.deploy.bundle import load_bundle
 from askexpert.deploy.expert_api import ExpertAPI
+from askexpert.deploy.expert_models import ExpertModels
+
+ENGINES = ("inline", "litserve")
 
 
 def free_port() -> int:
@@ -34,7 +38,7 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m askexpert serve` as a real process group (LitServe forks HTTP and model processes)."""
+    """`python -m askexpert serve` as a real process group (the LitServe engine forks HTTP and model processes)."""
 
     def __init__(self, export, cwd, *extra: str, port: int | None = None, env: dict | None = None):
         self.port = port or free_port()
@@ -107,13 +111,13 @@ def images(tiny_pipeline_run, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def served(tiny_export, tmp_path_factory):
-    """A server on a copy of the session's export (the reload test rewrites the copy's manifest)."""
-    folder = tmp_path_factory.mktemp("served")
+@pytest.fixture(scope="module", params=ENGINES)
+def served(request, tiny_export, tmp_path_factory):
+    """A server of each engine on a copy of the session's export (the reload test rewrites the copy's manifest)."""
+    folder = tmp_path_factory.mktemp(f"served_{request.param}")
     export = folder / "export"
     shutil.copytree(tiny_export[0], export)
-    server = Server(export, folder).wait_ready()
+    server = Server(export, folder, "--engine", request.param).wait_ready()
     yield server, export, folder
     server.kill()
 
@@ -281,7 +285,8 @@ def test_one_request_batches_and_lists_give_the_same_answers():
         version = "v1"
 
     api = ExpertAPI("unused", None, max_batch_size=1, batch_window_s=0.0)
-    api._current = (Bundle(), {"expert_0": Session(), "expert_1": Session()})
+    api.models = ExpertModels("unused")
+    api.models.current = (Bundle(), {"expert_0": Session(), "expert_1": Session()})
     images = [random_image(), random_image()[::-1].copy()]
     one = api.predict(("expert_1", images[1]))
     both = api.predict([("expert_0", images[0]), ("expert_1", images[1])])
@@ -304,12 +309,17 @@ def test_the_default_server_is_not_reachable_from_another_address(served):
     socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
 
 
-def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(tiny_export, images, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(
+    engine, tiny_export, images, tmp_path, capsys
+):
     token = {"Authorization": "Bearer s3cret"}
     # a long batch window keeps the requests in flight when SIGTERM arrives
     server = Server(
         tiny_export[0],
         tmp_path,
+        "--engine",
+        engine,
         "--batch_window_ms",
         "1500",
         "--max_batch_size",
@@ -349,7 +359,10 @@ def test_serve_and_edge_refuse_bad_options_in_one_line(tiny_export, tmp_path, ca
     export = str(tiny_export[0])
     cases = {
         ("serve", "--export", export, "--host", "0.0.0.0"): "give a token",
-        ("serve", "--export", export, "--host", "10.1.2.3", "--token", "x"): "binds 127.0.0.1, 0.0.0.0 or ::",
+        ("serve", "--export", export, "--host", "::1", "--engine", "litserve"): "binds 127.0.0.1, 0.0.0.0 or ::",
+        ("serve", "--export", export, "--host", "192.0.2.77", "--token", "x"): "cannot listen on 192.0.2.77",
+        ("serve", "--export", export, "--host", "my-laptop"): "must be an IP address",
+        ("serve", "--export", export, "--engine", "triton"): "--engine must be one of inline, litserve",
         ("serve", "--export", export, "--port", "80"): "between 1024 and 65535",
         ("serve", "--export", export, "--log_level", "loud"): "--log_level must be one of",
         ("serve", "--export", export, "--device", "gpu"): "--device must be cpu, cuda or auto",
@@ -374,3 +387,62 @@ def test_serve_and_edge_refuse_bad_options_in_one_line(tiny_export, tmp_path, ca
     (damaged / "manifest.json").write_text("{")
     code, _, err = run_main(["serve", "--export", str(damaged)], capsys)
     assert code == 2 and "damaged or not an askexpert manifest" in err
+
+
+def test_the_batcher_waits_its_window_closes_full_batches_and_skips_abandoned_requests():
+    seen: list[list[int]] = []
+
+    def run_batch(items):
+        seen.append(list(items))
+        if -1 in items:
+            raise ValueError("the model failed")
+        return [10 * i for i in items]
+
+    batcher = Batcher(run_batch, max_batch_size=3, window_s=0.3)
+    try:
+        start = time.monotonic()
+        assert batcher.submit(1).result(timeout=5) == 10
+        assert 0.3 <= time.monotonic() - start < 2  # one request waits the whole window for company
+        futures = [batcher.submit(i) for i in (2, 3, 4, 5)]
+        assert [f.result(timeout=5) for f in futures] == [20, 30, 40, 50]
+        assert seen[1:] == [[2, 3, 4], [5]]  # a full batch goes at once, the rest waits for its own window
+        abandoned = batcher.submit(6)
+        assert abandoned.cancel()  # its caller gave up (timeout) before the batch ran: never computed
+        assert batcher.submit(7).result(timeout=5) == 70 and seen[-1] == [7]
+        with pytest.raises(ValueError, match="the model failed"):
+            batcher.submit(-1).result(timeout=5)
+        assert batcher.submit(8).result(timeout=5) == 80  # the thread goes on after a failed batch
+        late = [batcher.submit(i) for i in (9, 10)]
+    finally:
+        batcher.close(timeout_s=5)
+    assert [f.result(timeout=0) for f in late] == [90, 100]  # closing answers what is queued
+    with pytest.raises(RuntimeError, match="shutting down"):
+        batcher.submit(11)
+
+
+def test_experts_of_one_batch_run_side_by_side_and_answer_in_order(monkeypatch):
+    class Session:
+        def __init__(self, offset):
+            self.offset = offset
+
+        def run(self, _, feeds):
+            time.sleep(0.2)  # a model call: the GIL is free meanwhile, as in ONNX Runtime
+            return [feeds["images"].reshape(len(feeds["images"]), -1)[:, :2].astype(np.float32) + self.offset]
+
+    class Bundle:
+        version = "v1"
+        expert_names = ["expert_0", "expert_1", "expert_2"]
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    models = ExpertModels("unused", threads=1)
+    models.current = (Bundle(), {name: Session(100 * k) for k, name in enumerate(Bundle.expert_names)})
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    models._pool = Pool(3)
+    items = [(f"expert_{k % 3}", np.full((3, 2, 2), k, dtype=np.uint8)) for k in range(6)]
+    start = time.monotonic()
+    outputs = models.predict(items)
+    assert time.monotonic() - start < 0.55  # three experts at once: about one model call, not three
+    assert [(e, float(logits[0])) for e, _, logits in outputs] == [
+        (f"expert_{k % 3}", 100 * (k % 3) + k) for k in range(6)
+    ]

@@ -1,24 +1,31 @@
-"""`python -m askexpert serve --export EXPORT`: the experts of an export behind LitServe, on the accelerator's host.
+"""`python -m askexpert serve --export EXPORT`: the experts of an export over HTTP, on the accelerator's host.
 
     python -m askexpert serve --export exports/demo --port 8000
 
-Endpoints: `POST /predict` (one routed endpoint for every expert; wire format in askexpert/deploy/expert_api.py
-and the README), `GET /health` (200 once every expert is loaded), `GET /metrics` (Prometheus), `GET /info`.
+Endpoints: `POST /predict` (one routed endpoint for every expert; wire format in askexpert/deploy/wire.py and
+the README), `GET /health` (200 once every expert is loaded), `GET /metrics` (Prometheus), `GET /info`.
 
-- Binds 127.0.0.1 unless `--host` says otherwise (LitServe's own default is 0.0.0.0). Any other host needs a
-  token (`--token` or the ASKEXPERT_TOKEN environment variable); with a token every endpoint wants
-  `Authorization: Bearer <token>`.
-- Dynamic batching: requests that arrive within `--batch_window_ms` of each other (up to `--max_batch_size`)
-  run as one batch; the edge waits on every reply, so the window is short.
+Two engines, the same endpoints, wire format, validation, metrics, reload and drain:
+- `inline` (default): uvicorn + Starlette in one process; the experts run in ONNX Runtime in that process,
+  batched by a thread (askexpert/deploy/batcher.py). Least latency per request.
+- `litserve`: Lightning's LitServe (pinned in pyproject), which answers HTTP in one process and runs the
+  models in another. Kept so the two can be compared with benchmarks/serve_load.py (docs/deploy.md).
+
+- Binds 127.0.0.1 unless `--host` says otherwise (LitServe's own default is 0.0.0.0). A host that is not a
+  loopback address needs a token (`--token` or the ASKEXPERT_TOKEN environment variable); with a token every
+  endpoint wants `Authorization: Bearer <token>`.
+- Dynamic batching: a batch closes when `--max_batch_size` requests are in it or its first request has waited
+  `--batch_window_ms`; the edge waits on every reply, so the window is short.
 - Replacing the export folder (e.g. `export --overwrite true` into it) loads the new models beside the old ones
   and switches between two batches: no request is dropped, every reply names the version that answered it.
-- SIGTERM (or Ctrl+C) drains: the HTTP process stops accepting, answers what it holds, then the models stop.
+- SIGTERM (or Ctrl+C) drains: the server stops accepting, answers what it holds, then exits 0.
 - Writes nothing into the working directory (LitServe's client.py is not generated; metrics live in a
   temporary folder removed at exit).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -31,8 +38,9 @@ from askexpert.errors import UserError
 
 TOKEN_ENV = "ASKEXPERT_TOKEN"
 LOOPBACK = "127.0.0.1"
+ENGINES = ("inline", "litserve")
 # LitServe binds only these; "localhost" is taken to mean the IPv4 loopback.
-HOSTS = (LOOPBACK, "0.0.0.0", "::")
+LITSERVE_HOSTS = (LOOPBACK, "0.0.0.0", "::")
 DRAIN_TIMEOUT_S = 30
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -40,15 +48,22 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 def parser():
     from askexpert.commands import command_parser
 
-    p = command_parser("serve", "Serve an export's experts over HTTP (LitServe).", with_data=False)
+    p = command_parser("serve", "Serve an export's experts over HTTP.", with_data=False)
     p.add_argument("--export", type=str, required=True, help="export folder (python -m askexpert export)")
-    p.add_argument("--host", type=str, default=LOOPBACK, help="address to bind: 127.0.0.1, 0.0.0.0 or ::")
+    p.add_argument("--host", type=str, default=LOOPBACK, help="IP address to bind (a non-loopback one needs a token)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (1024-65535)")
     p.add_argument("--token", type=str | None, default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    p.add_argument("--engine", type=str, default="inline", help="inline (one process) or litserve")
     p.add_argument("--max_batch_size", type=int, default=16, help="most requests in one model batch")
     p.add_argument("--batch_window_ms", type=float, default=2.0, help="how long a batch waits to fill")
-    p.add_argument("--timeout_s", type=float, default=30.0, help="a request queued longer gets 504")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads per model (0: its default)")
+    p.add_argument("--timeout_s", type=float, default=30.0, help="a request unanswered this long gets 504")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime threads per model; experts of a batch run side by side on the other cores "
+        "(0: ONNX Runtime's default, all cores, one expert at a time)",
+    )
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda or auto (CUDA when ONNX Runtime has it)")
     p.add_argument("--log_level", type=str, default="warning", help="uvicorn/LitServe log level")
     return p
@@ -56,11 +71,17 @@ def parser():
 
 def check_args(args) -> tuple[str, str | None]:
     """(host to bind, token); refuses what would serve the wrong thing or serve it openly."""
+    if args.engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
     host = LOOPBACK if args.host == "localhost" else args.host
-    if host not in HOSTS:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise UserError(f"--host must be an IP address (e.g. 127.0.0.1, 0.0.0.0, ::), got {args.host!r}") from None
+    if args.engine == "litserve" and host not in LITSERVE_HOSTS:
         raise UserError(f"--host {args.host}: LitServe binds 127.0.0.1, 0.0.0.0 or :: (all interfaces)")
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    if host != LOOPBACK and not token:
+    if not address.is_loopback and not token:
         raise UserError(f"--host {host} serves other machines: give a token with --token or ${TOKEN_ENV}")
     if not 1024 <= args.port <= 65535:
         raise UserError(f"--port must be between 1024 and 65535, got {args.port}")
@@ -68,7 +89,7 @@ def check_args(args) -> tuple[str, str | None]:
         raise UserError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     if args.max_batch_size < 1 or args.batch_window_ms < 0 or args.timeout_s <= 0 or args.threads < 0:
         raise UserError("--max_batch_size must be >= 1, --batch_window_ms >= 0, --timeout_s > 0, --threads >= 0")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -76,6 +97,91 @@ def check_args(args) -> tuple[str, str | None]:
         except OSError as err:
             raise UserError(f"cannot listen on {host}:{args.port}: {err.strerror or err}") from None
     return host, token
+
+
+def run(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    host, token = check_args(args)
+    from askexpert.deploy.bundle import load_bundle, providers
+    from askexpert.deploy.wire import set_contract
+
+    providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
+    bundle = load_bundle(args.export)
+    set_contract(bundle.contract())  # what /predict accepts (LitServe's forked HTTP process inherits it)
+    metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
+    try:
+        serve = _serve_inline if args.engine == "inline" else _serve_litserve
+        serve(args, host, token, bundle)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metadata(args, bundle) -> dict:
+    return {
+        "export": bundle.folder,
+        "model_version_at_start": bundle.version,  # every reply names the version that answered it
+        "experts": bundle.expert_names,
+        "stored_size": bundle.stored_size,  # so a client (e.g. `profile --link`) can build a valid request
+    }
+
+
+def _banner(args, host: str, bundle) -> None:
+    where = host if ":" not in host else f"[{host}]"
+    print(
+        f"askexpert serve ({args.engine}): {len(bundle.expert_names)} experts of {bundle.folder} "
+        f"(version {bundle.version}) on http://{where}:{args.port} — POST /predict, GET /health, GET /metrics",
+        flush=True,
+    )
+
+
+def _serve_inline(args, host: str, token: str | None, bundle) -> None:
+    import uvicorn
+
+    from askexpert.deploy.batcher import Batcher
+    from askexpert.deploy.expert_models import ExpertModels
+    from askexpert.deploy.inline_app import build_app
+    from askexpert.deploy.wire import max_request_bytes
+
+    models = ExpertModels(os.path.abspath(args.export), args.threads, args.device, bundle.contract()).start()
+    batcher = Batcher(models.predict, args.max_batch_size, args.batch_window_ms / 1000.0)
+    settings = {
+        "engine": "inline",
+        "max_batch_size": args.max_batch_size,
+        "batch_window_ms": args.batch_window_ms,
+        "timeout_s": args.timeout_s,
+    }
+    app = build_app(
+        batcher,
+        bundle.stored_size,
+        token,
+        max_request_bytes(bundle.stored_size),
+        args.timeout_s,
+        info=lambda: {"model": {**_metadata(args, bundle), "model_version": models.version}, "server": settings},
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+    )
+    server = uvicorn.Server(config)
+
+    def stop(signum, frame):
+        # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, finish what it holds) and raises the
+        # signal again once it has drained: then this handler, not the default that would exit non-zero.
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _banner(args, host, bundle)
+    server.run()
+    batcher.close(DRAIN_TIMEOUT_S)
+    if not server.started:
+        raise UserError(f"the server could not start on {host}:{args.port} (its error is in the log above)")
 
 
 def _draining_server_class():
@@ -114,32 +220,17 @@ def _draining_server_class():
     return DrainingServer
 
 
-def run(argv: list[str]) -> None:
-    args = parser().parse_args(argv)
-    host, token = check_args(args)
-    from askexpert.deploy.bundle import load_bundle, providers
-
-    providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
-    bundle = load_bundle(args.export)
-    for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
-        bundle.session(name, threads=1, device="cpu")  # (CPU: this process must not hold a GPU context)
-    metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
-    try:
-        _serve(args, host, token, bundle)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-def _serve(args, host: str, token: str | None, bundle) -> None:
+def _serve_litserve(args, host: str, token: str | None, bundle) -> None:
     from fastapi import Depends, Response
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
-    from askexpert.deploy.expert_api import ExpertAPI, max_request_bytes, set_contract
+    from askexpert.deploy.expert_api import ExpertAPI
     from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
+    from askexpert.deploy.wire import max_request_bytes, short_errors
 
-    set_contract(bundle.contract())
+    for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
+        bundle.session(name, threads=1, device="cpu")  # (CPU: this process must not hold a GPU context)
     api = ExpertAPI(
         os.path.abspath(args.export),
         token,
@@ -155,13 +246,7 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
         timeout=args.timeout_s,
         max_payload_size=max_request_bytes(bundle.stored_size),
         middlewares=[RequestMetricsMiddleware],
-        # the version at start: every reply names the version that answered it (a reload changes it)
-        model_metadata={
-            "export": bundle.folder,
-            "model_version_at_start": bundle.version,
-            "experts": bundle.expert_names,
-            "stored_size": bundle.stored_size,  # so a client (e.g. `profile --link`) can build a valid request
-        },
+        model_metadata=_metadata(args, bundle),
         disable_openapi_url=True,
     )
 
@@ -172,14 +257,9 @@ def _serve(args, host: str, token: str | None, bundle) -> None:
     @server.app.exception_handler(RequestValidationError)
     async def short_validation_error(request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own 422 echoes the whole input back: for an image that is the request again
-        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300]} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": errors})
+        return JSONResponse(status_code=422, content={"detail": short_errors(exc.errors())})
 
-    print(
-        f"askexpert serve: {len(bundle.expert_names)} experts of {bundle.folder} (version {bundle.version}) "
-        f"on http://{host if ':' not in host else f'[{host}]'}:{args.port} — POST /predict, GET /health, GET /metrics",
-        flush=True,
-    )
+    _banner(args, host, bundle)
     try:
         server.run(
             host=host,

@@ -1,0 +1,98 @@
+"""The inline engine's HTTP side: one Starlette app under uvicorn, in the process that holds the models.
+
+The request is read (bounded), validated against the export's contract, decoded, handed to the Batcher, and its
+reply written, all in one process: no hand-off between an HTTP process and a model process, which is where
+LitServe spends several milliseconds per request on a small CPU (docs/deploy.md has the comparison).
+
+Endpoints: `POST /predict` (askexpert/deploy/wire.py), `GET /health` (200: the models are loaded before the
+socket opens), `GET /metrics` (Prometheus), `GET /info` (the served export and the server's settings). With a
+token, every endpoint wants `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from askexpert.deploy.batcher import Batcher
+from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
+from askexpert.deploy.wire import ExpertRequest, reply, short_errors
+
+
+async def bounded_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it (or its declared length) is over `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(
+    batcher: Batcher,
+    stored_size: int,
+    token: str | None,
+    max_body_bytes: int,
+    timeout_s: float,
+    info: Callable[[], dict],
+) -> Starlette:
+    expected = f"Bearer {token}".encode() if token else None
+
+    def refused(request: Request) -> Response | None:
+        if expected is None or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return None
+        return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+
+    async def predict(request: Request) -> Response:
+        if denied := refused(request):
+            return denied
+        body = await bounded_body(request, max_body_bytes)
+        if body is None:
+            return JSONResponse({"detail": f"request larger than {max_body_bytes} bytes"}, status_code=413)
+        try:
+            parsed = ExpertRequest.model_validate_json(body)
+        except ValidationError as err:
+            return JSONResponse({"detail": short_errors(err.errors())}, status_code=422)
+        try:
+            pending = batcher.submit((parsed.expert, parsed.pixels(stored_size)))
+        except RuntimeError:  # shutting down: uvicorn has stopped accepting, so only a straggler sees this
+            return JSONResponse({"detail": "the server is shutting down"}, status_code=503)
+        try:
+            expert, version, logits = await asyncio.wait_for(asyncio.wrap_future(pending), timeout_s)
+        except TimeoutError:
+            return JSONResponse({"detail": f"no answer within {timeout_s:g} s"}, status_code=504)
+        except Exception:  # noqa: BLE001 (the model failed on this batch; counted in inference_errors)
+            return JSONResponse({"detail": "inference failed"}, status_code=500)
+        return JSONResponse(reply(expert, version, logits))
+
+    async def health(request: Request) -> Response:
+        return refused(request) or PlainTextResponse("ok")
+
+    async def metrics(request: Request) -> Response:
+        return refused(request) or Response(exposition(), media_type="text/plain; version=0.0.4")
+
+    async def server_info(request: Request) -> Response:
+        return refused(request) or JSONResponse(info())
+
+    app = Starlette(
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/info", server_info, methods=["GET"]),
+        ]
+    )
+    app.add_middleware(RequestMetricsMiddleware)
+    return app

@@ -1,0 +1,74 @@
+"""The expert server's wire format, shared by both engines (inline and LitServe) and checked before any batch.
+
+    request  POST /predict  {"expert": "expert_2", "image": "<base64 of the stored uint8 image, 3 x S x S, C order>"}
+    reply    {"expert": "expert_2", "model_version": "<12 hex>", "logits": [...], "prediction_id": 17}
+
+The image is what the edge device holds and what the cost model counts as sent (S x S x 3 bytes; base64 adds a
+third on the wire). The generalist's probabilities are not sent: the edge keeps them and fuses the expert's
+logits with them itself (`fuse`, exactly as `route`), so every fusion works without them on the wire.
+
+A request is validated against the served export's contract (its experts and image size) before it can join a
+batch: one undecodable request must never fail the others batched with it.
+"""
+
+# No `from __future__ import annotations`: LitServe hands ExpertAPI.decode_request's annotation to FastAPI.
+import base64
+import binascii
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
+
+# What clients may send: set by `serve` before any request is read (LitServe's forked HTTP process inherits it).
+_CONTRACT: dict = {}
+
+
+def set_contract(contract: dict) -> None:
+    _CONTRACT.clear()
+    _CONTRACT.update(contract)
+
+
+def image_bytes(stored_size: int) -> int:
+    return 3 * stored_size * stored_size
+
+
+def max_request_bytes(stored_size: int) -> int:
+    """The largest body a valid request can have: the base64 image plus room for the keys and an expert name."""
+    return 4 * -(-image_bytes(stored_size) // 3) + 1024
+
+
+class ExpertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    expert: str
+    image: str
+
+    @model_validator(mode="after")
+    def _fits_the_contract(self):
+        experts = _CONTRACT.get("experts", {})
+        if self.expert not in experts:
+            raise ValueError(f"unknown expert {self.expert!r}; this server has {', '.join(experts)}")
+        try:
+            raw = base64.b64decode(self.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("image is not base64") from None
+        size = _CONTRACT["stored_size"]
+        if len(raw) != image_bytes(size):
+            raise ValueError(f"image has {len(raw)} bytes; expected {image_bytes(size)} (uint8, 3 x {size} x {size})")
+        return self
+
+    def pixels(self, stored_size: int) -> np.ndarray:
+        return np.frombuffer(base64.b64decode(self.image), dtype=np.uint8).reshape(3, stored_size, stored_size)
+
+
+def short_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors without the input: for an image that would be the whole request sent back."""
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300]} for e in errors]
+
+
+def reply(expert: str, version: str, logits: np.ndarray) -> dict:
+    return {
+        "expert": expert,
+        "model_version": version,
+        "logits": [float(v) for v in logits],
+        "prediction_id": int(np.argmax(logits)),
+    }
