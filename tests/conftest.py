@@ -105,5 +105,5 @@ def tiny_export(tiny_pipeline_run, tmp_path_factory) -> tuple[Path, dict]:
 
     _, run = tiny_pipeline_run
     out = tmp_path_factory.mktemp("export") / "system"
-    manifest = cli_main(["export", "--run", str(run), "--out", str(out)])
+    manifest = cli_main(["export", "--run", str(run), "--out", str(out), "--int8", "true"])
     return out, manifest

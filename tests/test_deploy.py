@@ -446,3 +446,34 @@ def test_experts_of_one_batch_run_side_by_side_and_answer_in_order(monkeypatch):
     assert [(e, float(logits[0])) for e, _, logits in outputs] == [
         (f"expert_{k % 3}", 100 * (k % 3) + k) for k in range(6)
     ]
+
+
+def test_serve_and_edge_run_the_int8_copies_when_asked(tiny_export, images, tmp_path, capsys):
+    export = tiny_export[0]
+    server = Server(export, tmp_path, "--precision", "int8").wait_ready()
+    try:
+        info = httpx.get(f"{server.url}/info").json()
+        assert info["server"]["precision"] == "int8"
+        reply = httpx.post(f"{server.url}/predict", json=request("expert_1", random_image())).json()
+        int8 = load_bundle(str(export)).session("expert_1", 1, precision="int8")
+        expected = int8.run(None, {"images": random_image()[None]})[0][0]
+        assert np.allclose(reply["logits"], expected, atol=1e-5)  # the int8 file answered, not the fp32 one
+        edge = ["edge", "--export", str(export), "--server", server.url, "--images", str(images)]
+        summary = cli_main([*edge, "--out", str(tmp_path / "int8.csv"), "--precision", "int8"])
+        assert summary["fallbacks"] == 0 and summary["images"] == 200
+    finally:
+        server.kill()
+    stripped = tmp_path / "fp32_only"
+    shutil.copytree(export, stripped)
+    manifest = json.loads((stripped / "manifest.json").read_text())
+    for entry in manifest["models"].values():
+        del entry["int8"]
+    (stripped / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (
+        ["serve", "--export", str(stripped), "--precision", "int8"],
+        ["edge", "--export", str(stripped), "--server", "http://127.0.0.1:1", "--images", str(images), "--out", "x.csv"]
+        + ["--precision", "int8"],
+        ["serve", "--export", str(export), "--precision", "fp16"],
+    ):
+        code, _, err = run_main(argv, capsys)
+        assert code == 2 and ("no int8 models" in err or "--precision must be fp32 or int8" in err), (argv, err)

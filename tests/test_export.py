@@ -43,6 +43,27 @@ def test_every_model_is_exported_verified_and_described(exported) -> None:
     assert not list(out.parent.glob(".*partial*"))  # the staging folder is gone
 
 
+def test_int8_copies_are_measured_not_required_to_agree(exported) -> None:
+    run, out, manifest = exported
+    report = json.loads((run / "report.json").read_text())
+    test_size = report["data"]["test_size"]
+    for name, entry in manifest["models"].items():
+        int8 = entry["int8"]
+        assert int8["file"] == f"{name}.int8.onnx" and int8["sha256"] == sha256(str(out / int8["file"]))
+        assert (out / int8["file"]).stat().st_size < (out / entry["file"]).stat().st_size / 2  # int8 weights
+        v = int8["verification"]
+        assert v["images"] == test_size and 0 <= v["top1_agreement"] <= 1 and v["max_abs_logit_diff"] > 0
+        assert v["accuracy_change_points"] == pytest.approx(100 * (v["accuracy_int8"] - v["accuracy_fp32"]))
+        # the generalist is scored on every image, an expert on the images of its classes
+        assert (v["accuracy_images"] == test_size) == (name == "generalist")
+    generalist = manifest["models"]["generalist"]["int8"]["verification"]
+    assert generalist["accuracy_fp32"] == pytest.approx(report["generalist"]["test_acc"], abs=1e-4)
+    system = manifest["verification"]["int8"]
+    # with every fp32 ONNX model the system answers as the run's own evaluation did at its operating point
+    assert system["system_accuracy_fp32"] == pytest.approx(report["selected"]["acc"], abs=1e-4)
+    assert 0 <= system["routing_flips"] <= test_size and system["images"] == test_size
+
+
 def test_an_exported_model_takes_any_batch_of_stored_images_like_pytorch(exported) -> None:
     run, out, _ = exported
     onnx.checker.check_model(str(out / "generalist.onnx"))

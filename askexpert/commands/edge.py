@@ -61,6 +61,7 @@ def parser():
     p.add_argument("--breaker_cooldown_s", type=float, default=5.0, help="how long an open breaker refuses")
     p.add_argument("--threshold", type=float | None, default=None, help="override the export's threshold")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per generalist call")
+    p.add_argument("--precision", type=str, default="fp32", help="the generalist's: fp32, or int8 (export --int8 true)")
     return p
 
 
@@ -85,9 +86,9 @@ def check_args(args) -> None:
 class EdgeRouter:
     """The generalist, the gate and the router of `route`, one image at a time, with the server behind it."""
 
-    def __init__(self, bundle, client: ExpertClient, threshold: float, threads: int):
+    def __init__(self, bundle, client: ExpertClient, threshold: float, threads: int, precision: str = "fp32"):
         self.bundle, self.client, self.threshold = bundle, client, threshold
-        self.generalist = bundle.session("generalist", threads)
+        self.generalist = bundle.session("generalist", threads, precision=precision)
         op = bundle.operating_point
         self.temperature, self.gate, self.top_k, self.fusion = (
             op["temperature_value"],
@@ -166,6 +167,7 @@ def run(argv: list[str]) -> dict:
     args = parser().parse_args(argv)
     check_args(args)
     bundle = load_bundle(args.export)
+    bundle.model_entry("generalist", args.precision)  # an unknown precision, or no int8 file: one line, now
     threshold = bundle.operating_point["threshold"] if args.threshold is None else args.threshold
     paths = find_images(args.images)
     images, readable, skipped = read_images(paths, bundle.stored_size)
@@ -187,7 +189,7 @@ def run(argv: list[str]) -> dict:
     unreachable = client.check_server()
     if unreachable:
         print(f"askexpert edge: warning: {args.server} is not answering ({unreachable}); unsure images fall back")
-    router = EdgeRouter(bundle, client, threshold, args.threads)
+    router = EdgeRouter(bundle, client, threshold, args.threads, args.precision)
     arrays = images.numpy()
     try:
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:

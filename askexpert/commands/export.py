@@ -30,6 +30,7 @@ from askexpert.collab.evaluation import RunLayout, check_expert_classes, package
 from askexpert.collab.routing import NO_EXPERT, confidence, select_experts
 from askexpert.commands.route import operating_point
 from askexpert.errors import UserError
+from askexpert.export_int8 import model_figures, quantize, system_figures
 from askexpert.hashing import file_sha256 as sha256
 
 FORMAT_VERSION = 1
@@ -46,6 +47,7 @@ def parser():
     p.add_argument("--overwrite", type=bool, default=False, help="replace an existing export folder")
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit| difference ONNX vs PyTorch")
     p.add_argument("--batch_size", type=int, default=256, help="images per verification batch")
+    p.add_argument("--int8", type=bool, default=False, help="also write int8 copies (dynamic quantization), measured")
     return p
 
 
@@ -76,14 +78,18 @@ def batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def compare(model, path: str, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(PyTorch logits, ONNX Runtime logits, agreement figures) of one model on `images`."""
+def onnx_logits(path: str, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return batched(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), images, batch_size)
+
+
+def compare(model, path: str, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(PyTorch logits, ONNX Runtime logits, agreement figures) of one model on `images`."""
     with torch.no_grad():
         expected = batched(lambda x: model(x).float(), images, batch_size)
-    got = batched(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), images, batch_size)
+    got = onnx_logits(path, images, batch_size)
     same = (expected.argmax(-1) == got.argmax(-1)).float()
     figures = {
         "images": len(images),
@@ -125,7 +131,7 @@ def run(argv: list[str]) -> dict:
     routing, threshold = operating_point(args.run)
     partition = Partition.load(layout.partition)
     datamodule = ImageDataModule(**settings.data.as_dict())
-    images = datamodule.tensors("test")[0]
+    images, labels = datamodule.tensors("test")[:2]
     stored = int(images.shape[-1])
     family = settings.specialization
     models = {"generalist": layout.best(layout.stage_dir("generalist"))}
@@ -137,7 +143,8 @@ def run(argv: list[str]) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
-        manifest = _export_all(models, (partition, layout.partition), routing, threshold, images, stored, staging, args)
+        sources = (partition, layout.partition)
+        manifest = _export_all(models, sources, routing, threshold, (images, labels), stored, staging, args)
         manifest["class_names"] = list(datamodule.class_names)
         atomic_write_text(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
         if os.path.isdir(args.out):
@@ -149,9 +156,11 @@ def run(argv: list[str]) -> dict:
     return manifest
 
 
-def _export_all(models, partition_and_file, routing, threshold, images, stored, staging, args) -> dict:
+def _export_all(models, partition_and_file, routing, threshold, test_set, stored, staging, args) -> dict:
     partition, partition_file = partition_and_file
-    entries, logits = {}, {}
+    images, labels = test_set
+    coverage = partition.coverage()
+    entries, logits, int8_logits = {}, {}, {}
     for name, checkpoint in models.items():
         model = load_classifier(checkpoint)
         if name != "generalist":
@@ -182,8 +191,17 @@ def _export_all(models, partition_and_file, routing, threshold, images, stored, 
         }
         if name != "generalist":
             entries[name].update(subset=sorted(int(c) for c in h.subset), other_output=bool(h.get("other_output")))
+        if args.int8:
+            int8_path = os.path.join(staging, f"{name}.int8.onnx")
+            quantize(path, int8_path)
+            int8_logits[name] = onnx_logits(int8_path, images, args.batch_size)
+            inside = None if name == "generalist" else coverage[int(name.split("_")[1])][labels]
+            entries[name]["int8"] = {
+                "file": f"{name}.int8.onnx",
+                "sha256": sha256(int8_path),
+                "verification": model_figures(expected, got, int8_logits[name], labels, inside),
+            }
         del model
-    coverage = partition.coverage()
     torch_routes = routing_decisions(logits["generalist"][0], routing, threshold, coverage)
     onnx_routes = routing_decisions(logits["generalist"][1], routing, threshold, coverage)
     flips = int((torch_routes != onnx_routes).sum())
@@ -199,12 +217,18 @@ def _export_all(models, partition_and_file, routing, threshold, images, stored, 
             f"the ONNX generalist routes {flips} of {len(images)} test images differently from PyTorch "
             f"(needed {100 * MIN_AGREEMENT:.1f} % the same); nothing was written"
         )
+    verification = {"atol": args.atol, "min_agreement": MIN_AGREEMENT, "routing": gate}
+    if args.int8:
+        int8_routes = routing_decisions(int8_logits["generalist"], routing, threshold, coverage)
+        fp32 = {name: got for name, (_, got) in logits.items()}
+        routes = (torch_routes, onnx_routes, int8_routes)
+        verification["int8"] = system_figures(fp32, int8_logits, *routes, routing, labels)
     return {
         "format_version": FORMAT_VERSION,
         "operating_point": {"threshold": threshold, **routing},
         "partition": {"num_experts": partition.num_experts, "experts": [list(e) for e in partition.experts]},
         "models": entries,
-        "verification": {"atol": args.atol, "min_agreement": MIN_AGREEMENT, "routing": gate},
+        "verification": verification,
         "packages": {**package_versions(), **_onnx_versions()},
     }
 
@@ -227,4 +251,20 @@ def _print_summary(manifest: dict, out: str) -> None:
     print(
         f"routing: {gate['routing_flips']} of {gate['images']} test images routed differently "
         f"({gate['offloaded_onnx']} offloaded with ONNX, {gate['offloaded_torch']} with PyTorch) -> {out}"
+    )
+    if "int8" not in manifest["verification"]:
+        return
+    for name, entry in manifest["models"].items():
+        v = entry["int8"]["verification"]
+        print(
+            f"{name} int8: same top-1 as PyTorch on {100 * v['top1_agreement']:.2f} %, max |logit diff| "
+            f"{v['max_abs_logit_diff']:.1e}, accuracy {100 * v['accuracy_fp32']:.2f} -> "
+            f"{100 * v['accuracy_int8']:.2f} % on {v['accuracy_images']} images "
+            f"({v['accuracy_change_points']:+.2f} points)"
+        )
+    v = manifest["verification"]["int8"]
+    print(
+        f"int8 system: {v['routing_flips']} of {v['images']} test images routed differently from PyTorch; "
+        f"accuracy {100 * v['system_accuracy_fp32']:.2f} -> {100 * v['system_accuracy_int8']:.2f} % "
+        f"({v['system_accuracy_change_points']:+.2f} points)"
     )

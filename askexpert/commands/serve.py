@@ -65,6 +65,7 @@ def parser():
         "(0: ONNX Runtime's default, all cores, one expert at a time)",
     )
     p.add_argument("--device", type=str, default="auto", help="cpu, cuda or auto (CUDA when ONNX Runtime has it)")
+    p.add_argument("--precision", type=str, default="fp32", help="fp32, or int8 (an export made with --int8 true)")
     p.add_argument("--log_level", type=str, default="warning", help="uvicorn/LitServe log level")
     return p
 
@@ -107,6 +108,8 @@ def run(argv: list[str]) -> None:
 
     providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
     bundle = load_bundle(args.export)
+    for name in bundle.expert_names:
+        bundle.model_entry(name, args.precision)  # an unknown precision, or int8 files the export lacks: one line
     set_contract(bundle.contract())  # what /predict accepts (LitServe's forked HTTP process inherits it)
     metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
@@ -143,13 +146,16 @@ def _serve_inline(args, host: str, token: str | None, bundle) -> None:
     from askexpert.deploy.inline_app import build_app
     from askexpert.deploy.wire import max_request_bytes
 
-    models = ExpertModels(os.path.abspath(args.export), args.threads, args.device, bundle.contract()).start()
+    models = ExpertModels(
+        os.path.abspath(args.export), args.threads, args.device, bundle.contract(), precision=args.precision
+    ).start()
     batcher = Batcher(models.predict, args.max_batch_size, args.batch_window_ms / 1000.0)
     settings = {
         "engine": "inline",
         "max_batch_size": args.max_batch_size,
         "batch_window_ms": args.batch_window_ms,
         "timeout_s": args.timeout_s,
+        "precision": args.precision,
     }
     app = build_app(
         batcher,
@@ -230,7 +236,7 @@ def _serve_litserve(args, host: str, token: str | None, bundle) -> None:
     from askexpert.deploy.wire import max_request_bytes, short_errors
 
     for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
-        bundle.session(name, threads=1, device="cpu")  # (CPU: this process must not hold a GPU context)
+        bundle.session(name, 1, "cpu", args.precision)  # (CPU: this process must not hold a GPU context)
     api = ExpertAPI(
         os.path.abspath(args.export),
         token,
@@ -239,6 +245,7 @@ def _serve_litserve(args, host: str, token: str | None, bundle) -> None:
         threads=args.threads,
         device=args.device,
         contract=bundle.contract(),
+        precision=args.precision,
     )
     server = _draining_server_class()(
         api,

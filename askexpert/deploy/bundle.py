@@ -52,22 +52,30 @@ class ExportBundle:
             "partition": [list(map(int, e)) for e in self.manifest["partition"]["experts"]],
         }
 
-    def model_path(self, name: str) -> str:
-        return os.path.join(self.folder, self.manifest["models"][name]["file"])
+    def model_entry(self, name: str, precision: str = "fp32") -> dict:
+        """The manifest's entry (file, sha256, ...) for one model at `precision` ("fp32" or "int8")."""
+        check_precision(precision)
+        entry = self.manifest["models"][name]
+        if precision == "int8":
+            if "int8" not in entry:
+                raise UserError(f"{self.folder} has no int8 models; export the run with --int8 true")
+            entry = entry["int8"]
+        return entry
 
-    def session(self, name: str, threads: int = 0, device: str = "cpu"):
+    def session(self, name: str, threads: int = 0, device: str = "cpu", precision: str = "fp32"):
         """An ONNX Runtime session for one model, after checking the file's hash against the manifest.
 
         `device`: "cpu", "cuda" (ONNX Runtime's CUDA provider: needs the onnxruntime-gpu package) or "auto"
-        (CUDA when this ONNX Runtime has it)."""
+        (CUDA when this ONNX Runtime has it). `precision`: "fp32", or "int8" for an export made with --int8."""
         import onnxruntime as ort
 
-        path = self.model_path(name)
+        entry = self.model_entry(name, precision)
+        path = os.path.join(self.folder, entry["file"])
         if not os.path.isfile(path):
             raise UserError(f"{self.folder} lacks {os.path.basename(path)}; export the run again")
         with open(path, "rb") as f:
             data = f.read()  # hashed and loaded from the same bytes: a folder swapped meanwhile cannot slip in
-        if hashlib.sha256(data).hexdigest() != self.manifest["models"][name]["sha256"]:
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise UserError(f"{path} does not match the SHA-256 in its manifest (damaged or replaced); export again")
         options = ort.SessionOptions()
         if threads:
@@ -78,6 +86,14 @@ class ExportBundle:
         if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise UserError(f"--device cuda: ONNX Runtime could not put {name} on the GPU")
         return session
+
+
+PRECISIONS = ("fp32", "int8")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be fp32 or int8, got {precision!r}")
 
 
 def providers(device: str) -> list[str]:
@@ -122,6 +138,8 @@ def load_bundle(folder: str) -> ExportBundle:
         for entry in models.values():
             int(entry["input"]["shape"][-1]), int(entry["output"]["shape"][-1]), str(entry["file"])
             str(entry["sha256"])
+            if "int8" in entry:
+                str(entry["int8"]["file"]), str(entry["int8"]["sha256"])
         op = manifest["operating_point"]
         float(op["threshold"]), float(op["temperature_value"]), str(op["gate"]), int(op["top_k"]), str(op["fusion"])
         [list(map(int, e)) for e in manifest["partition"]["experts"]]

@@ -28,6 +28,7 @@ class ExpertAPI(ls.LitAPI):
         threads: int = 1,
         device: str = "cpu",
         contract: dict | None = None,
+        precision: str = "fp32",
     ):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_window_s, api_path="/predict")
         self.export_dir = export_dir
@@ -35,6 +36,7 @@ class ExpertAPI(ls.LitAPI):
         self.threads = threads
         self.model_device = device  # LitServe's own `device` attribute names its worker slot, not ours
         self.contract = contract
+        self.precision = precision
         self.models: ExpertModels | None = None
 
     # ---- worker side -------------------------------------------------------------------------------------
@@ -42,7 +44,9 @@ class ExpertAPI(ls.LitAPI):
         # Ctrl+C reaches every process of the terminal's group: the worker keeps answering while the main
         # process drains the HTTP side, then LitServe stops it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.models = ExpertModels(self.export_dir, self.threads, self.model_device, self.contract).start()
+        self.models = ExpertModels(
+            self.export_dir, self.threads, self.model_device, self.contract, precision=self.precision
+        ).start()
 
     def decode_request(self, request: ExpertRequest):
         return request.expert, request.pixels(self.models.current[0].stored_size)

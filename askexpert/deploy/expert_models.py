@@ -52,10 +52,12 @@ class ExpertModels:
         device: str = "cpu",
         contract: dict | None = None,
         reload_poll_s: float = 0.5,
+        precision: str = "fp32",
     ):
         self.export_dir = export_dir
         self.threads = threads
         self.device = device
+        self.precision = precision  # "int8": the export's int8 copies (export --int8 true)
         self.contract = contract  # what the HTTP side validates against (the export `serve` checked)
         self.reload_poll_s = reload_poll_s
         self.current = None  # (bundle, {expert: session}), replaced whole on reload
@@ -77,7 +79,9 @@ class ExpertModels:
         return self.current[0].version
 
     def _load(self, bundle):
-        sessions = {name: bundle.session(name, self.threads, self.device) for name in bundle.expert_names}
+        sessions = {
+            name: bundle.session(name, self.threads, self.device, self.precision) for name in bundle.expert_names
+        }
         metrics()["model_loads"].labels(bundle.version).inc()
         return bundle, sessions
 

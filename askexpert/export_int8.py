@@ -1,0 +1,79 @@
+"""Optional int8 copies of an export's models (`export --int8 true`), and what they cost in agreement and accuracy.
+
+ONNX Runtime's dynamic quantization (`quantize_dynamic`): the weights of MatMul/Gemm become int8, activations
+are quantized on the fly. It needs no calibration data, suits transformers on CPU, and makes the files about a
+quarter of the size. Unlike the fp32 files, an int8 file has no agreement requirement (the issue says so): its
+figures are recorded in the manifest and printed, for a user to decide, and `serve`/`edge --precision int8`
+load it.
+
+Figures, each against the run's test images:
+- per model: the share with the same top-1 as PyTorch, the largest logit difference, and accuracy fp32 (ONNX)
+  vs int8 (the generalist on every image; an expert on the images of its classes);
+- for the system: routing decisions that differ from PyTorch's, and the system's accuracy (gate, top-k router
+  and fusion at the export's operating point, as `route` answers) with every model fp32 vs every model int8.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from askexpert.collab.routing import NO_EXPERT, fuse
+
+
+def quantize(fp32_path: str, int8_path: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the model first is logged on the root logger
+    try:
+        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    if not len(labels):
+        return float("nan")
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+def model_figures(torch_logits, fp32_logits, int8_logits, labels, inside=None) -> dict:
+    """Agreement of the int8 file with PyTorch, and accuracy fp32 -> int8 (on `inside` images when given)."""
+    same = (torch_logits.argmax(-1) == int8_logits.argmax(-1)).float()
+    rows = torch.ones(len(labels), dtype=torch.bool) if inside is None else inside
+    fp32_acc, int8_acc = accuracy(fp32_logits[rows], labels[rows]), accuracy(int8_logits[rows], labels[rows])
+    return {
+        "images": len(labels),
+        "top1_agreement": float(same.mean()) if len(labels) else 1.0,
+        "max_abs_logit_diff": float((torch_logits - int8_logits).abs().max()) if len(labels) else 0.0,
+        "accuracy_images": int(rows.sum()),
+        "accuracy_fp32": fp32_acc,
+        "accuracy_int8": int8_acc,
+        "accuracy_change_points": 100 * (int8_acc - fp32_acc),
+    }
+
+
+def system_answers(logits: dict[str, torch.Tensor], routes: torch.Tensor, routing: dict) -> torch.Tensor:
+    """The system's answer per image: the generalist's, or the fusion with the expert it was routed to."""
+    probs = (logits["generalist"].double() / routing["temperature_value"]).softmax(-1)
+    answer = probs.argmax(-1)
+    for e in routes[routes != NO_EXPERT].unique().tolist():
+        rows = torch.nonzero(routes == e).flatten()
+        answer[rows] = fuse(probs[rows], logits[f"expert_{e}"][rows], routing["fusion"])
+    return answer
+
+
+def system_figures(fp32: dict, int8: dict, torch_routes, fp32_routes, int8_routes, routing, labels) -> dict:
+    fp32_acc = float((system_answers(fp32, fp32_routes, routing) == labels).double().mean())
+    int8_acc = float((system_answers(int8, int8_routes, routing) == labels).double().mean())
+    return {
+        "images": len(labels),
+        "routing_flips": int((torch_routes != int8_routes).sum()),
+        "offloaded_int8": int((int8_routes != NO_EXPERT).sum()),
+        "system_accuracy_fp32": fp32_acc,
+        "system_accuracy_int8": int8_acc,
+        "system_accuracy_change_points": 100 * (int8_acc - fp32_acc),
+    }
