@@ -73,7 +73,7 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
 def start_server(args, log) -> subprocess.Popen:
     command = [sys.executable, "-m", "askexpert", "serve", "--export", args.export, "--port", str(args.port)]
     command += ["--batch_window_ms", str(args.batch_window_ms), "--max_batch_size", str(args.max_batch_size)]
-    command += ["--threads", str(args.threads), "--engine", args.engine]
+    command += ["--threads", str(args.threads), "--engine", args.engine, "--precision", args.precision]
     # its own session: the server's LitServe workers are stopped with it, by process group
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -199,7 +199,10 @@ def median_levels(rounds: list[dict]) -> list[dict]:
 def report(args, rounds: list[dict]) -> dict:
     window, most = args.batch_window_ms, args.max_batch_size
     levels = median_levels(rounds)
-    print(f"\nexpert server load ({args.engine}): {args.export}, batch window {window:g} ms, max batch {most}")
+    print(
+        f"\nexpert server load ({args.engine}, {args.precision}): {args.export}, batch window {window:g} ms, "
+        f"max batch {most}"
+    )
     print(
         f"{os.cpu_count()} CPU cores shared by the server and the clients; {args.seconds:g} s per level, "
         f"medians of {len(rounds)} rounds\n"
@@ -258,13 +261,14 @@ def main() -> None:
     p.add_argument("--max_batch_size", type=int, default=16, help="the server's --max_batch_size")
     p.add_argument("--engine", default="inline", choices=["inline", "litserve"], help="the server's --engine")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per model (server and bare timing)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"], help="the server's --precision")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args()
     if not 1024 <= args.port <= 65535 or args.seconds <= 0 or min(args.levels) < 1 or args.rounds < 1:
         p.error("--port must be 1024-65535, --seconds positive, --rounds and every level at least 1")
     args.levels = sorted(set(args.levels))
     bundle = load_bundle(args.export)
-    sessions = [bundle.session(name, args.threads) for name in bundle.expert_names]
+    sessions = [bundle.session(name, args.threads, precision=args.precision) for name in bundle.expert_names]
     bodies = request_bodies(bundle)
     with tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log") as log:
         server = start_server(args, log)
