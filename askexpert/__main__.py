@@ -1,3 +1,5 @@
+"""`python -m askexpert` and the installed `askexpert` command."""
+
 import sys
 
 # Commands that need none of the training stack: run without importing it (torch and Lightning take seconds),
@@ -12,6 +14,9 @@ def run_torch_free(module: str, argv: list[str]) -> None:
 
     try:
         importlib.import_module(module).run(argv)
+    except KeyboardInterrupt:  # Ctrl+C while the models load: nothing is served yet
+        print("askexpert: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         found = one_line_for_user(err)
         if found is None:
@@ -20,12 +25,16 @@ def run_torch_free(module: str, argv: list[str]) -> None:
         sys.exit(found[1])
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in TORCH_FREE_COMMANDS:
         run_torch_free(TORCH_FREE_COMMANDS[sys.argv[1]], sys.argv[2:])
-    else:
-        # Imported here, not at module level: LitServe starts its workers with multiprocessing's "spawn", which
-        # re-imports this module in every worker, and they need none of the CLI's training stack.
-        from askexpert.cli import main
+        return
+    # Imported here, not at module level: LitServe starts its workers with multiprocessing's "spawn", which
+    # re-imports this module in every worker, and they need none of the CLI's training stack.
+    from askexpert.cli import main as cli_main
 
-        main()
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -48,7 +48,8 @@ class Server:
         self.process = subprocess.Popen(
             [*command, *extra],
             cwd=cwd,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            # TMPDIR: the server's metrics folder lands in the test's folder (a killed server cannot remove it)
+            env={**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(cwd), **(env or {})},
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -329,6 +330,7 @@ def test_sigterm_drains_in_flight_requests_and_a_token_guards_every_endpoint(
     try:
         server.wait_ready(headers=token)
         assert httpx.get(f"{server.url}/health").status_code == 401
+        assert httpx.get(f"{server.url}/health", headers={"Authorization": "bearer s3cret"}).status_code == 200
         assert httpx.post(f"{server.url}/predict", json=request("expert_0", random_image())).status_code == 401
         edge = ["edge", "--export", str(tiny_export[0]), "--server", server.url, "--images", str(images)]
         code, _, err = run_main([*edge, "--out", str(tmp_path / "no_token.csv")], capsys)
@@ -363,6 +365,9 @@ def test_serve_and_edge_refuse_bad_options_in_one_line(tiny_export, tmp_path, ca
         ("serve", "--export", export, "--host", "192.0.2.77", "--token", "x"): "cannot listen on 192.0.2.77",
         ("serve", "--export", export, "--host", "my-laptop"): "must be an IP address",
         ("serve", "--export", export, "--engine", "triton"): "--engine must be one of inline, litserve",
+        ("serve", "--export", export, "--batch_window_ms", "1e13"): "--batch_window_ms must be at most 10000",
+        ("serve", "--export", export, "--batch_window_ms", "3000", "--timeout_s", "2"): "shorter than --timeout_s",
+        ("serve", "--export", export, "--token", "pässwort"): "printable ASCII",
         ("serve", "--export", export, "--port", "80"): "between 1024 and 65535",
         ("serve", "--export", export, "--log_level", "loud"): "--log_level must be one of",
         ("serve", "--export", export, "--device", "gpu"): "--device must be cpu, cuda or auto",
@@ -416,6 +421,7 @@ def test_the_batcher_waits_its_window_closes_full_batches_and_skips_abandoned_re
     finally:
         batcher.close(timeout_s=5)
     assert [f.result(timeout=0) for f in late] == [90, 100]  # closing answers what is queued
+    assert not batcher.alive
     with pytest.raises(RuntimeError, match="shutting down"):
         batcher.submit(11)
 
@@ -433,6 +439,7 @@ def test_experts_of_one_batch_run_side_by_side_and_answer_in_order(monkeypatch):
         version = "v1"
         expert_names = ["expert_0", "expert_1", "expert_2"]
 
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     models = ExpertModels("unused", threads=1)
     models.current = (Bundle(), {name: Session(100 * k) for k, name in enumerate(Bundle.expert_names)})
@@ -477,3 +484,24 @@ def test_serve_and_edge_run_the_int8_copies_when_asked(tiny_export, images, tmp_
     ):
         code, _, err = run_main(argv, capsys)
         assert code == 2 and ("no int8 models" in err or "--precision must be fp32 or int8" in err), (argv, err)
+
+
+def test_a_stalled_upload_gets_408_and_does_not_hold_the_drain(tiny_export, tmp_path):
+    server = Server(tiny_export[0], tmp_path, "--timeout_s", "1", "--batch_window_ms", "0").wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
+            head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            stalled.sendall(head.encode() + b"{}")  # 2 of the 100 bytes promised, then nothing
+            start = time.monotonic()
+            answer = stalled.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5, answer
+        reply = httpx.post(f"{server.url}/predict", json=request("expert_0", random_image()))
+        assert reply.status_code == 200
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as another:
+            another.sendall(head.encode())
+            time.sleep(0.2)
+            start = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=20) == 0 and time.monotonic() - start < 5
+    finally:
+        server.kill()

@@ -37,6 +37,7 @@ from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fus
 from askexpert.commands.route import COLUMNS as ROUTE_COLUMNS
 from askexpert.deploy.bundle import load_bundle
 from askexpert.deploy.client import ExpertClient, OffloadFailed
+from askexpert.deploy.wire import check_token
 from askexpert.errors import UserError
 
 TOKEN_ENV = "ASKEXPERT_TOKEN"
@@ -174,6 +175,7 @@ def run(argv: list[str]) -> dict:
     if not readable:
         raise UserError(f"no readable image in {args.images} (looked for {', '.join(EXTENSIONS)})")
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    check_token(token)
     client = ExpertClient(
         args.server,
         bundle.expert_names,

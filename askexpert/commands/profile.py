@@ -310,8 +310,10 @@ def run(argv: list[str]) -> dict:
     with open(args.base_profile, encoding="utf-8") as f:
         profile = yaml.safe_load(f)
     from askexpert.commands.serve import TOKEN_ENV
+    from askexpert.deploy.wire import check_token
 
     token = args.link_token or os.environ.get(TOKEN_ENV) or None  # the same default as the server's
+    check_token(token)
     # the link first: an unreachable server stops the command before minutes of model timing
     link = measure_link(args.link, token, args.link_requests) if args.link else None
     done = [time_models(args, profile)] if args.run or args.models else []

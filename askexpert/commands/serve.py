@@ -5,7 +5,7 @@
 Endpoints: `POST /predict` (one routed endpoint for every expert; wire format in askexpert/deploy/wire.py and
 the README), `GET /health` (200 once every expert is loaded), `GET /metrics` (Prometheus), `GET /info`.
 
-Two engines, the same endpoints, wire format, validation, metrics, reload and drain:
+Two engines, the same endpoints, wire format, request schema, metrics, reload and drain:
 - `inline` (default): uvicorn + Starlette in one process; the experts run in ONNX Runtime in that process,
   batched by a thread (askexpert/deploy/batcher.py). Least latency per request.
 - `litserve`: Lightning's LitServe (pinned in pyproject), which answers HTTP in one process and runs the
@@ -70,8 +70,13 @@ def parser():
     return p
 
 
+MAX_WINDOW_MS = 10_000
+
+
 def check_args(args) -> tuple[str, str | None]:
     """(host to bind, token); refuses what would serve the wrong thing or serve it openly."""
+    from askexpert.deploy.wire import check_token
+
     if args.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
     host = LOOPBACK if args.host == "localhost" else args.host
@@ -82,6 +87,7 @@ def check_args(args) -> tuple[str, str | None]:
     if args.engine == "litserve" and host not in LITSERVE_HOSTS:
         raise UserError(f"--host {args.host}: LitServe binds 127.0.0.1, 0.0.0.0 or :: (all interfaces)")
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    check_token(token)
     if not address.is_loopback and not token:
         raise UserError(f"--host {host} serves other machines: give a token with --token or ${TOKEN_ENV}")
     if not 1024 <= args.port <= 65535:
@@ -90,14 +96,30 @@ def check_args(args) -> tuple[str, str | None]:
         raise UserError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     if args.max_batch_size < 1 or args.batch_window_ms < 0 or args.timeout_s <= 0 or args.threads < 0:
         raise UserError("--max_batch_size must be >= 1, --batch_window_ms >= 0, --timeout_s > 0, --threads >= 0")
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, args.port))
-        except OSError as err:
-            raise UserError(f"cannot listen on {host}:{args.port}: {err.strerror or err}") from None
+    if args.batch_window_ms > MAX_WINDOW_MS or args.batch_window_ms >= 1000 * args.timeout_s:
+        raise UserError(
+            f"--batch_window_ms must be at most {MAX_WINDOW_MS} and shorter than --timeout_s "
+            f"(a batch would wait longer than its requests may), got {args.batch_window_ms:g}"
+        )
+    listening_socket(host, args.port).close()  # a port in use is one line now, not after the models load
     return host, token
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def _stop_while_starting(signum, frame):
+    # SIGTERM before the server runs: nothing is in flight, so stop cleanly (the metrics folder is removed)
+    raise SystemExit(0)
 
 
 def run(argv: list[str]) -> None:
@@ -106,6 +128,7 @@ def run(argv: list[str]) -> None:
     from askexpert.deploy.bundle import load_bundle, providers
     from askexpert.deploy.wire import set_contract
 
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
     bundle = load_bundle(args.export)
     for name in bundle.expert_names:
@@ -146,6 +169,7 @@ def _serve_inline(args, host: str, token: str | None, bundle) -> None:
     from askexpert.deploy.inline_app import build_app
     from askexpert.deploy.wire import max_request_bytes
 
+    sock = listening_socket(host, args.port)  # held from here on: no other process can take the port meanwhile
     models = ExpertModels(
         os.path.abspath(args.export), args.threads, args.device, bundle.contract(), precision=args.precision
     ).start()
@@ -184,10 +208,11 @@ def _serve_inline(args, host: str, token: str | None, bundle) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _banner(args, host, bundle)
-    server.run()
-    batcher.close(DRAIN_TIMEOUT_S)
-    if not server.started:
-        raise UserError(f"the server could not start on {host}:{args.port} (its error is in the log above)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        batcher.close(DRAIN_TIMEOUT_S)
+        sock.close()
 
 
 def _draining_server_class():
@@ -280,3 +305,5 @@ def _serve_litserve(args, host: str, token: str | None, bundle) -> None:
         if "workers failed to start" not in str(err):
             raise
         raise UserError("the expert worker failed to start (its error is in the log above)") from None
+    except OSError as err:  # the port taken between the check and LitServe's own bind
+        raise UserError(f"cannot listen on {host}:{args.port}: {err.strerror or err}") from None

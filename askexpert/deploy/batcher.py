@@ -40,6 +40,10 @@ class Batcher:
             self._ready.notify()
         return future
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self, timeout_s: float | None = None) -> None:
         with self._ready:
             self._closing = True

@@ -8,14 +8,13 @@ torch-free, reloaded when the export changes).
 """
 
 # No `from __future__ import annotations`: LitServe hands `decode_request`'s annotation to FastAPI as the body type.
-import hmac
 import signal
 
 import litserve as ls
 from fastapi import HTTPException, Request
 
 from askexpert.deploy.expert_models import ExpertModels
-from askexpert.deploy.wire import ExpertRequest, reply
+from askexpert.deploy.wire import ExpertRequest, reply, token_matches
 
 
 class ExpertAPI(ls.LitAPI):
@@ -68,8 +67,5 @@ class ExpertAPI(ls.LitAPI):
     # ---- HTTP side -------------------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
         """With a token, every endpoint wants `Authorization: Bearer <token>`."""
-        if not self.token:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        if self.token and not token_matches(request.headers.get("authorization", ""), self.token):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token")

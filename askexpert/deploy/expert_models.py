@@ -41,7 +41,8 @@ def side_by_side(threads: int, experts: int) -> int:
     """How many experts run at once: the cores over each model's threads (0 = ONNX Runtime's default, all cores)."""
     if threads == 0:
         return 1
-    return max(1, min(experts, (os.cpu_count() or 1) // threads))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(experts, cores // threads))
 
 
 class ExpertModels:

@@ -12,7 +12,6 @@ token, every endpoint wants `Authorization: Bearer <token>`.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Callable
 
 from pydantic import ValidationError
@@ -23,7 +22,7 @@ from starlette.routing import Route
 
 from askexpert.deploy.batcher import Batcher
 from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
-from askexpert.deploy.wire import ExpertRequest, reply, short_errors
+from askexpert.deploy.wire import ExpertRequest, reply, short_errors, token_matches
 
 
 async def bounded_body(request: Request, limit: int) -> bytes | None:
@@ -48,23 +47,31 @@ def build_app(
     timeout_s: float,
     info: Callable[[], dict],
 ) -> Starlette:
-    expected = f"Bearer {token}".encode() if token else None
-
     def refused(request: Request) -> Response | None:
-        if expected is None or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        if not token or token_matches(request.headers.get("authorization", ""), token):
             return None
         return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+
+    def stopped() -> Response:
+        # never expected; if it happens, say so at once rather than answer every request 504 after timeout_s
+        return JSONResponse({"detail": "the batching thread stopped; restart the server"}, status_code=503)
 
     async def predict(request: Request) -> Response:
         if denied := refused(request):
             return denied
-        body = await bounded_body(request, max_body_bytes)
+        try:
+            async with asyncio.timeout(timeout_s):  # a stalled upload must not hold a handler (or the drain)
+                body = await bounded_body(request, max_body_bytes)
+        except TimeoutError:
+            return JSONResponse({"detail": f"the request was not received within {timeout_s:g} s"}, status_code=408)
         if body is None:
             return JSONResponse({"detail": f"request larger than {max_body_bytes} bytes"}, status_code=413)
         try:
             parsed = ExpertRequest.model_validate_json(body)
         except ValidationError as err:
             return JSONResponse({"detail": short_errors(err.errors())}, status_code=422)
+        if not batcher.alive:
+            return stopped()
         try:
             pending = batcher.submit((parsed.expert, parsed.pixels(stored_size)))
         except RuntimeError:  # shutting down: uvicorn has stopped accepting, so only a straggler sees this
@@ -78,7 +85,7 @@ def build_app(
         return JSONResponse(reply(expert, version, logits))
 
     async def health(request: Request) -> Response:
-        return refused(request) or PlainTextResponse("ok")
+        return refused(request) or (PlainTextResponse("ok") if batcher.alive else stopped())
 
     async def metrics(request: Request) -> Response:
         return refused(request) or Response(exposition(), media_type="text/plain; version=0.0.4")

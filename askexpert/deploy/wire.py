@@ -14,9 +14,12 @@ batch: one undecodable request must never fail the others batched with it.
 # No `from __future__ import annotations`: LitServe hands ExpertAPI.decode_request's annotation to FastAPI.
 import base64
 import binascii
+import hmac
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from askexpert.errors import UserError
 
 # What clients may send: set by `serve` before any request is read (LitServe's forked HTTP process inherits it).
 _CONTRACT: dict = {}
@@ -25,6 +28,19 @@ _CONTRACT: dict = {}
 def set_contract(contract: dict) -> None:
     _CONTRACT.clear()
     _CONTRACT.update(contract)
+
+
+def check_token(token: str | None) -> None:
+    """A bearer token must be printable ASCII without spaces: HTTP headers carry nothing else intact."""
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token):
+        raise UserError("the token must be printable ASCII without spaces (HTTP headers carry nothing else intact)")
+
+
+def token_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header carries `Bearer <token>` (the scheme in any case, RFC 7235)."""
+    scheme, _, given = authorization.partition(" ")
+    # latin-1: how the server decoded the header's bytes; a constant-time comparison of the token itself
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode("latin-1"), token.encode("latin-1"))
 
 
 def image_bytes(stored_size: int) -> int:
