@@ -111,6 +111,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # listening now: another server's bind fails at once (two merely bound sockets may share)
     except OSError as err:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
