@@ -593,7 +593,7 @@ def main() -> None:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: LitServe's workers die with it
+            start_new_session=True,  # its own process group: any worker it starts dies with it
         )
         try:
             try:

@@ -166,17 +166,18 @@ def measure_link(url: str, token: str | None = None, requests: int = 50) -> dict
     """The link to a running `askexpert serve`, as one edge client sees it, on one kept-alive connection.
 
     rtt_ms: the median `GET /health` round trip (after WARMUPS; no handshake counted) less the server's own mean
-    time for /health (askexpert_request_seconds{path="/health"} in `/metrics`: LitServe's health check asks its
-    multiprocessing manager for the workers' status, 1-3 ms on a small busy CPU, which is not the network).
+    time for /health (askexpert_request_seconds{path="/health"} in `/metrics`; with `--engine litserve` the
+    health check asks a multiprocessing manager for the workers' status, 1-3 ms on a small busy CPU, which is
+    not the network).
     uplink_mbps: from `POST /predict` with a valid request (a random image of the server's stored size, from
     `GET /info`): transfer = median POST time - rtt - the server's model time per request (the delta of
     askexpert_expert_seconds sum/count), uplink = request bytes on the wire * 8 / transfer. The server's own time
     for /predict cannot be subtracted instead: its clock starts at the headers, so it holds the body's transfer.
-    So what else the server spends on a request (batch window, JSON and base64, the hop to its model process)
-    lands in `transfer`: this is an effective rate, the one that makes the cost model's offload time (transfer +
-    rtt + model) match what a client sees, and a lower bound on the raw link rate; on a fast link it mostly
-    measures that overhead (5-7 ms per request on a 2-core test machine: over loopback, with no link to speak
-    of, it came out near 5 Mbit/s). It is None, with the reason
+    So what else the server spends on a request (batch window, JSON and base64, hand-offs between threads or
+    processes) lands in `transfer`: this is an effective rate, the one that makes the cost model's offload
+    time (transfer + rtt + model) match what a client sees, and a lower bound on the raw link rate. On a fast
+    link it mostly measures that overhead (3-7 ms per request on a 2-core test machine, by engine; over
+    loopback, with no link to speak of, LitServe's came out near 5 Mbit/s). It is None, with the reason
     in `note`, when transfer is not positive or within the spread of the POST times, or when the server does
     not tell its image size. Other clients of the server during the measurement skew the server's times.
     """

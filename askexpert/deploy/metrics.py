@@ -1,9 +1,10 @@
-"""The expert server's Prometheus metrics, shared across LitServe's processes.
+"""The expert server's Prometheus metrics, shared across the server's processes.
 
-LitServe answers HTTP in one process and runs the models in another, so the metrics use prometheus_client's
-multiprocess mode: every process writes its samples into `PROMETHEUS_MULTIPROC_DIR` (a temporary folder the
-`serve` command creates and removes, never the working directory) and `/metrics` merges them. The variable
-must be set before any metric is created, hence the lazy construction.
+The LitServe engine answers HTTP in one process and runs the models in another, so the metrics use
+prometheus_client's multiprocess mode (the inline engine, one process, uses it too: one code path). Every
+process writes its samples into `PROMETHEUS_MULTIPROC_DIR` (a temporary folder the `serve` command creates and
+removes, never the working directory) and `/metrics` merges them. The variable must be set before any metric
+is created, hence the lazy construction.
 
 - `askexpert_requests_total{path,status}`: HTTP requests answered, by path and status code (4xx/5xx = errors);
 - `askexpert_request_seconds{path}`: time from the request's arrival to its reply, inside the server;
