@@ -16,10 +16,12 @@ Figures, each against the run's test images:
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from askexpert.collab.routing import NO_EXPERT, fuse
+from askexpert.errors import UserError
 
 
 def quantize(fp32_path: str, int8_path: str) -> None:
@@ -30,6 +32,10 @@ def quantize(fp32_path: str, int8_path: str) -> None:
     root.setLevel(logging.ERROR)  # its advice to pre-process the model first is logged on the root logger
     try:
         quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+    except Exception as err:  # noqa: BLE001 (a graph ONNX Runtime's quantizer cannot handle: say which, in one line)
+        name = os.path.basename(fp32_path)
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"int8 quantization of {name} failed ({message}); export without --int8") from None
     finally:
         root.setLevel(level)
 
