@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
 import httpx  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from server_process import wait_healthy  # noqa: E402 (beside this script)
 
 from askexpert.cli import cli_main  # noqa: E402
 from askexpert.collab.costs import CostModel, load_profile, measured_key, model_cost  # noqa: E402
@@ -151,20 +152,6 @@ def request_body_bytes(bundle) -> int:
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
-def wait_healthy(server: subprocess.Popen, port: int, limit_s: float = 60.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.returncode}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/health", timeout=1.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:  # not listening yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not healthy within {limit_s:g} s")
-
-
 def metrics_page(port: int) -> str:
     # straight to the server, not through a relay: reading the metrics must not use the emulated link
     return httpx.get(f"http://{HOST}:{port}/metrics", timeout=5.0, trust_env=False).text
@@ -597,7 +584,7 @@ def main() -> None:
         )
         try:
             try:
-                wait_healthy(server, args.port)
+                wait_healthy(server, f"http://{HOST}:{args.port}")
             except RuntimeError as err:
                 log.seek(0)
                 raise SystemExit(f"link_vs_model: {err}\n{log.read()[-2000:]}") from None

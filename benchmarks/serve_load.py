@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from server_process import wait_healthy  # noqa: E402 (beside this script)
+
 from askexpert.deploy.bundle import load_bundle  # noqa: E402
 from askexpert.deploy.metrics import sample_sum  # noqa: E402
 
@@ -76,20 +78,6 @@ def start_server(args, log) -> subprocess.Popen:
     command += ["--threads", str(args.threads), "--engine", args.engine, "--precision", args.precision]
     # its own session: the server's LitServe workers are stopped with it, by process group
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(server: subprocess.Popen, port: int, limit_s: float = 90.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.returncode}")
-        try:
-            if http_get(port, "/health", timeout=1.0)[0] == 200:
-                return
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not healthy within {limit_s:g} s")
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -274,7 +262,7 @@ def main() -> None:
         server = start_server(args, log)
         try:
             try:
-                wait_healthy(server, args.port)
+                wait_healthy(server, f"http://{HOST}:{args.port}")
             except RuntimeError as err:
                 log.seek(0)
                 sys.exit(f"serve_load: {err}\n{log.read()[-2000:]}")
