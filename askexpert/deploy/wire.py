@@ -17,7 +17,7 @@ import binascii
 import hmac
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
 from askexpert.errors import UserError
 
@@ -57,6 +57,7 @@ class ExpertRequest(BaseModel):
 
     expert: str
     image: str
+    _raw: bytes | None = PrivateAttr(default=None)  # the decoded image, kept by the validator (decoded once)
 
     @model_validator(mode="after")
     def _fits_the_contract(self):
@@ -70,10 +71,12 @@ class ExpertRequest(BaseModel):
         size = _CONTRACT["stored_size"]
         if len(raw) != image_bytes(size):
             raise ValueError(f"image has {len(raw)} bytes; expected {image_bytes(size)} (uint8, 3 x {size} x {size})")
+        self._raw = raw
         return self
 
     def pixels(self, stored_size: int) -> np.ndarray:
-        return np.frombuffer(base64.b64decode(self.image), dtype=np.uint8).reshape(3, stored_size, stored_size)
+        raw = self._raw if self._raw is not None else base64.b64decode(self.image)
+        return np.frombuffer(raw, dtype=np.uint8).reshape(3, stored_size, stored_size)
 
 
 def short_errors(errors: list[dict]) -> list[dict]:
