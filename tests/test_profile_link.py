@@ -22,6 +22,10 @@ from askexpert.commands.profile import measure_link
 from askexpert.deploy.relay import LinkRelay
 
 RTT_MS, UPLINK_MBPS, MODEL_S, SIZE = 20.0, 2.0, 0.002, 32
+# The relay runs in threads of the test process, on a shared 2-core machine: a busy moment adds milliseconds to a
+# round trip (a CI run measured a median of 26.2 ms for 20). The bounds still tell a found RTT from a missed one
+# (0, or the doubled RTT of a handshake counted).
+LOW, HIGH = 0.7, 1.5
 BASE = REPO / "configs" / "profiles" / "pi4_wifi_orin.yaml"
 
 
@@ -79,11 +83,11 @@ def link_url():
 
 
 def test_measure_link_finds_the_rtt_and_the_uplink(link_url):
-    link = measure_link(link_url, requests=10)
-    assert RTT_MS * 0.7 <= link["rtt_ms"] <= RTT_MS * 1.3, link
+    link = measure_link(link_url, requests=20)
+    assert RTT_MS * LOW <= link["rtt_ms"] <= RTT_MS * HIGH, link
     assert link["model_ms"] == pytest.approx(MODEL_S * 1e3)
     # effective: the overheads of client and tiny server (a ms or two, on either side of the formula) move it a little
-    assert UPLINK_MBPS * 0.7 <= link["uplink_mbps"] <= UPLINK_MBPS * 1.3, link
+    assert UPLINK_MBPS * LOW <= link["uplink_mbps"] <= UPLINK_MBPS * HIGH, link
 
 
 def test_profile_link_alone_replaces_only_the_link(link_url, tmp_path, capsys):
@@ -96,7 +100,7 @@ def test_profile_link_alone_replaces_only_the_link(link_url, tmp_path, capsys):
     written, base = yaml.safe_load(text), yaml.safe_load(BASE.read_text())
     assert written["edge"] == base["edge"] and written["near_edge"] == base["near_edge"]
     link = written["link"]
-    assert link["name"] == f"measured to {link_url}" and RTT_MS * 0.7 <= link["rtt_ms"] <= RTT_MS * 1.3
+    assert link["name"] == f"measured to {link_url}" and RTT_MS * LOW <= link["rtt_ms"] <= RTT_MS * HIGH
     assert link["radio_w_per_mbps"] == base["link"]["radio_w_per_mbps"]
     assert text.startswith("# Written by") and f"measured to {link_url} at " in text.splitlines()[0]
 
