@@ -9,7 +9,8 @@ Sizes follow the edge / near-edge split of the system:
 | vit_medium_patch4_32   | 384 | 8     | 6     | 4     | 14.3 M         | expert / base on the near-edge |
 | vit_edge_patch8_32     | 192 | 6     | 3     | 8     | 2.7 M          | CPU demos                      |
 | vit_medium_patch8_32   | 384 | 8     | 6     | 8     | 14.3 M         | CPU demos                      |
-| vit_micro_patch8_32    | 64  | 2     | 2     | 8     | 0.1 M          | tests                          |
+| vit_mini_patch8_32     | 128 | 4     | 4     | 8     | 0.8 M          | base / experts, CPU evidence   |
+| vit_micro_patch8_32    | 64  | 2     | 2     | 8     | 0.1 M          | generalist: demo, CPU evidence; tests |
 
 Patch 4 gives 64 tokens per 32x32 image (the usual choice for CIFAR-size ViTs); patch 8 gives 16 tokens,
 about 4x cheaper, which is what makes CPU demos and tests fast. All variants pool the patch tokens by
@@ -54,6 +55,7 @@ ARCHITECTURES: dict[str, dict] = {
     "vit_medium_patch4_32": dict(patch_size=4, embed_dim=384, depth=8, num_heads=6),
     "vit_edge_patch8_32": dict(patch_size=8, embed_dim=192, depth=6, num_heads=3),
     "vit_medium_patch8_32": dict(patch_size=8, embed_dim=384, depth=8, num_heads=6),
+    "vit_mini_patch8_32": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4),
     "vit_micro_patch8_32": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2),
 }
 

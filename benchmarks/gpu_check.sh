@@ -9,11 +9,19 @@
 #    <= 1.3), the headline table and the sanity findings; then its 4 progressive experts trained again side by
 #    side (goal: <= 1.5x the time of one alone).
 # 3. the fine-tuning input path's cost and syncs (benchmarks/augment_speed.py, ~20 s).
+# 4. optional, when time allows: `bash benchmarks/gpu_check.sh --evidence SECONDS` then runs seed 0 of the evidence
+#    grid on the GPU recipes (configs/ablations/evidence_gpu.yaml: 2 partitions x {progressive, static}) for at most
+#    SECONDS; it is resumable, so a later check goes on where this one stopped. Its results.md/csv and every
+#    cell's report.json and cell.json go to $OUT as evidence_gpu.tgz.
 # JSON: benchmarks/results/{train_throughput,pipeline_overhead,augment_speed}_cuda.json (docs/performance.md and
 # docs/results.md take their GPU rows from them). Whatever exists at the end, even after a failure (a diverged
 # stage, say), is copied to $OUT: the JSON files, the run's report, stages.json and every stage's logs.
 set -euo pipefail
 start=$SECONDS
+evidence_s=0
+if [ "${1:-}" = "--evidence" ]; then
+    evidence_s=${2:?"--evidence needs a number of seconds"}
+fi
 collect() {
     echo "total: $((SECONDS - start)) s"
     if [ -n "${OUT:-}" ]; then
@@ -22,6 +30,10 @@ collect() {
             (cd runs && find gpu_check gpu_check_side_by_side \( -name 'report.*' -o -name 'stages.json' \
                 -o -name 'metrics.csv' -o -name 'fit.log' -o -name 'config.yaml' \) 2>/dev/null \
                 | tar -czf "$OUT/gpu_check_run.tgz" -T -) || true
+        fi
+        if [ -d runs/ablations/evidence_gpu ]; then
+            (cd runs/ablations && find evidence_gpu \( -name 'results.*' -o -name 'report.json' -o -name 'cell.json' \) \
+                | tar -czf "$OUT/evidence_gpu.tgz" -T -) || true
         fi
     fi
 }
@@ -47,3 +59,10 @@ mkdir -p runs
 rm -rf runs/gpu_check runs/gpu_check_side_by_side
 python3 benchmarks/pipeline_overhead.py --config configs/pipeline/standin_full.yaml --device cuda \
     --side-by-side 4 --keep runs/gpu_check
+
+if [ "$evidence_s" -gt 0 ]; then
+    # seed 0 of the evidence grid on the GPU recipes; `timeout` ends it cleanly (the ablation resumes later)
+    timeout --signal=TERM "$evidence_s" python3 -m askexpert ablate --config configs/ablations/evidence_gpu.yaml \
+        --seeds '[0]' --out runs/ablations/evidence_gpu || echo "evidence: stopped after ${evidence_s} s (resumable)"
+    echo "evidence: $((SECONDS - start)) s"
+fi

@@ -1,17 +1,22 @@
-"""Fill the generated blocks of docs/results.md from the shipped ablations' results.
+"""Fill the generated blocks of docs/results.md (and the README's headline) from the ablations' results.
 
-    make ablations                     # runs (or, when finished, just re-reads) the three ablations
+    make evidence ablations            # runs (or, when finished, just re-reads) the ablations
     python experiments/results_doc.py  # rewrites the blocks between <!-- generated:NAME --> markers
-                                       # and copies each results.png to docs/results/<name>_stand_in.png
 
-Each block is rebuilt from `runs/ablations/<name>/results.csv` (the tables are `ablate`'s own results.md
-tables) and, for the research claims, from the same rows: paired differences per seed, then mean ± sample
-std over seeds. The prose around the blocks is written by hand.
+Two families of blocks, each refilled when its ablation has results (the other is left as it is):
+- the evidence at CPU scale (`configs/ablations/evidence.yaml`, `--evidence`): the claims table
+  (`askexpert.ablation.claims`, the same table `ablate` writes), the per-setting table, the models and the
+  minutes per seed from each cell's `cell.json`; its results.csv and results.png are copied to
+  docs/results/evidence_stand_in.*, and the claims table also goes into README.md's headline block;
+- the three demo ablations (`--runs`): their tables, and the research claims from the strategies grid, where
+  static experts are a cell of their own (paired per seed across cells).
+The prose around the blocks is written by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import statistics
@@ -22,10 +27,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from askexpert.ablation import claims as claim_table  # noqa: E402
 from askexpert.ablation import results  # noqa: E402
 
 ABLATIONS = ("strategies", "partitions", "experts_topk")
-PAPER = {"subsets": 4.12, "overall": 2.76, "latency": -45.0, "energy": -46.0}
+PAPER = claim_table.PAPER
+EVIDENCE = "evidence"
 
 
 def load(folder: Path) -> tuple[list[str], list[dict]]:
@@ -60,6 +67,7 @@ def paired(a: dict[str, float], b: dict[str, float], relative: bool = False) -> 
 
 
 def claims(rows: list[dict]) -> str:
+    """The demo strategies grid's claims: static experts are a cell of their own, paired with ours by seed."""
     ours = {"specialization": "progressive", "experts.init": "base"}
     static = {"specialization": "static", "experts.init": "base"}
     lines = [
@@ -70,10 +78,9 @@ def claims(rows: list[dict]) -> str:
     def add(text: str, paper: float, value: tuple, unit: str) -> None:
         mean, std, n = value
         shown = f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}") + f" {unit} ({n} seeds)"
-        if std is not None and abs(mean) < std:
-            verdict = "no clear difference (mean within 1 std)"
-        else:
-            verdict = "yes" if mean * paper > 0 else "no, the opposite"
+        verdict = claim_table.verdict(mean, std, paper).replace("unclear (within 1 std)", "no clear difference")
+        if verdict == "no clear difference":
+            verdict += " (mean within 1 std)"
         lines.append(f"| {text} | {paper:+.2f} {unit} | {shown} | {verdict} |")
 
     add(
@@ -119,31 +126,112 @@ def claims(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, name: str, body: str) -> str:
+# -- the evidence at CPU scale --------------------------------------------------------------------------------
+def cell_records(folder: Path) -> list[dict]:
+    """Every finished cell's cell.json of an ablation folder (diverged ones have no rows)."""
+    found = []
+    for path in sorted((folder / "cells").glob("*/seed*/cell.json")):
+        record = json.loads(path.read_text())
+        if record.get("rows"):
+            found.append(record)
+    return found
+
+
+def minutes(records: list[dict]) -> str:
+    """Minutes per seed: everything its cells trained and evaluated, and the one cell that trained a whole
+    pipeline run (generalist, base, every expert)."""
+    by_seed: dict[int, list[dict]] = defaultdict(list)
+    for record in records:
+        by_seed[int(record["seed"])].append(record)
+    lines = [
+        "| seed | cells | minutes, all cells | one whole pipeline run: minutes | generalist | base | experts (each) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for seed, cells in sorted(by_seed.items()):
+        if any("seconds" not in c for c in cells):
+            lines.append(f"| {seed} | {len(cells)} | (cells of an older version: no times) | | | | |")
+            continue
+        whole = next((c for c in cells if {"generalist", "base"} <= set(c.get("trained_seconds", {}))), None)
+        total = sum(c["seconds"] for c in cells) / 60
+        if whole is None:
+            lines.append(f"| {seed} | {len(cells)} | {total:.1f} | – | | | |")
+            continue
+        trained = whole["trained_seconds"]
+        experts = [v for k, v in trained.items() if k.startswith("experts/")]
+        lines.append(
+            f"| {seed} | {len(cells)} | {total:.1f} | {whole['seconds'] / 60:.1f} | {trained['generalist'] / 60:.1f} "
+            f"| {trained['base'] / 60:.1f} | {sum(experts) / 60:.1f} ({len(experts)} x "
+            f"{statistics.fmean(experts) / 60:.1f}) |"
+        )
+    return "\n".join(lines)
+
+
+def models(rows: list[dict]) -> str:
+    """The models every seed trained: test accuracy of the generalist and the base model, per seed."""
+    by_seed: dict[str, dict] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], row)
+    lines = ["| seed | generalist (edge only) % | base model % | base - generalist, points |", "|---:|---:|---:|---:|"]
+    for seed, row in sorted(by_seed.items(), key=lambda item: int(item[0])):
+        generalist, base = float(row["edge_only_acc"]), float(row["base_acc"])
+        lines.append(f"| {seed} | {100 * generalist:.2f} | {100 * base:.2f} | {100 * (base - generalist):+.2f} |")
+    return "\n".join(lines)
+
+
+def replace_block(text: str, name: str, body: str, where: str = "docs/results.md") -> str:
     pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
     if not pattern.search(text):
-        raise SystemExit(f"docs/results.md has no block <!-- generated:{name} -->")
+        raise SystemExit(f"{where} has no block <!-- generated:{name} -->")
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def fill_evidence(text: str, folder: Path, figures: Path) -> tuple[str, str]:
+    """The evidence blocks of docs/results.md, and the claims table (for the README)."""
+    columns, rows = load(folder)
+    claims_md = claim_table.markdown(rows, columns) or "No setting of this grid has a static-expert comparison."
+    shutil.copyfile(folder / "results.png", figures / f"{EVIDENCE}_stand_in.png")
+    shutil.copyfile(folder / "results.csv", figures / f"{EVIDENCE}_stand_in.csv")
+    text = replace_block(text, "evidence_claims", claims_md)
+    text = replace_block(text, "evidence_table", table(columns, rows))
+    text = replace_block(text, "evidence_models", models(rows))
+    text = replace_block(text, "evidence_minutes", minutes(cell_records(folder)))
+    return text, claims_md
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(REPO / "runs" / "ablations"), help="folder of the three ablations")
+    parser.add_argument("--evidence", default=str(REPO / "runs" / "ablations" / EVIDENCE), help="evidence ablation")
     parser.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument("--readme", default=str(REPO / "README.md"), help="README with the evidence_headline block")
     args = parser.parse_args()
     doc = Path(args.doc)
     text = doc.read_text()
+    filled = []
+    evidence = Path(args.evidence)
+    if (evidence / "results.csv").is_file():
+        text, claims_md = fill_evidence(text, evidence, doc.parent / "results")
+        readme = Path(args.readme)
+        if readme.is_file() and "<!-- generated:evidence_headline -->" in readme.read_text():
+            readme.write_text(replace_block(readme.read_text(), "evidence_headline", claims_md, str(readme)))
+        filled.append(EVIDENCE)
     for name in ABLATIONS:
         folder = Path(args.runs) / name
         if not (folder / "results.csv").is_file():
-            raise SystemExit(f"{folder}/results.csv not found: run `make ablations` first")
+            continue
         columns, rows = load(folder)
         shutil.copyfile(folder / "results.png", doc.parent / "results" / f"{name}_stand_in.png")
         text = replace_block(text, name, table(columns, rows))
         if name == "strategies":
             text = replace_block(text, "claims", claims(rows))
+        filled.append(name)
+    if not filled:
+        raise SystemExit(
+            f"no results found ({evidence}/results.csv, {args.runs}/<{'|'.join(ABLATIONS)}>/results.csv): "
+            "run `make evidence` or `make ablations` first"
+        )
     doc.write_text(text)
-    print(f"wrote {doc}")
+    print(f"wrote {doc}: {', '.join(filled)}")
 
 
 if __name__ == "__main__":

@@ -306,7 +306,8 @@ def test_shipped_ablations_name_valid_keys_and_files(path):
 
     args = parser().parse_args(["--config", str(path), "--out", "unused"])
     assert (REPO / args.pipeline).is_file()
-    assert len(grids.expand(args.grid)) >= 3 and len(args.seeds) == 3
+    # a tuning grid reads validation figures of one seed; a result grid has 3 seeds
+    assert len(grids.expand(args.grid)) >= 3 and len(args.seeds) == (1 if path.stem.endswith("_tuning") else 3)
     grids.check_keys(list(args.fixed), "fixed")
 
 
@@ -349,3 +350,69 @@ def test_a_diverged_cell_is_recorded_and_the_others_go_on(tmp_path, capsys):
     # a rerun tries the diverged cells again (they are not done) and skips the finished ones
     code, stdout, _ = run_main(["ablate", "--config", str(config), "--out", str(out), "--dry_run", "true"], capsys)
     assert code == 0 and stdout.count("diverged before: to run again") == 2 and stdout.count(": done") == 2
+
+
+def _plan_shipped(path: Path, seeds: list[int] | None = None, store: Path | None = None):
+    """Plan a shipped ablation as `ablate --dry_run` does (nothing written); real datasets swapped for the
+    stand-in, since they are not on this machine."""
+    from askexpert.commands.ablate import parser, plan
+
+    args = parser().parse_args(["--config", str(path), "--out", str(store / "out"), "--dry_run", "true"])
+    args.store = str(store / "store")
+    if seeds is not None:
+        args.seeds = seeds
+    pipeline = yaml.safe_load((REPO / args.pipeline).read_text())
+    if pipeline["data"]["source"] != "synthetic":
+        args.fixed = {**args.fixed, "data.source": "synthetic", "data.root": None}
+    return plan(args)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_ablation_plans_on_cpu(path, tmp_path, monkeypatch, capsys):
+    """`ablate --dry_run` of every shipped grid (one seed, GPU configs included): every cell resolves."""
+    monkeypatch.chdir(REPO)
+    _, runs, store = _plan_shipped(path, seeds=[0], store=tmp_path)
+    assert len(runs) == len(grids.expand(yaml.safe_load(path.read_text())["grid"]))
+    assert all(run.identity for run in runs) and not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
+def _distinct(runs) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for planned in runs:
+        for stage in planned.prepared.stages:
+            found.setdefault(stage.name.split("/")[0], set()).add(stage.identity)
+    return found
+
+
+@pytest.mark.parametrize("name", ["evidence", "evidence_gpu"])
+def test_evidence_grid_trains_one_generalist_and_base_per_seed(name, tmp_path, monkeypatch):
+    """Across its cells the evidence grid trains each seed's generalist and base model once, the static experts
+    once per seed and partition (the static cells and the budget point train nothing of their own)."""
+    monkeypatch.chdir(REPO)
+    path = REPO / "configs" / "ablations" / f"{name}.yaml"
+    spec = yaml.safe_load(path.read_text())
+    _, runs, _ = _plan_shipped(path, store=tmp_path)
+    seeds, methods = spec["seeds"], spec["grid"]["partition.method"]
+    assert seeds == [0, 1, 2] and len(runs) == len(seeds) * len(grids.expand(spec["grid"]))
+    stages = _distinct(runs)
+    assert len(stages["generalist"]) == len(seeds) and len(stages["base"]) == len(seeds)
+    num_experts = yaml.safe_load((REPO / spec["pipeline"]).read_text())["partition"]["num_experts"]
+    # progressive and static experts per seed and partition: nothing more, whatever the other grid keys
+    assert len(stages["experts"]) == len(seeds) * len(methods) * 2 * num_experts
+    by_seed = {}
+    for planned in runs:
+        found = {s.name: s.identity for s in planned.prepared.stages}
+        by_seed.setdefault(planned.seed, set()).add((found["generalist"], found["base"]))
+    assert all(len(pairs) == 1 for pairs in by_seed.values())  # every cell of a seed links the same two
+
+
+def test_evidence_tuning_shares_seed_0s_generalist_and_base_with_the_evidence_grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    folder = REPO / "configs" / "ablations"
+    _, evidence, _ = _plan_shipped(folder / "evidence.yaml", seeds=[0], store=tmp_path / "a")
+    _, tuning, _ = _plan_shipped(folder / "evidence_tuning.yaml", store=tmp_path / "b")
+    assert {p.seed for p in tuning} == {0}
+    for kind in ("generalist", "base"):
+        assert _distinct(tuning)[kind] == _distinct(evidence)[kind]
+    # and its static experts are the evidence grid's (superclass partition)
+    assert _distinct(tuning)["experts"] & _distinct(evidence)["experts"]

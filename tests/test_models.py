@@ -42,6 +42,8 @@ def test_sizes_match_their_roles():
     assert 2.5e6 < params["vit_edge_patch4_32"] < 3.0e6
     assert 12e6 < params["vit_medium_patch4_32"] < 16e6
     assert params["vit_micro_patch8_32"] < 0.2e6
+    # the CPU evidence's near-edge model: several times the generalist, a third of the edge-size ViT
+    assert 0.7e6 < params["vit_mini_patch8_32"] < 1.0e6
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -11,6 +11,7 @@ import math
 import statistics
 from collections import defaultdict
 
+from askexpert.collab.report import limits_text
 from askexpert.run_folder import atomic_path
 
 # The columns the issue asks for, then context for the research claims (baselines of the same run).
@@ -26,6 +27,17 @@ CONTEXT = [
     "full_offload_energy_mj",
     "static_system_acc",
     "oracle_acc",
+    "static_subset_test_acc",
+    "base_acc",
+    "constrained_system_acc",
+    "constrained_offload_ratio",
+    "constrained_latency_ms",
+    "constrained_energy_mj",
+    "constrained_routing_acc",
+    "constrained_static_acc",
+    "constrained_budget",
+    "calib_system_acc",
+    "calib_static_system_acc",
 ]
 # per-setting table columns: (csv column, header, scale)
 TABLE = [
@@ -36,6 +48,7 @@ TABLE = [
     ("latency_ms", "latency ms", 1),
     ("energy_mj", "edge energy mJ", 1),
     ("routing_acc", "routing acc %", 100),
+    ("calib_system_acc", "system acc on the split that chose τ %", 100),
 ]
 
 
@@ -49,6 +62,13 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
 
     def get(name: str, key: str):
         return base[name][key] if name in base else ""
+
+    point = report.get("constrained") or {}
+    calib = (report.get("calibration") or {}).get("selected") or {}
+
+    def at_point(key: str):
+        value = point.get(key, "")
+        return "" if value is None else value
 
     shared = {
         "system_acc": sel["acc"],
@@ -64,7 +84,20 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         "full_offload_energy_mj": get("full_offload", "energy_mj"),
         "static_system_acc": get("static_experts", "acc"),
         "oracle_acc": get("oracle_expert", "acc"),
+        "base_acc": get("full_offload", "acc"),
+        "constrained_system_acc": at_point("acc"),
+        "constrained_offload_ratio": at_point("offload_ratio"),
+        "constrained_latency_ms": at_point("latency_ms"),
+        "constrained_energy_mj": at_point("energy_mj"),
+        "constrained_routing_acc": at_point("routing_acc"),
+        "constrained_static_acc": point["static_experts"]["acc"] if "static_experts" in point else "",
+        "constrained_budget": limits_text(point["budget"]) if point else "",
+        # the selected point scored on the split that chose it: what tuning compares (never test)
+        "calib_system_acc": calib.get("acc", ""),
+        "calib_static_system_acc": calib.get("static_experts_acc", ""),
     }
+    # static experts of the same run, by index: expert i and static expert i own the same classes
+    static = {e["name"].rsplit("_", 1)[-1]: e for e in report.get("static_experts") or []}
     return [
         {
             **cell_columns,
@@ -72,10 +105,17 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
             "expert": expert["name"],
             "subset_test_acc": expert["subset_test_acc"],
             "generalist_subset_test_acc": expert["generalist_subset_test_acc"],
+            "static_subset_test_acc": _static_own(static, expert),
             **shared,
         }
         for expert in report["experts"]
     ]
+
+
+def _static_own(static: dict[str, dict], expert: dict):
+    """The static expert's accuracy on the same classes as `expert` ("" when the run has none)."""
+    twin = static.get(expert["name"].rsplit("_", 1)[-1])
+    return twin["subset_test_acc"] if twin and twin["classes"] == expert["classes"] else ""
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
@@ -97,7 +137,7 @@ def read_csv(path: str) -> tuple[list[str], list[dict]]:
         return list(reader.fieldnames or []), list(reader)
 
 
-def _number(text) -> float | None:
+def number(text) -> float | None:
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -122,7 +162,7 @@ def aggregate(rows: list[dict], grid_columns: list[str]) -> list[dict]:
         values = per_setting[setting]
         for seed_rows in by_seed.values():
             for key, _, _ in TABLE:
-                found = [v for v in (_number(r.get(key)) for r in seed_rows) if v is not None]
+                found = [v for v in (number(r.get(key)) for r in seed_rows) if v is not None]
                 if found:
                     values[key].append(statistics.fmean(found))
         entry = dict(zip(grid_columns, setting, strict=True))

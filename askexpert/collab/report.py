@@ -55,9 +55,26 @@ def findings_markdown(report: dict) -> list[str]:
     return lines
 
 
+def limits_text(limits: dict) -> str:
+    """A budget as a person reads it, e.g. `offload <= 20 %, latency <= 3 ms`."""
+    shown = {
+        "offload_ratio": ("offload", 100, " %"),
+        "latency_ms": ("latency", 1, " ms"),
+        "energy_mj": ("edge energy", 1, " mJ"),
+    }
+    return ", ".join(f"{shown[k][0]} <= {shown[k][1] * v:g}{shown[k][2]}" for k, v in limits.items())
+
+
 def headline_rows(report: dict) -> list[tuple[str, dict]]:
     found = {**report["baselines"], "selected": report["selected"]}
-    return [(label, found[key]) for key, label in HEADLINE_ROWS if key in found]
+    rows = [(label, found[key]) for key, label in HEADLINE_ROWS if key in found]
+    point = report.get("constrained")
+    if point:  # the second operating point, chosen under its budget on the same split as the selected one
+        limits = limits_text(point["budget"])
+        if "static_experts" in point:
+            rows.append((f"static experts, same threshold as below ({limits})", point["static_experts"]))
+        rows.append((f"**askexpert under budget** ({limits})", point))
+    return rows
 
 
 def headline_table(report: dict) -> str:
@@ -97,6 +114,19 @@ def claims(report: dict) -> list[str]:
         )
     if "full_offload" in b:
         out.append(f"edge energy vs offloading everything: {_relative(s['energy_mj'], b['full_offload']['energy_mj'])}")
+    point = report.get("constrained")
+    if point:
+        text = (
+            f"under the budget ({limits_text(point['budget'])}): {100 * point['acc']:.2f} % at "
+            f"{100 * point['offload_ratio']:.1f} % offload"
+        )
+        if "static_experts" in point:
+            text += f", {100 * (point['acc'] - point['static_experts']['acc']):+.2f} points vs static experts"
+        if "edge_medium" in b:
+            text += f"; latency {_relative(point['latency_ms'], b['edge_medium']['latency_ms'])} vs edge execution"
+        if "full_offload" in b:
+            text += f", edge energy {_relative(point['energy_mj'], b['full_offload']['energy_mj'])} vs full offload"
+        out.append(text)
     return out
 
 
@@ -115,7 +145,13 @@ def markdown(report: dict) -> str:
         f"Operating point chosen on {sel['chosen_on']}: threshold {sel['threshold']:.2f} on the "
         f"`{routing['gate']}` gate (temperature {routing['temperature_value']:.2f}), top-{routing['top_k']} expert "
         f"choice, `{routing['fusion']}` fusion"
-        + (f", budget {routing['budget']}" if routing.get("budget") else "")
+        + (f", budget {limits_text(routing['budget'])}" if routing.get("budget") else "")
+        + (
+            f"; a second point under {limits_text(routing['constrained'])} at threshold "
+            f"{report['constrained']['threshold']:.2f}"
+            if report.get("constrained")
+            else ""
+        )
         + ".",
         "",
         headline_table(report),
@@ -189,6 +225,8 @@ def pareto_figure(report: dict):
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     points = {**report["baselines"], "askexpert": report["selected"]}
+    if report.get("constrained"):
+        points["askexpert (budget)"] = report["constrained"]
     for axis, key, title in (
         (axes[0], "latency_ms", "latency per image (ms)"),
         (axes[1], "energy_mj", "edge energy per image (mJ)"),
@@ -201,7 +239,7 @@ def pareto_figure(report: dict):
             label="router, threshold sweep (test)",
         )
         for name, r in points.items():
-            marker = "*" if name == "askexpert" else "o"
+            marker = "*" if name.startswith("askexpert") else "o"
             axis.plot(r[key], 100 * r["acc"], marker, markersize=12 if marker == "*" else 6)
             axis.annotate(name, (r[key], 100 * r["acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.set_xlabel(title)

@@ -71,6 +71,9 @@ class RoutingConfig:
         temperature: scale the generalist's logits by a temperature fitted on the calibration split (as above).
         fusion: final answer of an offloaded sample: expert, product or mean.
         budget: limits the chosen threshold must meet on the calibration split (unset: no limit).
+        constrained: limits of a second operating point, also chosen on the calibration split and reported
+            next to the selected one (`constrained` in the report, with the static experts at its threshold);
+            unset: none. It answers "what does the system keep under a budget" without a second evaluation.
         seed: seed of the random_expert baseline.
     """
 
@@ -80,6 +83,7 @@ class RoutingConfig:
     temperature: bool = True
     fusion: str = "expert"
     budget: Budget = field(default_factory=lambda: Budget())
+    constrained: Budget = field(default_factory=lambda: Budget())
     seed: int = 0
 
     def check(self, num_classes: int) -> None:
@@ -88,10 +92,19 @@ class RoutingConfig:
         check_top_k(self.top_k, num_classes)
         check_fusion(self.fusion)
         check_budget(self.budget_dict())
+        check_budget(self.constrained_dict())
 
     def budget_dict(self) -> dict[str, float]:
-        budget = self.budget if isinstance(self.budget, dict) else asdict(self.budget)
-        return {key: value for key, value in budget.items() if value is not None}
+        return _active_limits(self.budget)
+
+    def constrained_dict(self) -> dict[str, float]:
+        return _active_limits(self.constrained)
+
+
+def _active_limits(budget: Budget | dict | None) -> dict[str, float]:
+    """The limits that are set, as a plain dict (a Budget, a dict of one, or None)."""
+    values = budget if isinstance(budget, dict) else asdict(budget) if budget is not None else {}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 @dataclass
@@ -206,9 +219,11 @@ class CollaborativeSystem:
         temperature = self.temperature(config)
         test, chosen, correct, _ = self.route("test", config, temperature)
         test_table = sweep(test, thresholds)
-        if config.threshold is None:
+        calib_table = None
+        if config.threshold is None or config.constrained_dict():
             calib, *_ = self.route(split, config, temperature)
             calib_table = sweep(calib, selection_grid(calib.confidence, thresholds))
+        if config.threshold is None:
             threshold = float(calib_table["threshold"][choose_threshold(calib_table, config.budget_dict())])
             chosen_on = split
         else:
@@ -216,12 +231,49 @@ class CollaborativeSystem:
         offloaded = test.confidence < threshold
         selected = {"threshold": threshold, **at_mask(test, offloaded), "chosen_on": chosen_on}
         selected["routing_acc"] = self.routing_accuracy(chosen, offloaded)
-        return {
-            "routing": {**asdict(config), "budget": config.budget_dict(), "temperature_value": temperature},
+        report = {
+            "routing": {
+                **asdict(config),
+                "budget": config.budget_dict(),
+                "constrained": config.constrained_dict(),
+                "temperature_value": temperature,
+            },
             "selected": selected,
             "sweep": rows(test_table),
             "baselines": self.baselines(config, temperature, test, chosen, correct, offloaded),
         }
+        if config.constrained_dict():
+            limits = config.constrained_dict()
+            point = float(calib_table["threshold"][choose_threshold(calib_table, limits)])
+            report["constrained"] = self.operating_point(config, temperature, test, chosen, point, split, limits)
+        if calib_table is not None:
+            report["calibration"] = self.calibration_scores(config, temperature, split, calib, report)
+        return report
+
+    def calibration_scores(self, config, temperature, split: str, calib: RoutedSamples, report: dict) -> dict:
+        """The chosen operating points scored on the split that chose them: what tuning may compare (test
+        figures are reported, never optimised)."""
+        points = {"selected": report["selected"]["threshold"]}
+        if "constrained" in report:
+            points["constrained"] = report["constrained"]["threshold"]
+        static = self.route(split, config, temperature, self.static_experts)[0] if self.static_experts else None
+        scores: dict = {"split": split}
+        for name, threshold in points.items():
+            offloaded = calib.confidence < threshold
+            scores[name] = {"acc": at_mask(calib, offloaded)["acc"], "offload_ratio": float(offloaded.double().mean())}
+            if static is not None:
+                scores[name]["static_experts_acc"] = at_mask(static, offloaded)["acc"]
+        return scores
+
+    def operating_point(self, config, temperature, test: RoutedSamples, chosen, threshold, chosen_on, limits) -> dict:
+        """The system at `threshold` on test, with the static experts at the same threshold when there are any."""
+        offloaded = test.confidence < threshold
+        point = {"threshold": threshold, "budget": limits, "chosen_on": chosen_on, **at_mask(test, offloaded)}
+        point["routing_acc"] = self.routing_accuracy(chosen, offloaded)
+        if self.static_experts is not None:
+            static, *_ = self.route("test", config, temperature, self.static_experts)
+            point["static_experts"] = at_mask(static, offloaded)
+        return point
 
     def baselines(self, config, temperature, test: RoutedSamples, chosen, correct, offloaded) -> dict:
         labels = self.labels["test"]

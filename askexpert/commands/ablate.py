@@ -23,10 +23,11 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Any
 
+from askexpert.ablation import claims, results
 from askexpert.ablation import grid as grids
-from askexpert.ablation import results
 from askexpert.ablation.store import StageStore
 from askexpert.callbacks import atomic_write_text
 from askexpert.errors import DivergenceError, UserError, find_user_error
@@ -85,6 +86,15 @@ def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str
     return settings, explicit_data_keys(argv)
 
 
+def _routing_identity(routing: dict) -> dict:
+    """The routing settings as a cell's identity sees them: an unset `constrained` point (added later) is left
+    out, so cells finished before it existed stay done."""
+    constrained = routing.get("constrained") or {}
+    if not any(value is not None for value in constrained.values()):
+        routing = {key: value for key, value in routing.items() if key != "constrained"}
+    return routing
+
+
 def _cell_identity(prepared) -> str:
     """What a cell's result depends on: its stages and its evaluation settings (routing, profile file)."""
     settings = prepared.settings
@@ -93,7 +103,7 @@ def _cell_identity(prepared) -> str:
     text = json.dumps(
         {
             "stages": [(s.name, s.identity) for s in prepared.stages],
-            "routing": settings.routing.as_dict(),
+            "routing": _routing_identity(settings.routing.as_dict()),
             "profile": profile,
             "specialization": settings.specialization,
             "static_baseline": settings.static_baseline,
@@ -246,7 +256,14 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
 
     prepared = planned.prepared
     settings = prepared.settings
+    started = time.time()
     execute(prepared, store)
+    # the stages this cell trained itself, with their minutes (shared ones were trained by an earlier cell)
+    trained = {
+        name: entry["seconds"]
+        for name, entry in prepared.record.items()
+        if entry.get("started", 0) >= started and "seconds" in entry
+    }
     part = settings.partition
     report = evaluate_run(
         dataclasses.replace(prepared.layout, shared_logits=True),
@@ -269,6 +286,8 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
         "provenance": report["provenance"],
         "settings": prepared.settings_yaml,
         "stages": {s.name: {"identity": s.identity, "config": s.config} for s in prepared.stages},
+        "seconds": round(time.time() - started, 1),  # training what it did not share, and its evaluation
+        "trained_seconds": trained,
     }
     atomic_write_text(os.path.join(planned.folder, CELL_FILE), json.dumps(record, indent=1, default=str) + "\n")
     return record
@@ -297,6 +316,9 @@ def write_results(out: str, args, runs: list[PlannedRun]) -> dict[str, str] | No
         results.markdown_table(aggregated, columns) if rows else "No run has finished yet.",
         "",
     ]
+    claims_table = claims.markdown(rows, columns) if rows else None
+    if claims_table:
+        text += ["## The paper's claims, measured in these runs", "", claims_table, ""]
     if diverged:
         text += ["## Diverged runs", "", "Training produced a non-finite loss; these runs have no results.", ""]
         text += ["| cell | seed | stage | step | epoch |", "|---|---:|---|---:|---:|"]

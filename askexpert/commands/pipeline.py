@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,12 @@ def parser():
     p.add_class_arguments(PartitionStage, "partition", help="the experts' class subsets")
     p.add_class_arguments(FitStage, "experts", help="every expert (ExpertModule config)")
     p.add_argument("--specialization", type=str, default=strategies.DEFAULT_STRATEGY, help="strategy of the experts")
+    p.add_argument(
+        "--specialization_args",
+        type=dict[str, Any],
+        default={},
+        help="parameters of the experts' strategy, e.g. {floor: 0.1} (the static baseline keeps its own)",
+    )
     p.add_argument("--static_baseline", type=bool, default=True, help="also train static experts (a baseline)")
     p.add_class_arguments(RoutingConfig, "routing", help="routing and operating point")
     p.add_argument("--profile", type=str, default=DEFAULT_PROFILE, help="device profile YAML (latency and energy)")
@@ -349,12 +356,17 @@ def plan_stages(
         Stage("partition", {"partition": part.as_dict(), "data": dataset}, ["generalist"] if reads_generalist else [])
     )
     base_ckpt = layout.best(layout.stage_dir("base"))
+    strategy_args = settings.get("specialization_args") or {}
+    if not isinstance(strategy_args, dict):
+        raise UserError(f"specialization_args must map the strategy's parameters to values, got {strategy_args!r}")
     for family in expert_families(settings.specialization, settings.static_baseline):
         strategy = strategies.class_path(family)  # unknown names fail here, listing the known ones
         for i in range(part.num_experts):
             root = layout.expert_dir(family, i)
             args = _fit_arguments(settings.experts, "experts", data, explicit, seed, root, wandb_project)
             args += ["--partition", layout.partition, "--expert_index", str(i), "--specialization", strategy]
+            if family == settings.specialization:  # the strategy's own parameters; the baseline keeps its defaults
+                args += [f"--specialization.{key}={_cli_value(value)}" for key, value in strategy_args.items()]
             args += ["--model.init_args.base_path", base_ckpt]
             # experts of one family differ only in index and folder: resolve the first, derive the others
             if i == 0:
@@ -609,18 +621,19 @@ def check_budget_is_reachable(routing: RoutingConfig, profile, generalist_config
     """The cheapest operating point answers everything on the edge: a budget below it can never be met."""
     from askexpert.collab.costs import CostModel, model_cost
 
-    budget = routing.budget_dict()
-    if not {"latency_ms", "energy_mj"} & set(budget):
+    limits = {"budget": routing.budget_dict(), "constrained": routing.constrained_dict()}
+    if not any({"latency_ms", "energy_mj"} & set(budget) for budget in limits.values()):
         return
     model_name = generalist_config["model"]["init_args"]["model_name"]
     size = datamodule.hparams.image_size
     edge = CostModel(profile, (3, size, size)).on_edge(model_cost(profile, model_name, datamodule.num_classes, size))
-    for key, cheapest in (("latency_ms", edge.latency_ms), ("energy_mj", edge.edge_energy_mj)):
-        if key in budget and budget[key] < cheapest:
-            raise UserError(
-                f"--routing.budget.{key} {budget[key]} cannot be met: answering on the edge alone already costs "
-                f"{cheapest:.3g} with this profile"
-            )
+    for name, budget in limits.items():
+        for key, cheapest in (("latency_ms", edge.latency_ms), ("energy_mj", edge.edge_energy_mj)):
+            if key in budget and budget[key] < cheapest:
+                raise UserError(
+                    f"--routing.{name}.{key} {budget[key]} cannot be met: answering on the edge alone already costs "
+                    f"{cheapest:.3g} with this profile"
+                )
 
 
 def routing_config(namespace) -> RoutingConfig:
@@ -629,10 +642,13 @@ def routing_config(namespace) -> RoutingConfig:
     if not isinstance(namespace, Namespace):
         raise UserError(f"'routing' must be a mapping of options, got {namespace!r}")
     values = namespace.as_dict()
-    budget = values.get("budget") or {}
-    if not isinstance(budget, dict):
-        raise UserError(f"'routing.budget' must be a mapping (offload_ratio, latency_ms, energy_mj), got {budget!r}")
-    return RoutingConfig(**{**values, "budget": Budget(**budget)})
+    limits = {}
+    for key in ("budget", "constrained"):
+        found = values.get(key) or {}
+        if not isinstance(found, dict):
+            raise UserError(f"'routing.{key}' must be a mapping (offload_ratio, latency_ms, energy_mj), got {found!r}")
+        limits[key] = Budget(**found)
+    return RoutingConfig(**{**values, **limits})
 
 
 @dataclass
@@ -738,7 +754,8 @@ def _start_stage(run_: PreparedRun, stage: Stage, header: str, store) -> bool | 
             os.makedirs(folder, exist_ok=True)
             store.link(folder, local)
     print(f"{header}: {'resuming from its last checkpoint' if resume else 'running'} ({folder})", flush=True)
-    record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config}
+    # `started`: wall-clock start of the process run that trains it (a resumed stage counts from its resume)
+    record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config, "started": time.time()}
     save_record(layout, record)
     return resume
 
@@ -746,7 +763,10 @@ def _start_stage(run_: PreparedRun, stage: Stage, header: str, store) -> bool | 
 def _finish_stage(run_: PreparedRun, stage: Stage, store) -> None:
     if store is not None:
         store.mark_done(stage)
-    run_.record[stage.name]["done"] = True
+    entry = run_.record[stage.name]
+    entry["done"] = True
+    if "started" in entry:  # the minutes a stage costs, for the docs' "minutes per seed" (stages.json)
+        entry["seconds"] = round(time.time() - entry["started"], 1)
     save_record(run_.layout, run_.record)
 
 
