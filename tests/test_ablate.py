@@ -367,7 +367,7 @@ def _plan_shipped(path: Path, seeds: list[int] | None = None, store: Path | None
     return plan(args)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem != "evidence"], ids=lambda p: p.stem)
 def test_every_shipped_ablation_plans_on_cpu(path, tmp_path, monkeypatch, capsys):
     """`ablate --dry_run` of every shipped grid (one seed, GPU configs included): every cell resolves."""
     monkeypatch.chdir(REPO)
@@ -384,12 +384,11 @@ def _distinct(runs) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("name", ["evidence", "evidence_gpu"])
-def test_evidence_grid_trains_one_generalist_and_base_per_seed(name, tmp_path, monkeypatch):
+def test_evidence_grid_trains_one_generalist_and_base_per_seed(tmp_path, monkeypatch):
     """Across its cells the evidence grid trains each seed's generalist and base model once, the static experts
     once per seed and partition (the static cells and the budget point train nothing of their own)."""
     monkeypatch.chdir(REPO)
-    path = REPO / "configs" / "ablations" / f"{name}.yaml"
+    path = REPO / "configs" / "ablations" / "evidence.yaml"  # (planned with all its seeds: also its dry run)
     spec = yaml.safe_load(path.read_text())
     _, runs, _ = _plan_shipped(path, store=tmp_path)
     seeds, methods = spec["seeds"], spec["grid"]["partition.method"]

@@ -20,7 +20,7 @@ def tiny_pipeline(folder: Path, **changes) -> Path:
     """The tiny pipeline of test_pipeline (micro ViTs, one epoch), with 2 experts and no static baseline."""
     path = write_configs(folder)
     config = yaml.safe_load(path.read_text())
-    config.update(static_baseline=False, **changes)
+    config.update({"static_baseline": False, **changes})
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -30,6 +30,22 @@ def planned(argv: list[str]) -> dict[str, dict]:
     settings = parser().parse_args(argv)
     prepared = prepare(settings, False, explicit_data=explicit_data_keys(argv), dry_run=True)
     return {stage.name: stage.config for stage in prepared.stages}
+
+
+def test_specialization_args_reach_the_strategys_experts_only(tmp_path):
+    config = tiny_pipeline(tmp_path, static_baseline=True)
+    argv = ["--config", str(config), "--out", str(tmp_path / "run")]
+    default = planned(argv)
+    tuned = planned([*argv, "--specialization_args", '{"floor": 0.2, "decay_end": 0.5}'])
+    assert tuned["experts/progressive/0"]["specialization"]["init_args"]["floor"] == 0.2
+    assert tuned["experts/progressive/0"]["specialization"]["init_args"]["decay_end"] == 0.5
+    assert default["experts/progressive/0"]["specialization"]["init_args"]["floor"] == 0.05
+    # the static baseline is the same stage either way (an ablation store shares it between the two)
+    assert tuned["experts/static/0"] == default["experts/static/0"]
+    assert tuned["generalist"] == default["generalist"] and tuned["base"] == default["base"]
+    code_args = [*argv, "--specialization_args", '{"flor": 0.2}']
+    with pytest.raises(Exception, match="flor"):
+        planned(code_args)
 
 
 # -- which data settings a stage gets ----------------------------------------------------------------------

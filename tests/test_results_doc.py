@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -55,3 +56,58 @@ def test_blocks_are_filled_and_claims_computed(tmp_path):
     assert "| latency vs running the base model on the edge | -45.00 % | -50.00 ± 0.00 % (2 seeds) | yes |" in text
     assert "| edge energy vs offloading every image | -46.00 % | +50.00 ± 0.00 % (2 seeds) | no, the opposite |" in text
     assert (doc.parent / "results" / "partitions_stand_in.png").read_bytes() == b"png"
+
+
+def evidence_rows() -> list[dict]:
+    rows = []
+    for seed in (0, 1):
+        for method in ("superclass", "confusion"):
+            for spec in ("progressive", "static"):
+                for expert in range(2):
+                    row = {
+                        "partition.method": method, "specialization": spec, "seed": seed,
+                        "expert": f"{spec}_{expert}", "subset_test_acc": 0.6 + 0.01 * seed,
+                        "generalist_subset_test_acc": 0.4, "system_acc": 0.5 + 0.01 * seed, "offload_ratio": 0.3,
+                        "latency_ms": 3.0, "energy_mj": 12.0, "routing_acc": 0.9, "edge_only_acc": 0.4,
+                        "base_acc": 0.5 - 0.01 * seed, "edge_medium_latency_ms": 6.0, "full_offload_energy_mj": 24.0,
+                    }  # fmt: skip
+                    if spec == "progressive":  # only runs with static experts beside their own carry claims
+                        row.update(static_subset_test_acc=0.58, static_system_acc=0.49)
+                    rows.append(row)
+    return rows
+
+
+def test_evidence_blocks_minutes_and_the_readme_headline(tmp_path):
+    evidence = tmp_path / "evidence"
+    columns = ["partition.method", "specialization"]
+    evidence.mkdir()
+    (evidence / "results.csv").write_text(results.csv_text(evidence_rows(), results.header(columns)))
+    (evidence / "results.png").write_bytes(b"png")
+    whole = {"generalist": 120.0, "base": 900.0, **{f"experts/progressive/{i}": 90.0 for i in range(2)}}
+    for seed in (0, 1):
+        for cell, seconds, trained in (("a", 1300.0, whole), ("b", 200.0, {"experts/progressive/0": 90.0})):
+            folder = evidence / "cells" / cell / f"seed{seed}"
+            folder.mkdir(parents=True)
+            record = {"seed": seed, "rows": [{}], "seconds": seconds, "trained_seconds": trained}
+            (folder / "cell.json").write_text(json.dumps(record))
+    doc = tmp_path / "docs" / "results.md"
+    (doc.parent / "results").mkdir(parents=True)
+    blocks = ["evidence_claims", "evidence_table", "evidence_models", "evidence_minutes"]
+    doc.write_text("".join(f"<!-- generated:{b} -->\nSTALE\n<!-- /generated:{b} -->\n" for b in blocks))
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- generated:evidence_headline -->\nSTALE\n<!-- /generated:evidence_headline -->\nend\n")
+    script = [sys.executable, str(REPO / "experiments" / "results_doc.py"), "--doc", str(doc)]
+    script += ["--evidence", str(evidence), "--runs", str(tmp_path / "none"), "--readme", str(readme)]
+    done = subprocess.run(script, check=True, capture_output=True, text=True)
+    assert "evidence" in done.stdout
+    text = doc.read_text()
+    assert "STALE" not in text
+    # experts vs static on own classes: 0.60 - 0.58 and 0.61 - 0.58 -> +2.50 ± 0.71 points over 2 seeds
+    assert "| experts vs static experts, own classes | points | +4.12 | +2.50 ± 0.71 (yes) [2] |" in text
+    assert "| latency vs edge execution | % | -45.00 | -50.00 ± 0.00 (yes) [2] |" in text
+    # minutes: both cells of a seed; the whole pipeline run is cell a (generalist + base + experts)
+    assert "| 0 | 2 | 25.0 | 21.7 | 2.0 | 15.0 | 3.0 (2 x 1.5) |" in text
+    assert "| 1 | 40.00 | 49.00 | +9.00 |" in text  # generalist 40 %, base 49 % on seed 1
+    assert (doc.parent / "results" / "evidence_stand_in.csv").read_text().startswith("partition.method,")
+    headline = readme.read_text()
+    assert headline.startswith("top\n") and headline.endswith("end\n") and "+2.50 ± 0.71 (yes) [2]" in headline
