@@ -3,7 +3,9 @@
     make evidence ablations            # runs (or, when finished, just re-reads) the ablations
     python experiments/results_doc.py  # rewrites the blocks between <!-- generated:NAME --> markers
 
-Two families of blocks, each refilled when its ablation has results (the other is left as it is):
+Three families of blocks, each refilled when its results exist (the others are left as they are):
+- the accuracy/minutes candidates behind the evidence pipeline (benchmarks/evidence_scale.py's JSON, `--scale`)
+  and the routing alternatives chosen on validation (experiments/routing_search.py's table, `--routing`);
 - the evidence at CPU scale (`configs/ablations/evidence.yaml`, `--evidence`): the claims table
   (`askexpert.ablation.claims`, the same table `ablate` writes), the per-setting table, the models and the
   minutes per seed from each cell's `cell.json`; its results.csv and results.png are copied to
@@ -178,6 +180,23 @@ def models(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def scale_table(path: Path) -> str:
+    """The accuracy/minutes candidates behind the evidence pipeline (benchmarks/evidence_scale.py's JSON)."""
+    found = json.loads(path.read_text())["results"]
+    lines = [
+        "| candidate | parameters | epochs | best val acc % | val acc % by epoch | minutes | min / epoch | timed by |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for name, entry in found.items():
+        curve = " ".join(f"{100 * a:.0f}" for a in entry["val_acc"])
+        shared = ", machine shared" if entry.get("shared_machine") else ""
+        lines.append(
+            f"| {name} | {entry['params'] / 1e6:.2f} M | {entry['epochs']} | {100 * entry['best_val_acc']:.1f} | "
+            f"{curve} | {entry['wall_s'] / 60:.1f} | {entry['minutes_per_epoch']:.2f} | {entry['timed_by']}{shared} |"
+        )
+    return "\n".join(lines)
+
+
 def replace_block(text: str, name: str, body: str, where: str = "docs/results.md") -> str:
     pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
     if not pattern.search(text):
@@ -203,11 +222,28 @@ def main() -> None:
     parser.add_argument("--runs", default=str(REPO / "runs" / "ablations"), help="folder of the three ablations")
     parser.add_argument("--evidence", default=str(REPO / "runs" / "ablations" / EVIDENCE), help="evidence ablation")
     parser.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
+    parser.add_argument(
+        "--routing",
+        default=str(REPO / "docs" / "results" / "evidence_routing.md"),
+        help="experiments/routing_search.py's table",
+    )
+    parser.add_argument(
+        "--scale", default=str(REPO / "benchmarks" / "results" / "evidence_scale_cpu.json"), help="model candidates"
+    )
     parser.add_argument("--readme", default=str(REPO / "README.md"), help="README with the evidence_headline block")
     args = parser.parse_args()
     doc = Path(args.doc)
     text = doc.read_text()
     filled = []
+    scale = Path(args.scale)
+    if scale.is_file() and "<!-- generated:evidence_scale -->" in text:
+        text = replace_block(text, "evidence_scale", scale_table(scale))
+        shutil.copyfile(scale.with_suffix(".png"), doc.parent / "results" / "evidence_scale_cpu.png")
+        filled.append("evidence_scale")
+    routing = Path(args.routing)
+    if routing.is_file() and "<!-- generated:evidence_routing -->" in text:
+        text = replace_block(text, "evidence_routing", routing.read_text())
+        filled.append("evidence_routing")
     evidence = Path(args.evidence)
     if (evidence / "results.csv").is_file():
         text, claims_md = fill_evidence(text, evidence, doc.parent / "results")

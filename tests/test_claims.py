@@ -110,3 +110,18 @@ def test_settings_without_a_static_comparison_get_no_claims_column():
     assert claims.markdown(rows, ["partition.method"]) is None
     assert claims.verdict(1.0, 2.0, 4.12) == "unclear (within 1 std)"
     assert claims.verdict(-3.0, 1.0, 4.12) == "no, the opposite"
+
+
+def test_break_even_offloads_follow_the_cost_models_arithmetic():
+    # edge only 1 ms / 5 mJ; at 50 % offload 4 ms / 15 mJ: one offloaded image adds 6 ms and 20 mJ
+    row = {
+        "seed": "0", "offload_ratio": "0.5", "latency_ms": "4.0", "edge_only_latency_ms": "1.0",
+        "edge_medium_latency_ms": "4.0", "energy_mj": "15.0", "edge_only_energy_mj": "5.0",
+        "full_offload_energy_mj": "25.0",
+    }  # fmt: skip
+    by_label = {claim.label: claim for claim in claims.CLAIMS}
+    # as fast as edge execution (4 ms) up to (4 - 1) / 6 = 50 % offloaded
+    assert by_label["latency: break-even offload"].value(row) == pytest.approx(50.0)
+    # 46 % below full offload is 13.5 mJ: (13.5 - 5) / 20 = 42.5 % offloaded at most
+    assert by_label["energy: offload for the paper's -46 %"].value(row) == pytest.approx(42.5)
+    assert by_label["latency: break-even offload"].value({**row, "offload_ratio": "0"}) is None

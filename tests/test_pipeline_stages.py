@@ -43,9 +43,10 @@ def test_specialization_args_reach_the_strategys_experts_only(tmp_path):
     # the static baseline is the same stage either way (an ablation store shares it between the two)
     assert tuned["experts/static/0"] == default["experts/static/0"]
     assert tuned["generalist"] == default["generalist"] and tuned["base"] == default["base"]
-    code_args = [*argv, "--specialization_args", '{"flor": 0.2}']
-    with pytest.raises(Exception, match="flor"):
-        planned(code_args)
+    from askexpert.errors import UserError
+
+    with pytest.raises(UserError, match="stage experts/progressive/0: .*'flor' is not accepted"):
+        planned([*argv, "--specialization_args", '{"flor": 0.2}'])
 
 
 # -- which data settings a stage gets ----------------------------------------------------------------------

@@ -46,6 +46,30 @@ def _percent(a: str) -> Callable[[dict], float | None]:
     return value
 
 
+def _break_even(limit: Callable[[dict], float | None], key: str) -> Callable[[dict], float | None]:
+    """The offload ratio (%) at which `key` (latency_ms or energy_mj) reaches `limit(row)`, from the cost
+    model's arithmetic: edge-only cost + offload ratio x the cost of one offloaded image (every expert of a run
+    has the same architecture, so one offload costs the same whichever expert takes it)."""
+
+    def value(row: dict) -> float | None:
+        edge, total = number(row.get(f"edge_only_{key}")), number(row.get(key))
+        offload, target = number(row.get("offload_ratio")), limit(row)
+        if None in (edge, total, offload, target) or not offload or total <= edge:
+            return None
+        per_offload = (total - edge) / offload
+        return 100 * min(1.0, max(0.0, (target - edge) / per_offload))
+
+    return value
+
+
+def _scaled(key: str, factor: float) -> Callable[[dict], float | None]:
+    def value(row: dict) -> float | None:
+        x = number(row.get(key))
+        return None if x is None else factor * x
+
+    return value
+
+
 @dataclass(frozen=True)
 class Claim:
     label: str
@@ -105,6 +129,20 @@ CLAIMS = (
         "accuracy with every offloaded image sent to its true class's expert, minus the system's",
         "points",
         _points("oracle_acc", "system_acc"),
+    ),
+    Claim(
+        "latency: break-even offload",
+        "the largest share of images the system may offload and still be as fast as edge execution, from the "
+        "cost model (edge-only latency + share x the latency of one offloaded image)",
+        "%",
+        _break_even(_scaled("edge_medium_latency_ms", 1.0), "latency_ms"),
+    ),
+    Claim(
+        "energy: offload for the paper's -46 %",
+        "the largest share of images the system may offload and still use 46 % less edge energy than full "
+        "offload, from the cost model",
+        "%",
+        _break_even(_scaled("full_offload_energy_mj", 1 + PAPER["energy"] / 100), "energy_mj"),
     ),
     Claim("base model", "the all-class base model's test accuracy (full offload)", "%", _percent("base_acc")),
     Claim("generalist", "the generalist alone (edge only)", "%", _percent("edge_only_acc")),

@@ -38,6 +38,8 @@ CONTEXT = [
     "constrained_budget",
     "calib_system_acc",
     "calib_static_system_acc",
+    "edge_only_latency_ms",
+    "edge_only_energy_mj",
 ]
 # per-setting table columns: (csv column, header, scale)
 TABLE = [
@@ -95,6 +97,8 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         # the selected point scored on the split that chose it: what tuning compares (never test)
         "calib_system_acc": calib.get("acc", ""),
         "calib_static_system_acc": calib.get("static_experts_acc", ""),
+        "edge_only_latency_ms": get("edge_only", "latency_ms"),
+        "edge_only_energy_mj": get("edge_only", "energy_mj"),
     }
     # static experts of the same run, by index: expert i and static expert i own the same classes
     static = {e["name"].rsplit("_", 1)[-1]: e for e in report.get("static_experts") or []}

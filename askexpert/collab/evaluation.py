@@ -10,6 +10,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 import torch
 
@@ -137,6 +138,121 @@ def expert_families(specialization: str, static_baseline: bool) -> list[str]:
     return families
 
 
+@dataclass
+class LoadedRun:
+    """A finished run's models as cached logits, wired into a `CollaborativeSystem` (no routing chosen yet)."""
+
+    layout: RunLayout
+    datamodule: ImageDataModule
+    partition: Partition
+    profile: Any
+    cost_model: CostModel
+    generalist: dict
+    base: dict
+    families: dict[str, list[dict]]  # expert family (strategy name, "static") -> per expert: cached logits + meta
+    specialization: str
+    system: CollaborativeSystem
+
+    def model_cost(self, meta: dict):
+        size = meta.get("image_size") or self.datamodule.hparams.image_size
+        return model_cost(self.profile, meta["model_name"], meta["num_outputs"], size)
+
+    def expert_set(self, family: str) -> ExpertSet:
+        members = self.families[family]
+        costs = [self.cost_model.offload(self.model_cost(m["meta"])) for m in members]
+        return ExpertSet(family, [m["logits"] for m in members], costs)
+
+
+def _run_logits(layout: RunLayout, name: str, stage_dir: str, expert, partition, datamodule, splits) -> dict:
+    """One model's cached logits (computed and cached when missing), after checking its checkpoint's kind."""
+    checkpoint = _require(layout.best(stage_dir), f"{name} checkpoint")
+    check_checkpoint_kind(checkpoint, name, expert, partition, layout.partition, datamodule)
+    return cached_logits(name, checkpoint, datamodule, splits, layout.logits, layout.shared_logits)
+
+
+def load_run(
+    layout: RunLayout,
+    data: dict,
+    specialization: str,
+    static_baseline: bool,
+    profile_path: str,
+    num_experts: int | None = None,
+) -> LoadedRun:
+    """Every model of a finished run as cached logits (computing and caching any missing ones), checked against
+    the partition and the data, with the system they make. Many routing settings can then be evaluated on it
+    (`LoadedRun.system.evaluate`) for the cost of one load."""
+    profile = load_profile(profile_path)
+    datamodule = ImageDataModule(**data)
+    partition = Partition.load(_require(layout.partition, "partition artefact"))
+    partition.check_classes(datamodule.class_names, "the run's data")
+    if num_experts is not None and partition.num_experts != num_experts:
+        raise UserError(
+            f"{layout.partition} has {partition.num_experts} experts but the run was made with {num_experts}"
+        )
+    datamodule.setup()
+    # the calibration split's logits too when there is one: the router's temperature and τ come from it
+    splits = (*SPLITS, CALIB) if datamodule.split_sizes().get(CALIB) else SPLITS
+    generalist = _run_logits(layout, "generalist", layout.stage_dir("generalist"), None, partition, datamodule, splits)
+    base = _run_logits(layout, "base", layout.stage_dir("base"), None, partition, datamodule, splits)
+    families = {}
+    for family in expert_families(specialization, static_baseline):
+        families[family] = []
+        for i in range(partition.num_experts):
+            name = f"{family}_{i}"
+            found = _run_logits(layout, name, layout.expert_dir(family, i), i, partition, datamodule, splits)
+            check_expert_classes(found["meta"].get("subset"), partition, i, name, layout.partition)
+            families[family].append(found)
+    # the edge sends the stored image (its bytes are the transfer); each model computes at its own input size
+    image_shape = tuple(datamodule.tensors("test")[0].shape[1:])
+    run = LoadedRun(
+        layout, datamodule, partition, profile, CostModel(profile, image_shape), generalist, base, families,
+        specialization, system=None,
+    )  # fmt: skip
+    run.system = CollaborativeSystem(
+        generalist=generalist["logits"],
+        labels=generalist["labels"],
+        coverage=partition.coverage(),
+        experts=run.expert_set(specialization),
+        cost_model=run.cost_model,
+        generalist_cost=run.model_cost(generalist["meta"]),
+        base=base["logits"],
+        base_cost=run.model_cost(base["meta"]),
+        static_experts=run.expert_set(STATIC) if STATIC in families else None,
+    )
+    return run
+
+
+def accuracy_on_test(found: dict) -> float:
+    """A model's test accuracy from its cached logits."""
+    return float((found["logits"]["test"].argmax(-1) == found["labels"]["test"]).double().mean())
+
+
+def expert_entries(run: LoadedRun, family: str) -> list[dict]:
+    """The report's entry of every expert of `family`: classes, model, accuracy on its own classes."""
+    entries = []
+    labels = run.generalist["labels"]["test"]
+    for i, member in enumerate(run.families[family]):
+        meta = member["meta"]
+        own, generalist_own = run.system.subset_accuracy(run.expert_set(family), i)
+        classes = run.partition.classes_of(i)
+        entries.append(
+            {
+                "name": f"{family}_{i}",
+                "classes": classes,
+                "class_names": [run.datamodule.class_names[c] for c in classes],
+                "strategy": family,
+                "init": meta.get("init"),
+                "model_name": meta["model_name"],
+                "params": meta["params"],
+                "subset_test_acc": own,
+                "generalist_subset_test_acc": generalist_own,
+                "subset_test_images": images_of(labels, classes),
+                "test_acc": accuracy_on_test(member),
+            }
+        )
+    return entries
+
+
 def evaluate_run(
     layout: RunLayout,
     data: dict,
@@ -149,92 +265,23 @@ def evaluate_run(
 ) -> dict:
     """The report dictionary of a finished run (computing and caching any missing logits), opening with its
     sanity findings (`collab/sanity.py`)."""
-    profile = load_profile(profile_path)
-    datamodule = ImageDataModule(**data)
-    routing.check(datamodule.num_classes)
-    partition = Partition.load(_require(layout.partition, "partition artefact"))
-    partition.check_classes(datamodule.class_names, "the run's data")
-    if num_experts is not None and partition.num_experts != num_experts:
-        raise UserError(
-            f"{layout.partition} has {partition.num_experts} experts but the run was made with {num_experts}"
-        )
-    datamodule.setup()
-    # the calibration split's logits too when there is one: the router's temperature and τ come from it
-    splits = (*SPLITS, CALIB) if datamodule.split_sizes().get(CALIB) else SPLITS
+    routing.check(ImageDataModule(**data).num_classes)
+    run = load_run(layout, data, specialization, static_baseline, profile_path, num_experts)
+    return run_report(run, routing, seed)
 
-    def logits_of(name: str, stage_dir: str, expert: int | None = None) -> dict:
-        checkpoint = _require(layout.best(stage_dir), f"{name} checkpoint")
-        check_checkpoint_kind(checkpoint, name, expert, partition, layout.partition, datamodule)
-        return cached_logits(name, checkpoint, datamodule, splits, layout.logits, layout.shared_logits)
 
-    generalist = logits_of("generalist", layout.stage_dir("generalist"))
-    base = logits_of("base", layout.stage_dir("base"))
-    families = {}
-    for family in expert_families(specialization, static_baseline):
-        families[family] = []
-        for i in range(partition.num_experts):
-            found = logits_of(f"{family}_{i}", layout.expert_dir(family, i), expert=i)
-            check_expert_classes(found["meta"].get("subset"), partition, i, f"{family}_{i}", layout.partition)
-            families[family].append(found)
-
-    # the edge sends the stored image (its bytes are the transfer); each model computes at its own input size
-    image_shape = tuple(datamodule.tensors("test")[0].shape[1:])
-    cost_model = CostModel(profile, image_shape)
-
-    def cost(meta: dict):
-        size = meta.get("image_size") or datamodule.hparams.image_size
-        return model_cost(profile, meta["model_name"], meta["num_outputs"], size)
-
-    def expert_set(family: str) -> ExpertSet:
-        members = families[family]
-        return ExpertSet(family, [m["logits"] for m in members], [cost_model.offload(cost(m["meta"])) for m in members])
-
-    system = CollaborativeSystem(
-        generalist=generalist["logits"],
-        labels=generalist["labels"],
-        coverage=partition.coverage(),
-        experts=expert_set(specialization),
-        cost_model=cost_model,
-        generalist_cost=cost(generalist["meta"]),
-        base=base["logits"],
-        base_cost=cost(base["meta"]),
-        static_experts=expert_set(STATIC) if STATIC in families else None,
-    )
-    result = system.evaluate(routing)
-
-    def test_acc(found: dict) -> float:
-        return float((found["logits"]["test"].argmax(-1) == found["labels"]["test"]).double().mean())
-
-    def expert_entries(family: str) -> list[dict]:
-        entries = []
-        for i, member in enumerate(families[family]):
-            meta = member["meta"]
-            own, generalist_own = system.subset_accuracy(expert_set(family), i)
-            classes = partition.classes_of(i)
-            entries.append(
-                {
-                    "name": f"{family}_{i}",
-                    "classes": classes,
-                    "class_names": [datamodule.class_names[c] for c in classes],
-                    "strategy": family,
-                    "init": meta.get("init"),
-                    "model_name": meta["model_name"],
-                    "params": meta["params"],
-                    "subset_test_acc": own,
-                    "generalist_subset_test_acc": generalist_own,
-                    "subset_test_images": images_of(generalist["labels"]["test"], classes),
-                    "test_acc": test_acc(member),
-                }
-            )
-        return entries
-
-    described = datamodule.describe()
-    profile_entry = {**profile.describe(), "path": in_run(profile.path, layout.root)}
+def run_report(run: LoadedRun, routing: RoutingConfig, seed: int) -> dict:
+    """The report dictionary of a loaded run under `routing`, opening with its sanity findings."""
+    routing.check(run.datamodule.num_classes)
+    result = run.system.evaluate(routing)
+    described = run.datamodule.describe()
+    profile_entry = {**run.profile.describe(), "path": in_run(run.profile.path, run.layout.root)}
     models = {
-        "generalist": generalist["meta"],
-        "base": base["meta"],
-        **{f: fs[0]["meta"] for f, fs in families.items()},
+        "generalist": run.generalist["meta"],
+        "base": run.base["meta"],
+        **{f: fs[0]["meta"] for f, fs in run.families.items()},
     }
+    has_static = STATIC in run.families and run.specialization != STATIC
     report = {
         "data": {
             "source": described["source"],
@@ -247,31 +294,31 @@ def evaluate_run(
             "stand_in": described["stand_in"],
         },
         "generalist": {
-            "model_name": generalist["meta"]["model_name"],
-            "params": generalist["meta"]["params"],
-            "test_acc": test_acc(generalist),
+            "model_name": run.generalist["meta"]["model_name"],
+            "params": run.generalist["meta"]["params"],
+            "test_acc": accuracy_on_test(run.generalist),
         },
         "base": {
-            "model_name": base["meta"]["model_name"],
-            "params": base["meta"]["params"],
-            "test_acc": test_acc(base),
+            "model_name": run.base["meta"]["model_name"],
+            "params": run.base["meta"]["params"],
+            "test_acc": accuracy_on_test(run.base),
         },
         "partition": {
-            "path": in_run(layout.partition, layout.root),
-            "method": partition.method,
-            "num_experts": partition.num_experts,
+            "path": in_run(run.layout.partition, run.layout.root),
+            "method": run.partition.method,
+            "num_experts": run.partition.num_experts,
         },
-        "experts": expert_entries(specialization),
-        "static_experts": expert_entries(STATIC) if STATIC in families and specialization != STATIC else [],
+        "experts": expert_entries(run, run.specialization),
+        "static_experts": expert_entries(run, STATIC) if has_static else [],
         **result,
         "costs": {
             "profile": profile_entry,
-            "image_bytes": cost_model.image_bytes,
+            "image_bytes": run.cost_model.image_bytes,
             "models": {
-                name: {k: v for k, v in vars(cost(meta)).items() if k != "name"}
+                name: {k: v for k, v in vars(run.model_cost(meta)).items() if k != "name"}
                 | {
                     "model_name": meta["model_name"],
-                    "image_size": meta.get("image_size") or datamodule.hparams.image_size,
+                    "image_size": meta.get("image_size") or run.datamodule.hparams.image_size,
                 }
                 for name, meta in models.items()
             },
