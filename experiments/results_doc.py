@@ -205,16 +205,18 @@ def replace_block(text: str, name: str, body: str, where: str = "docs/results.md
 
 
 def fill_evidence(text: str, folder: Path, figures: Path) -> tuple[str, str]:
-    """The evidence blocks of docs/results.md, and the claims table (for the README)."""
+    """The evidence blocks of docs/results.md, and the short claims table (for the README)."""
     columns, rows = load(folder)
-    claims_md = claim_table.markdown(rows, columns) or "No setting of this grid has a static-expert comparison."
+    none = "No setting of this grid has a static-expert comparison."
+    claims_md = claim_table.markdown(rows, columns) or none
+    headline = claim_table.markdown(rows, columns, only=claim_table.HEADLINE) or none
     shutil.copyfile(folder / "results.png", figures / f"{EVIDENCE}_stand_in.png")
     shutil.copyfile(folder / "results.csv", figures / f"{EVIDENCE}_stand_in.csv")
     text = replace_block(text, "evidence_claims", claims_md)
     text = replace_block(text, "evidence_table", table(columns, rows))
     text = replace_block(text, "evidence_models", models(rows))
     text = replace_block(text, "evidence_minutes", minutes(cell_records(folder)))
-    return text, claims_md
+    return text, headline
 
 
 def main() -> None:
@@ -246,10 +248,10 @@ def main() -> None:
         filled.append("evidence_routing")
     evidence = Path(args.evidence)
     if (evidence / "results.csv").is_file():
-        text, claims_md = fill_evidence(text, evidence, doc.parent / "results")
+        text, headline = fill_evidence(text, evidence, doc.parent / "results")
         readme = Path(args.readme)
         if readme.is_file() and "<!-- generated:evidence_headline -->" in readme.read_text():
-            readme.write_text(replace_block(readme.read_text(), "evidence_headline", claims_md, str(readme)))
+            readme.write_text(replace_block(readme.read_text(), "evidence_headline", headline, str(readme)))
         filled.append(EVIDENCE)
     for name in ABLATIONS:
         folder = Path(args.runs) / name

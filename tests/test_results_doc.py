@@ -111,3 +111,4 @@ def test_evidence_blocks_minutes_and_the_readme_headline(tmp_path):
     assert (doc.parent / "results" / "evidence_stand_in.csv").read_text().startswith("partition.method,")
     headline = readme.read_text()
     assert headline.startswith("top\n") and headline.endswith("end\n") and "+2.50 ± 0.71 (yes) [2]" in headline
+    assert "| generalist |" in text and "| generalist |" not in headline  # the README's table is the short one

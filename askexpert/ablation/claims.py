@@ -199,9 +199,25 @@ def settings_with_claims(rows: list[dict], columns: list[str]) -> dict[tuple, li
     return {k: v for k, v in grouped.items() if any(number(r.get("static_system_acc")) is not None for r in v)}
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str | None:
-    """The claims table (rows: claims; columns: the paper, then each setting), or None when no setting has
-    the comparisons."""
+# The rows of the short table (the README's headline): the paper's four figures, then what explains them.
+HEADLINE = (
+    "experts vs static experts, own classes",
+    "system vs static-expert system",
+    "latency vs edge execution",
+    "edge energy vs full offload",
+    "system accuracy",
+    "offloaded",
+    "routing accuracy",
+    "under budget: system accuracy",
+    "under budget: vs static-expert system",
+    "under budget: latency vs edge execution",
+    "under budget: edge energy vs full offload",
+)
+
+
+def markdown(rows: list[dict], columns: list[str], only: tuple[str, ...] | None = None) -> str | None:
+    """The claims table (rows: claims, or those labelled in `only`; columns: the paper, then each setting) with
+    its legend and definitions, or None when no setting has the comparisons."""
     settings = settings_with_claims(rows, columns)
     if not settings:
         return None
@@ -212,6 +228,8 @@ def markdown(rows: list[dict], columns: list[str]) -> str | None:
     ]
     notes = []
     for claim in CLAIMS:
+        if only is not None and claim.label not in only:
+            continue
         cells = []
         for setting_rows in settings.values():
             values = per_seed(setting_rows, claim)
