@@ -66,6 +66,11 @@ def test_ablation_rows_carry_the_static_twin_and_the_budgeted_point(constrained_
         assert row["constrained_static_acc"] == report["constrained"]["static_experts"]["acc"]
         assert row["constrained_budget"] == "offload <= 30 %"
         assert row["base_acc"] == report["baselines"]["full_offload"]["acc"]
+        # accuracy on the classes it does not own, from its overall and own-class accuracy
+        n, own = report["data"]["test_size"], expert["subset_test_images"]
+        right_elsewhere = expert["test_acc"] * n - expert["subset_test_acc"] * own
+        assert row["other_test_acc"] == pytest.approx(right_elsewhere / (n - own))
+        assert 0.0 <= row["static_other_test_acc"] <= 1.0
     assert set(results.header(["partition.method"])) >= set(rows[0])
 
 

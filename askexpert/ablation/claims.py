@@ -116,6 +116,18 @@ CLAIMS = (
         "points",
         _points("subset_test_acc", "generalist_subset_test_acc"),
     ),
+    Claim(
+        "experts on the other experts' classes",
+        "an expert's accuracy on the test images of classes it does not own: what a misrouted image gets",
+        "%",
+        _percent("other_test_acc"),
+    ),
+    Claim(
+        "static experts on the other experts' classes",
+        "the same for the static expert of the same classes",
+        "%",
+        _percent("static_other_test_acc"),
+    ),
     Claim("system accuracy", "test accuracy at the operating point chosen on validation", "%", _percent("system_acc")),
     Claim("offloaded", "share of test images sent to the near-edge", "%", _percent("offload_ratio")),
     Claim(

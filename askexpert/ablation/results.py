@@ -40,6 +40,8 @@ CONTEXT = [
     "calib_static_system_acc",
     "edge_only_latency_ms",
     "edge_only_energy_mj",
+    "other_test_acc",
+    "static_other_test_acc",
 ]
 # per-setting table columns: (csv column, header, scale)
 TABLE = [
@@ -102,6 +104,8 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
     }
     # static experts of the same run, by index: expert i and static expert i own the same classes
     static = {e["name"].rsplit("_", 1)[-1]: e for e in report.get("static_experts") or []}
+    test_size = int(report["data"]["test_size"])
+    twins = [_static_twin(static, expert) for expert in report["experts"]]
     return [
         {
             **cell_columns,
@@ -109,17 +113,29 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
             "expert": expert["name"],
             "subset_test_acc": expert["subset_test_acc"],
             "generalist_subset_test_acc": expert["generalist_subset_test_acc"],
-            "static_subset_test_acc": _static_own(static, expert),
+            "static_subset_test_acc": twin["subset_test_acc"] if twin else "",
+            "other_test_acc": other_classes_accuracy(expert, test_size),
+            "static_other_test_acc": other_classes_accuracy(twin, test_size) if twin else "",
             **shared,
         }
-        for expert in report["experts"]
+        for expert, twin in zip(report["experts"], twins, strict=True)
     ]
 
 
-def _static_own(static: dict[str, dict], expert: dict):
-    """The static expert's accuracy on the same classes as `expert` ("" when the run has none)."""
+def _static_twin(static: dict[str, dict], expert: dict) -> dict | None:
+    """The static expert that owns the same classes as `expert` (None when the run has none)."""
     twin = static.get(expert["name"].rsplit("_", 1)[-1])
-    return twin["subset_test_acc"] if twin and twin["classes"] == expert["classes"] else ""
+    return twin if twin and twin["classes"] == expert["classes"] else None
+
+
+def other_classes_accuracy(expert: dict, test_size: int):
+    """An expert's test accuracy on the images of the classes it does not own: what it answers for an image
+    routed to it by mistake ("" for an expert that owns every class, or a report without the counts)."""
+    own_images = expert.get("subset_test_images")
+    if own_images is None or "test_acc" not in expert or test_size <= own_images:
+        return ""
+    right = expert["test_acc"] * test_size - expert["subset_test_acc"] * own_images
+    return right / (test_size - own_images)
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:
