@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,14 @@ TINY_ARGS = [
     "--trainer.log_every_n_steps",
     "1",
 ]
+
+
+def load_script(path: Path):
+    """A script of benchmarks/ or experiments/ as a module (they are not a package), to call its functions."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

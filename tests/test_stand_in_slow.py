@@ -6,19 +6,16 @@ Runs a reduced `benchmarks/stand_in_hierarchy.py` (the edge patch-8 ViT, all 100
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "stand_in_hierarchy.py"
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("stand_in_hierarchy", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCHMARK)
 
 
 @pytest.mark.slow

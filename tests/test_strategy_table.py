@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, load_script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("strategy_table", REPO / "experiments" / "strategy_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_strategy_table():
+    return load_script(REPO / "experiments" / "strategy_table.py")
 
 
 def test_strategy_table_writes_a_stand_in_table(tmp_path, monkeypatch):
-    script = load_script()
+    script = load_strategy_table()
     out, doc = tmp_path / "out", tmp_path / "table.md"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["strategy_table.py"])
