@@ -5,7 +5,8 @@
 
 Three families of blocks, each refilled when its results exist (the others are left as they are):
 - the accuracy/minutes candidates behind the evidence pipeline (benchmarks/evidence_scale.py's JSON, `--scale`)
-  and the routing alternatives chosen on validation (experiments/routing_search.py's table, `--routing`);
+  the routing alternatives chosen on validation (experiments/routing_search.py's table, `--routing`) and the
+  tuning grids' validation figures (`--tuning`);
 - the evidence at CPU scale (`configs/ablations/evidence.yaml`, `--evidence`): the claims table
   (`askexpert.ablation.claims`, the same table `ablate` writes), the per-setting table, the models and the
   minutes per seed from each cell's `cell.json`; its results.csv and results.png are copied to
@@ -197,6 +198,29 @@ def scale_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def tuning_table(folders: list[Path]) -> str:
+    """The tuning grids' validation figures only (the split that chose τ): what chose the evidence settings."""
+    lines = [
+        "| grid | setting | seeds | system acc on validation % | static-expert system there % | difference, points |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for folder in folders:
+        columns, rows = load(folder)
+        for entry in results.aggregate(rows, columns):
+            setting = ", ".join(f"{c}={entry[c]}" for c in columns)
+            match = {c: entry[c] for c in columns}
+            ours = per_seed(rows, "calib_system_acc", **match)
+            static = per_seed(rows, "calib_static_system_acc", **match)
+            if not ours:
+                continue
+            mean_ours, mean_static = statistics.fmean(ours.values()), statistics.fmean(static.values())
+            lines.append(
+                f"| {folder.name} | {setting} | {len(ours)} | {100 * mean_ours:.2f} | {100 * mean_static:.2f} | "
+                f"{100 * (mean_ours - mean_static):+.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def replace_block(text: str, name: str, body: str, where: str = "docs/results.md") -> str:
     pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
     if not pattern.search(text):
@@ -225,6 +249,12 @@ def main() -> None:
     parser.add_argument("--evidence", default=str(REPO / "runs" / "ablations" / EVIDENCE), help="evidence ablation")
     parser.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
+        "--tuning",
+        nargs="+",
+        default=[str(REPO / "runs" / "ablations" / n) for n in ("evidence_tuning", "evidence_tuning_steps")],
+        help="tuning ablations (their validation columns only)",
+    )
+    parser.add_argument(
         "--routing",
         default=str(REPO / "docs" / "results" / "evidence_routing.md"),
         help="experiments/routing_search.py's table",
@@ -246,6 +276,10 @@ def main() -> None:
     if routing.is_file() and "<!-- generated:evidence_routing -->" in text:
         text = replace_block(text, "evidence_routing", routing.read_text())
         filled.append("evidence_routing")
+    tuning = [Path(f) for f in args.tuning if (Path(f) / "results.csv").is_file()]
+    if tuning and "<!-- generated:evidence_tuning -->" in text:
+        text = replace_block(text, "evidence_tuning", tuning_table(tuning))
+        filled.append("evidence_tuning")
     evidence = Path(args.evidence)
     if (evidence / "results.csv").is_file():
         text, headline = fill_evidence(text, evidence, doc.parent / "results")

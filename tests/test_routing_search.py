@@ -11,12 +11,17 @@ def search():
     return load_script(REPO / "experiments" / "routing_search.py")
 
 
-def test_every_routing_of_a_run_is_scored_on_validation_and_test(search, tiny_pipeline_run):
+def test_every_routing_of_a_run_is_scored_on_validation_and_test(search, tiny_pipeline_run, monkeypatch):
     import json
 
     _, out = tiny_pipeline_run
+    assert len(search.GATES) * len(search.TOP_K) * len(search.FUSIONS) == 27
+    # two of the 27 (each costs a temperature fit and a sweep): the run's own and one other
+    monkeypatch.setattr(search, "GATES", ("max_prob",))
+    monkeypatch.setattr(search, "TOP_K", (1, 3))
+    monkeypatch.setattr(search, "FUSIONS", ("expert",))
     default, options = search.evaluate_cell(out)
-    assert len(options) == 27 and default["name"] in options
+    assert set(options) == {"max_prob/top1/expert", "max_prob/top3/expert"} and default["name"] in options
     report = json.loads((out / "report.json").read_text())
     # the run's own routing, evaluated again from its cached logits, gives the report's figures
     assert options[default["name"]]["test_acc"] == pytest.approx(report["selected"]["acc"])
