@@ -406,13 +406,16 @@ def test_evidence_grid_trains_one_generalist_and_base_per_seed(tmp_path, monkeyp
     assert all(len(pairs) == 1 for pairs in by_seed.values())  # every cell of a seed links the same two
 
 
-def test_evidence_tuning_shares_seed_0s_generalist_and_base_with_the_evidence_grid(tmp_path, monkeypatch):
+def test_evidence_tuning_shares_seed_0s_stages_with_the_evidence_grid(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     folder = REPO / "configs" / "ablations"
     _, evidence, _ = _plan_shipped(folder / "evidence.yaml", seeds=[0], store=tmp_path / "a")
     _, tuning, _ = _plan_shipped(folder / "evidence_tuning.yaml", store=tmp_path / "b")
-    assert {p.seed for p in tuning} == {0}
+    _, steps, _ = _plan_shipped(folder / "evidence_tuning_steps.yaml", store=tmp_path / "c")
+    assert {p.seed for p in tuning + steps} == {0}
     for kind in ("generalist", "base"):
-        assert _distinct(tuning)[kind] == _distinct(evidence)[kind]
-    # and its static experts are the evidence grid's (superclass partition)
-    assert _distinct(tuning)["experts"] & _distinct(evidence)["experts"]
+        assert _distinct(tuning)[kind] == _distinct(steps)[kind] == _distinct(evidence)[kind]
+    # the schedules were compared at 2 epochs: the steps grid's 2-epoch experts are the tuning grid's default cell
+    assert len(_distinct(tuning)["experts"] & _distinct(steps)["experts"]) == 8
+    # and its 4-epoch cell (the chosen steps) is the evidence grid's superclass cell: all 8 experts trained once
+    assert len(_distinct(steps)["experts"] & _distinct(evidence)["experts"]) == 8
