@@ -110,8 +110,8 @@ def test_claims_are_paired_per_seed_then_mean_and_std_over_seeds():
 
 def test_settings_without_a_static_comparison_get_no_claims_column():
     rows = _rows(0, 0.5, 0.4, (0.6,), (0.5,))
-    for row in rows:
-        row["static_system_acc"] = ""
+    for row in rows:  # as a `specialization: static` run: its "static baseline" is itself, no twin beside it
+        row["static_subset_test_acc"] = ""
     assert claims.markdown(rows, ["partition.method"]) is None
     assert claims.verdict(1.0, 2.0, 4.12) == "unclear (within 1 std)"
     assert claims.verdict(-3.0, 1.0, 4.12) == "no, the opposite"
