@@ -81,14 +81,15 @@ def at_mask(samples: RoutedSamples, offloaded: torch.Tensor, offload_correct: to
     }
 
 
-def check_budget(budget: dict[str, float | None] | None) -> dict[str, float]:
+def check_budget(budget: dict[str, float | None] | None, name: str = "budget") -> dict[str, float]:
+    """The limits that are set; `name` is the option they came from (routing.budget or routing.constrained)."""
     active = {key: value for key, value in (budget or {}).items() if value is not None}
     for key, value in active.items():
         if key not in BUDGETS:
-            raise UserError(f"unknown budget {key!r}; budgets: {', '.join(BUDGETS)}")
+            raise UserError(f"unknown {name} {key!r}; limits: {', '.join(BUDGETS)}")
         if value < 0 or (key == "offload_ratio" and value > 1):
             raise UserError(
-                f"budget {key} must be {'in [0, 1]' if key == 'offload_ratio' else 'non-negative'}, got {value}"
+                f"{name} {key} must be {'in [0, 1]' if key == 'offload_ratio' else 'non-negative'}, got {value}"
             )
     return active
 

@@ -92,7 +92,7 @@ class RoutingConfig:
         check_top_k(self.top_k, num_classes)
         check_fusion(self.fusion)
         check_budget(self.budget_dict())
-        check_budget(self.constrained_dict())
+        check_budget(self.constrained_dict(), "constrained budget")
 
     def budget_dict(self) -> dict[str, float]:
         return _active_limits(self.budget)
