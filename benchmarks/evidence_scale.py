@@ -118,6 +118,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result_path = Path(args.result)
     saved = json.loads(result_path.read_text()) if result_path.is_file() else {"results": {}}
+    if any("=" not in item for item in args.adopt):
+        parser.error("--adopt takes NAME=DIR (a candidate's name and the finished run folder made with its arguments)")
     adopted = dict(item.split("=", 1) for item in args.adopt)
     for name in adopted:
         if name not in CANDIDATES:

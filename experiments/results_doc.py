@@ -161,8 +161,10 @@ def minutes(records: list[dict]) -> str:
             continue
         trained = whole["trained_seconds"]
         experts = [v for k, v in trained.items() if k.startswith("experts/")]
+        resumed = " (a stage resumed: minutes before its interruption missing)" if whole.get("resumed") else ""
         lines.append(
-            f"| {seed} | {len(cells)} | {total:.1f} | {whole['seconds'] / 60:.1f} | {trained['generalist'] / 60:.1f} "
+            f"| {seed} | {len(cells)} | {total:.1f} | {whole['seconds'] / 60:.1f}{resumed} | "
+            f"{trained['generalist'] / 60:.1f} "
             f"| {trained['base'] / 60:.1f} | {sum(experts) / 60:.1f} ({len(experts)} x "
             f"{statistics.fmean(experts) / 60:.1f}) |"
         )
@@ -201,7 +203,8 @@ def scale_table(path: Path) -> str:
 def tuning_table(folders: list[Path]) -> str:
     """The tuning grids' validation figures only (the split that chose τ): what chose the evidence settings."""
     lines = [
-        "| grid | setting | seeds | system acc on validation % | static-expert system there % | difference, points |",
+        "| grid | setting | seeds | system acc on the split that chose τ % | static-expert system there % | "
+        "difference, points |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for folder in folders:
@@ -213,11 +216,13 @@ def tuning_table(folders: list[Path]) -> str:
             static = per_seed(rows, "calib_static_system_acc", **match)
             if not ours:
                 continue
-            mean_ours, mean_static = statistics.fmean(ours.values()), statistics.fmean(static.values())
-            lines.append(
-                f"| {folder.name} | {setting} | {len(ours)} | {100 * mean_ours:.2f} | {100 * mean_static:.2f} | "
-                f"{100 * (mean_ours - mean_static):+.2f} |"
-            )
+            mean_ours = statistics.fmean(ours.values())
+            if static:
+                mean_static = statistics.fmean(static.values())
+                versus = f"{100 * mean_static:.2f} | {100 * (mean_ours - mean_static):+.2f}"
+            else:  # a grid without static experts beside its own
+                versus = "– | –"
+            lines.append(f"| {folder.name} | {setting} | {len(ours)} | {100 * mean_ours:.2f} | {versus} |")
     return "\n".join(lines)
 
 
@@ -279,6 +284,8 @@ def main() -> None:
     tuning = [Path(f) for f in args.tuning if (Path(f) / "results.csv").is_file()]
     if tuning and "<!-- generated:evidence_tuning -->" in text:
         text = replace_block(text, "evidence_tuning", tuning_table(tuning))
+        for folder in tuning:  # the rows behind the table, committed with it
+            shutil.copyfile(folder / "results.csv", doc.parent / "results" / f"{folder.name}_stand_in.csv")
         filled.append("evidence_tuning")
     evidence = Path(args.evidence)
     if (evidence / "results.csv").is_file():

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from askexpert.ablation.results import mean_std  # noqa: E402
+from askexpert.collab.evaluation import STATIC  # noqa: E402
 
 GATES = ("max_prob", "margin", "entropy")
 TOP_K = (1, 3, 5)
@@ -54,13 +55,16 @@ def figures(result: dict) -> dict:
     }
 
 
-def evaluate_cell(folder: Path) -> tuple[dict, dict[str, dict]]:
-    """The default routing of a run and every alternative, each reduced to `figures`."""
+def evaluate_cell(folder: Path) -> tuple[dict, dict[str, dict]] | None:
+    """The run's own routing and every alternative, each reduced to `figures`; τ is always chosen on the
+    calibration split (also where the run was given one). None for a run without static experts beside its own."""
     from askexpert.collab.evaluation import RunLayout, load_run
     from askexpert.commands.evaluate import saved_settings
     from askexpert.commands.pipeline import recorded_profile, routing_config
 
     settings = saved_settings(str(folder))
+    if settings.specialization == STATIC or not settings.static_baseline:
+        return None
     layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
     run = load_run(
         layout,
@@ -70,8 +74,11 @@ def evaluate_cell(folder: Path) -> tuple[dict, dict[str, dict]]:
         recorded_profile(str(folder), settings.profile),
     )
     default = routing_config(settings.routing)
+    default.threshold = None  # chosen on the calibration split, like every alternative
+    combinations = [(default.gate, default.top_k, default.fusion)]  # the run's own, even when not in the grid
+    combinations += [c for c in itertools.product(GATES, TOP_K, FUSIONS) if c != combinations[0]]
     out = {}
-    for gate, top_k, fusion in itertools.product(GATES, TOP_K, FUSIONS):
+    for gate, top_k, fusion in combinations:
         routing = copy.deepcopy(default)
         routing.gate, routing.top_k, routing.fusion = gate, top_k, fusion
         out[f"{gate}/top{top_k}/{fusion}"] = figures(run.system.evaluate(routing))
@@ -149,11 +156,10 @@ def main() -> None:
     args = parser.parse_args()
     per_run = []
     for cell, seed, folder in finished_cells(Path(args.ablation)):
-        if cell.get("specialization", "progressive") == "static":
+        found = evaluate_cell(folder)
+        if found is None:
             continue  # the claims' settings only: runs with static experts beside their own
-        default, options = evaluate_cell(folder)
-        if all(o["static_acc"] is None for o in options.values()):
-            continue
+        default, options = found
         per_run.append((cell, seed, default["name"], options))
         print(f"{folder}: {len(options)} routings", flush=True)
     if not per_run:

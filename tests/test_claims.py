@@ -97,7 +97,7 @@ def test_claims_are_paired_per_seed_then_mean_and_std_over_seeds():
     lines = table.splitlines()
     assert lines[0] == "| claim | unit | paper | partition.method=superclass | partition.method=confusion |"
     subsets = next(line for line in lines if line.startswith("| experts vs static experts, own classes"))
-    assert "+4.12" in subsets and "+5.00 ± 0.00 (yes) [2]" in subsets and "+0.00 (no, the opposite) [1]" in subsets
+    assert "+4.12" in subsets and "+5.00 ± 0.00 (yes) [2]" in subsets and "+0.00 (one seed: no spread) [1]" in subsets
     system = next(line for line in lines if line.startswith("| system vs static-expert system"))
     assert f"+2.50 ± {math.sqrt(0.5):.2f} (yes) [2]" in system
     latency = next(line for line in lines if line.startswith("| latency vs edge execution"))
@@ -115,6 +115,8 @@ def test_settings_without_a_static_comparison_get_no_claims_column():
     assert claims.markdown(rows, ["partition.method"]) is None
     assert claims.verdict(1.0, 2.0, 4.12) == "unclear (within 1 std)"
     assert claims.verdict(-3.0, 1.0, 4.12) == "no, the opposite"
+    assert claims.verdict(0.0, 0.0, 4.12) == "unclear (within 1 std)"  # no difference at all is not "the opposite"
+    assert claims.verdict(2.0, None, 4.12) == "one seed: no spread"
 
 
 def test_break_even_offloads_follow_the_cost_models_arithmetic():
@@ -130,3 +132,25 @@ def test_break_even_offloads_follow_the_cost_models_arithmetic():
     # 46 % below full offload is 13.5 mJ: (13.5 - 5) / 20 = 42.5 % offloaded at most
     assert by_label["energy: offload for the paper's -46 %"].value(row) == pytest.approx(42.5)
     assert by_label["latency: break-even offload"].value({**row, "offload_ratio": "0"}) is None
+
+
+def test_a_cells_minutes_count_what_it_trained_in_any_invocation():
+    record = {
+        "generalist": {"done": True, "seconds": 100.0},  # trained here
+        "base": {"done": True},  # linked from another cell's store entry: not this cell's time
+        "experts/progressive/0": {"done": True, "seconds": 50.0, "resumed": True},
+    }
+    found = results.cell_minutes(record, evaluation_seconds=10.0)
+    assert found["trained_seconds"] == {"generalist": 100.0, "experts/progressive/0": 50.0}
+    assert found["seconds"] == 160.0 and found["evaluation_seconds"] == 10.0 and found["resumed"] is True
+
+
+def test_an_unset_constrained_point_leaves_a_cells_identity_as_it_was():
+    """Cells finished before `routing.constrained` existed must stay done: unset, it is not in the identity."""
+    from askexpert.commands.ablate import _routing_identity
+
+    before = {"gate": "max_prob", "threshold": None, "top_k": 3, "budget": {"offload_ratio": None}, "seed": 0}
+    unset = {**before, "constrained": {"offload_ratio": None, "latency_ms": None, "energy_mj": None}}
+    assert _routing_identity(unset) == before
+    chosen = {**before, "constrained": {"offload_ratio": 0.25, "latency_ms": None, "energy_mj": None}}
+    assert _routing_identity(chosen) == chosen

@@ -336,6 +336,11 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
             ["overlap read validation data"],
         ),
         (["--data.val_fraction", "0"], ["need a validation split"]),
+        (  # a given threshold and no temperature, but a constrained point to choose: it needs the split too
+            ["--data.val_fraction", "0", "--routing.threshold", "0.5", "--routing.temperature", "false"]
+            + ["--routing.constrained.offload_ratio", "0.25"],
+            ["need a validation split", "no --routing.constrained"],
+        ),
         (["--routing.budget.latency_ms", "0.001"], ["budget.latency_ms 0.001 cannot be met"]),
         (["--data.image_size", "4"], ["stage generalist:", "vit_micro_patch8_32", "4x4 images"]),
         (["--routing", "3"], ["routing"]),

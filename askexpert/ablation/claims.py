@@ -197,8 +197,11 @@ def per_seed(rows: list[dict], claim: Claim) -> dict[str, float]:
 
 
 def verdict(mean: float, std: float | None, paper: float) -> str:
-    """Whether our figure goes the paper's way: beyond one standard deviation of the seeds, or not."""
-    if std is not None and abs(mean) <= std:
+    """Whether our figure goes the paper's way beyond one standard deviation of the seeds (one seed has no
+    spread to judge by)."""
+    if std is None:
+        return "one seed: no spread"
+    if abs(mean) <= std:
         return "unclear (within 1 std)"
     return "yes" if mean * paper > 0 else "no, the opposite"
 

@@ -11,7 +11,7 @@ import math
 import statistics
 from collections import defaultdict
 
-from askexpert.collab.report import limits_text
+from askexpert.collab.budgets import limits_text
 from askexpert.run_folder import atomic_path
 
 # The columns the issue asks for, then context for the research claims (baselines of the same run).
@@ -136,6 +136,19 @@ def other_classes_accuracy(expert: dict, test_size: int):
         return ""
     right = expert["test_acc"] * test_size - expert["subset_test_acc"] * own_images
     return right / (test_size - own_images)
+
+
+def cell_minutes(record: dict, evaluation_seconds: float) -> dict:
+    """What a cell cost: the stages trained in its own run folder (in this or an interrupted earlier invocation;
+    stages shared from other cells carry no time), its evaluation, their sum, and whether a stage resumed (its
+    time before the interruption is not known)."""
+    trained = {name: entry["seconds"] for name, entry in record.items() if "seconds" in entry}
+    return {
+        "seconds": round(sum(trained.values()) + evaluation_seconds, 1),
+        "trained_seconds": trained,
+        "evaluation_seconds": round(evaluation_seconds, 1),
+        "resumed": any(entry.get("resumed") for entry in record.values()),
+    }
 
 
 def csv_text(rows: list[dict], columns: list[str]) -> str:

@@ -9,6 +9,7 @@ import json
 import os
 
 from askexpert.callbacks import atomic_write_bytes, atomic_write_text
+from askexpert.collab.budgets import limits_text
 from askexpert.collab.sanity import OFFLOAD_EVERYTHING_MIN, OFFLOAD_NOTHING_MAX, Finding, findings
 
 # Rows of the headline table, in reading order: what the system is compared with, then the system.
@@ -53,16 +54,6 @@ def findings_markdown(report: dict) -> list[str]:
     if report_findings(report):
         lines += ["Warnings, not errors: the thresholds are defined in docs/collaborative.md, *Sanity findings*.", ""]
     return lines
-
-
-def limits_text(limits: dict) -> str:
-    """A budget as a person reads it, e.g. `offload <= 20 %, latency <= 3 ms`."""
-    shown = {
-        "offload_ratio": ("offload", 100, " %"),
-        "latency_ms": ("latency", 1, " ms"),
-        "energy_mj": ("edge energy", 1, " mJ"),
-    }
-    return ", ".join(f"{shown[k][0]} <= {shown[k][1] * v:g}{shown[k][2]}" for k, v in limits.items())
 
 
 def headline_rows(report: dict) -> list[tuple[str, dict]]:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from askexpert.collab.budgets import check_budget
 from askexpert.collab.costs import SampleCosts
 from askexpert.errors import UserError
 
-BUDGETS = ("offload_ratio", "latency_ms", "energy_mj")
 METRICS = ("threshold", "offload_ratio", "acc", "latency_ms", "energy_mj", "system_energy_mj")
 
 
@@ -81,29 +81,19 @@ def at_mask(samples: RoutedSamples, offloaded: torch.Tensor, offload_correct: to
     }
 
 
-def check_budget(budget: dict[str, float | None] | None, name: str = "budget") -> dict[str, float]:
-    """The limits that are set; `name` is the option they came from (routing.budget or routing.constrained)."""
-    active = {key: value for key, value in (budget or {}).items() if value is not None}
-    for key, value in active.items():
-        if key not in BUDGETS:
-            raise UserError(f"unknown {name} {key!r}; limits: {', '.join(BUDGETS)}")
-        if value < 0 or (key == "offload_ratio" and value > 1):
-            raise UserError(
-                f"{name} {key} must be {'in [0, 1]' if key == 'offload_ratio' else 'non-negative'}, got {value}"
-            )
-    return active
-
-
-def choose_threshold(table: dict[str, torch.Tensor], budget: dict[str, float | None] | None = None) -> int:
-    """Index of the most accurate threshold within the budget (ties: the one offloading least)."""
-    active = check_budget(budget)
+def choose_threshold(
+    table: dict[str, torch.Tensor], budget: dict[str, float | None] | None = None, name: str = "budget"
+) -> int:
+    """Index of the most accurate threshold within the budget (ties: the one offloading least); `name` is the
+    option the budget came from, for the error when no threshold meets it."""
+    active = check_budget(budget, name)
     allowed = torch.ones_like(table["acc"], dtype=torch.bool)
     for key, limit in active.items():
         allowed &= table[key] <= limit + 1e-12
     if not allowed.any():
         limits = ", ".join(f"{key} <= {value}" for key, value in active.items())
         cheapest = {key: float(table[key].min()) for key in active}
-        raise UserError(f"no threshold meets the budget ({limits}); the cheapest point has {cheapest}")
+        raise UserError(f"no threshold meets the {name} ({limits}); the cheapest point has {cheapest}")
     acc = torch.where(allowed, table["acc"], torch.full_like(table["acc"], -1.0))
     best = acc.max()
     candidates = torch.nonzero(acc >= best - 1e-12).flatten()

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from askexpert.collab.budgets import check_budget
 from askexpert.collab.costs import CostModel, ModelCost, SampleCosts
 from askexpert.collab.routing import (
     NO_EXPERT,
@@ -35,13 +36,18 @@ from askexpert.collab.routing import (
 from askexpert.collab.sweep import (
     RoutedSamples,
     at_mask,
-    check_budget,
     choose_threshold,
     default_thresholds,
     rows,
     sweep,
 )
 from askexpert.errors import UserError
+
+NO_CALIBRATION_SPLIT = (
+    "choosing the threshold (also the constrained point's) and fitting the temperature need a validation split or "
+    "a calibration split: set --data.val_fraction or --data.calib_fraction above 0, or give --routing.threshold, "
+    "--routing.temperature false and no --routing.constrained"
+)
 
 
 @dataclass
@@ -96,6 +102,11 @@ class RoutingConfig:
 
     def budget_dict(self) -> dict[str, float]:
         return _active_limits(self.budget)
+
+    def needs_calibration(self) -> bool:
+        """Whether this routing reads the calibration split: to choose τ (for the selected or the constrained
+        point) or to fit the temperature."""
+        return self.threshold is None or bool(self.temperature) or bool(self.constrained_dict())
 
     def constrained_dict(self) -> dict[str, float]:
         return _active_limits(self.constrained)
@@ -208,14 +219,9 @@ class CollaborativeSystem:
     # -- the whole evaluation ------------------------------------------------------------------------
     def evaluate(self, config: RoutingConfig, thresholds: torch.Tensor | None = None) -> dict:
         config.check(self.num_classes)
-        calibrate = config.threshold is None or config.temperature
         split = self.calibration_split
-        if calibrate and len(self.labels.get(split, [])) == 0:
-            raise UserError(
-                "choosing the threshold and fitting the temperature need a validation split or a calibration "
-                "split: set --data.val_fraction or --data.calib_fraction above 0, or give --routing.threshold and "
-                "--routing.temperature false"
-            )
+        if config.needs_calibration() and len(self.labels.get(split, [])) == 0:
+            raise UserError(NO_CALIBRATION_SPLIT)
         temperature = self.temperature(config)
         test, chosen, correct, _ = self.route("test", config, temperature)
         test_table = sweep(test, thresholds)
@@ -224,7 +230,9 @@ class CollaborativeSystem:
             calib, *_ = self.route(split, config, temperature)
             calib_table = sweep(calib, selection_grid(calib.confidence, thresholds))
         if config.threshold is None:
-            threshold = float(calib_table["threshold"][choose_threshold(calib_table, config.budget_dict())])
+            threshold = float(
+                calib_table["threshold"][choose_threshold(calib_table, config.budget_dict(), "routing.budget")]
+            )
             chosen_on = split
         else:
             threshold, chosen_on = float(config.threshold), "given"
@@ -244,8 +252,11 @@ class CollaborativeSystem:
         }
         if config.constrained_dict():
             limits = config.constrained_dict()
-            point = float(calib_table["threshold"][choose_threshold(calib_table, limits)])
-            report["constrained"] = self.operating_point(config, temperature, test, chosen, point, split, limits)
+            index = choose_threshold(calib_table, limits, "routing.constrained")
+            constrained_threshold = float(calib_table["threshold"][index])
+            report["constrained"] = self.operating_point(
+                config, temperature, test, chosen, constrained_threshold, split, limits
+            )
         if calib_table is not None:
             report["calibration"] = self.calibration_scores(config, temperature, split, calib, report)
         return report
@@ -253,7 +264,8 @@ class CollaborativeSystem:
     def calibration_scores(self, config, temperature, split: str, calib: RoutedSamples, report: dict) -> dict:
         """The chosen operating points scored on the split that chose them: what tuning may compare (test
         figures are reported, never optimised)."""
-        points = {"selected": report["selected"]["threshold"]}
+        # a given threshold was not chosen on this split: only the points chosen here are scored
+        points = {} if config.threshold is not None else {"selected": report["selected"]["threshold"]}
         if "constrained" in report:
             points["constrained"] = report["constrained"]["threshold"]
         static = self.route(split, config, temperature, self.static_experts)[0] if self.static_experts else None

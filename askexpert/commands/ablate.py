@@ -256,14 +256,8 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
 
     prepared = planned.prepared
     settings = prepared.settings
-    started = time.time()
     execute(prepared, store)
-    # the stages this cell trained itself, with their minutes (shared ones were trained by an earlier cell)
-    trained = {
-        name: entry["seconds"]
-        for name, entry in prepared.record.items()
-        if entry.get("started", 0) >= started and "seconds" in entry
-    }
+    started = time.time()
     part = settings.partition
     report = evaluate_run(
         dataclasses.replace(prepared.layout, shared_logits=True),
@@ -286,8 +280,7 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
         "provenance": report["provenance"],
         "settings": prepared.settings_yaml,
         "stages": {s.name: {"identity": s.identity, "config": s.config} for s in prepared.stages},
-        "seconds": round(time.time() - started, 1),  # training what it did not share, and its evaluation
-        "trained_seconds": trained,
+        **results.cell_minutes(prepared.record, time.time() - started),
     }
     atomic_write_text(os.path.join(planned.folder, CELL_FILE), json.dumps(record, indent=1, default=str) + "\n")
     return record

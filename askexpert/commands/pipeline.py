@@ -51,7 +51,7 @@ from askexpert.checkpoints import check_checkpoint_file, has_training_state
 from askexpert.collab.costs import load_profile
 from askexpert.collab.evaluation import RunLayout, evaluate_run, expert_families
 from askexpert.collab.report import headline_table, write_report
-from askexpert.collab.system import Budget, RoutingConfig
+from askexpert.collab.system import NO_CALIBRATION_SPLIT, Budget, RoutingConfig
 from askexpert.errors import DivergenceError, UserError, find_user_error
 from askexpert.run_folder import LOCK_FILE, check_not_in_use, last_checkpoint, locked
 from datamodules.datamodule import ImageDataModule
@@ -692,12 +692,8 @@ def prepare(
     datamodule = ImageDataModule(**settings.data.as_dict())
     routing.check(datamodule.num_classes)
     calibrated = datamodule.hparams.val_fraction > 0 or datamodule.hparams.calib_fraction > 0
-    if (routing.threshold is None or routing.temperature) and not calibrated:
-        raise UserError(
-            "choosing the threshold and fitting the temperature need a validation split or a calibration split: set "
-            "--data.val_fraction or --data.calib_fraction above 0, or give --routing.threshold and "
-            "--routing.temperature false"
-        )
+    if routing.needs_calibration() and not calibrated:
+        raise UserError(NO_CALIBRATION_SPLIT)
     check_partition_settings(settings, datamodule)
     for family in expert_families(settings.specialization, settings.static_baseline):
         strategies.class_path(family)  # unknown names fail here, listing the known ones
@@ -754,8 +750,11 @@ def _start_stage(run_: PreparedRun, stage: Stage, header: str, store) -> bool | 
             os.makedirs(folder, exist_ok=True)
             store.link(folder, local)
     print(f"{header}: {'resuming from its last checkpoint' if resume else 'running'} ({folder})", flush=True)
-    # `started`: wall-clock start of the process run that trains it (a resumed stage counts from its resume)
+    # `started`: wall-clock start of the process run that trains it; a resumed stage's `seconds` count from its
+    # resume only (the time before an interruption is not known), so it says it resumed
     record[stage.name] = {"identity": stage.identity, "done": False, "config": stage.config, "started": time.time()}
+    if resume:
+        record[stage.name]["resumed"] = True
     save_record(layout, record)
     return resume
 
