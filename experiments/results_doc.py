@@ -5,8 +5,9 @@
 
 Three families of blocks, each refilled when its results exist (the others are left as they are):
 - the accuracy/minutes candidates behind the evidence pipeline (benchmarks/evidence_scale.py's JSON, `--scale`)
-  the routing alternatives chosen on validation (experiments/routing_search.py's table, `--routing`) and the
-  tuning grids' validation figures (`--tuning`);
+  the tables of the analysis scripts (`--tables`: experiments/routing_search.py's routing alternatives chosen on
+  validation, experiments/misrouting.py's progressive-vs-static crossover) and the tuning grids' validation
+  figures (`--tuning`);
 - the evidence at CPU scale (`configs/ablations/evidence.yaml`, `--evidence`): the claims table
   (`askexpert.ablation.claims`, the same table `ablate` writes), the per-setting table, the models and the
   minutes per seed from each cell's `cell.json`; its results.csv and results.png are copied to
@@ -36,6 +37,8 @@ from askexpert.ablation import results  # noqa: E402
 ABLATIONS = ("strategies", "partitions", "experts_topk")
 PAPER = claim_table.PAPER
 EVIDENCE = "evidence"
+# block name -> the script that writes docs/results/<name>.md from the evidence runs
+INCLUDED = {"evidence_routing": "experiments/routing_search.py", "evidence_misrouting": "experiments/misrouting.py"}
 
 
 def load(folder: Path) -> tuple[list[str], list[dict]]:
@@ -260,9 +263,9 @@ def main() -> None:
         help="tuning ablations (their validation columns only)",
     )
     parser.add_argument(
-        "--routing",
-        default=str(REPO / "docs" / "results" / "evidence_routing.md"),
-        help="experiments/routing_search.py's table",
+        "--tables",
+        default=str(REPO / "docs" / "results"),
+        help="folder of the analysis scripts' tables (evidence_routing.md, evidence_misrouting.md)",
     )
     parser.add_argument(
         "--scale", default=str(REPO / "benchmarks" / "results" / "evidence_scale_cpu.json"), help="model candidates"
@@ -277,10 +280,11 @@ def main() -> None:
         text = replace_block(text, "evidence_scale", scale_table(scale))
         shutil.copyfile(scale.with_suffix(".png"), doc.parent / "results" / "evidence_scale_cpu.png")
         filled.append("evidence_scale")
-    routing = Path(args.routing)
-    if routing.is_file() and "<!-- generated:evidence_routing -->" in text:
-        text = replace_block(text, "evidence_routing", routing.read_text())
-        filled.append("evidence_routing")
+    for name in INCLUDED:  # tables the analysis scripts wrote under docs/results/
+        table_file = Path(args.tables) / f"{name}.md"
+        if table_file.is_file() and f"<!-- generated:{name} -->" in text:
+            text = replace_block(text, name, table_file.read_text())
+            filled.append(name)
     tuning = [Path(f) for f in args.tuning if (Path(f) / "results.csv").is_file()]
     if tuning and "<!-- generated:evidence_tuning -->" in text:
         text = replace_block(text, "evidence_tuning", tuning_table(tuning))

@@ -1,0 +1,153 @@
+"""How often must routing be wrong before progressive experts beat static ones? Measured from cached logits.
+
+    python experiments/misrouting.py --ablation runs/ablations/evidence      # after `make evidence`
+
+Progressive experts keep part of the other classes; static experts know almost only their own. Which is better
+for the system depends on how often an image reaches an expert that does not own its class. For every finished
+run with static experts beside its own, every test image is sent to an expert: its owner, or, with probability
+r, another expert drawn at random (the same draws for both families). The accuracy of both families' answers is
+computed for r from 0 to 0.5; the crossover is the smallest r at which progressive experts are at least as
+accurate. No model runs: the experts' cached test logits are reused. Next to it, the routing error the real
+router makes at the run's operating point (1 - routing accuracy). Writes OUT.json and OUT.md (default
+docs/results/evidence_misrouting.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RATES = [round(0.05 * i, 2) for i in range(11)]  # 0 .. 0.5
+
+
+def accuracy_by_misrouting(logits: list, labels, coverage, rates: list[float], seed: int = 0) -> list[float]:
+    """Accuracy of one family of experts when each image goes to its owner, or with probability r to a random
+    other expert. `logits`: per expert, (N, C) test logits; `coverage`: (E, C) bool, one owner per class."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    owner = coverage.float().argmax(0)[labels]  # (N,) the expert of each image's class
+    experts = len(logits)
+    draw = torch.rand(len(labels), generator=generator)
+    # another expert than the owner, uniformly: owner + 1 .. owner + E - 1 (mod E)
+    other = (owner + 1 + torch.randint(experts - 1, (len(labels),), generator=generator)) % experts
+    right = torch.stack([e.argmax(-1) == labels for e in logits], dim=1)  # (N, E)
+    found = []
+    for rate in rates:
+        chosen = torch.where(draw < rate, other, owner)
+        found.append(float(right.gather(1, chosen[:, None]).double().mean()))
+    return found
+
+
+def run_curves(folder: Path) -> dict | None:
+    """Both families' accuracy against the misrouting rate for one run (None without static experts beside)."""
+    from askexpert.collab.evaluation import STATIC, RunLayout, load_run
+    from askexpert.commands.evaluate import saved_settings
+    from askexpert.commands.pipeline import recorded_profile
+
+    settings = saved_settings(str(folder))
+    if settings.specialization == STATIC or not settings.static_baseline:
+        return None
+    layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
+    run = load_run(
+        layout,
+        settings.data.as_dict(),
+        settings.specialization,
+        settings.static_baseline,
+        recorded_profile(str(folder), settings.profile),
+    )
+    owners = run.partition.coverage().sum(0)
+    if owners.max() > 1 or owners.min() < 1:
+        return None  # overlapping experts or uncovered classes: "the owner" is not exactly one expert
+    labels = run.generalist["labels"]["test"]
+    coverage = run.partition.coverage().bool()
+    curves = {
+        family: accuracy_by_misrouting([m["logits"]["test"] for m in run.families[family]], labels, coverage, RATES)
+        for family in (settings.specialization, STATIC)
+    }
+    report = json.loads((folder / "report.json").read_text())
+    routing_acc = report["selected"].get("routing_acc")
+    return {
+        "progressive": curves[settings.specialization],
+        "static": curves[STATIC],
+        "router_error": None if routing_acc is None else 1.0 - routing_acc,
+    }
+
+
+def crossover(progressive: list[float], static: list[float]) -> float | None:
+    """The smallest misrouting rate at which progressive experts are at least as accurate as static ones."""
+    return next((rate for rate, p, s in zip(RATES, progressive, static, strict=True) if p >= s), None)
+
+
+def markdown(summary: dict) -> str:
+    shown = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]
+    lines = [
+        "| setting | seeds | router's error % | "
+        + " | ".join(f"r = {int(100 * r)} %: progressive / static" for r in shown)
+        + " | crossover r % |",
+        "|---|---:|---:|" + "---|" * len(shown) + "---:|",
+    ]
+    for name, entry in summary.items():
+        cells = [
+            f"{100 * entry['progressive'][RATES.index(r)]:.1f} / {100 * entry['static'][RATES.index(r)]:.1f}"
+            for r in shown
+        ]
+        cross = "–" if entry["crossover"] is None else f"{100 * entry['crossover']:.0f}"
+        error = "–" if entry["router_error"] is None else f"{100 * entry['router_error']:.1f}"
+        lines.append(f"| {name} | {entry['seeds']} | {error} | " + " | ".join(cells) + f" | {cross} |")
+    lines += [
+        "",
+        "Accuracy (%) of the experts' answers when every test image is offloaded and a share r of them reaches a "
+        "random other expert instead of its owner, means over seeds; the crossover is the smallest r (in steps of "
+        "5 %) at which progressive experts are at least as accurate as static ones; the router's error is 1 - "
+        "routing accuracy at the run's operating point.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ablation", default=str(REPO / "runs" / "ablations" / "evidence"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "evidence_misrouting"), help="OUT.json/.md")
+    args = parser.parse_args()
+    by_setting: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted((Path(args.ablation) / "cells").glob("*/seed*/cell.json")):
+        record = json.loads(path.read_text())
+        if not record.get("rows"):
+            continue
+        found = run_curves(path.parent)
+        if found is not None:
+            name = ", ".join(f"{k}={v}" for k, v in record["cell"].items()) or "default"
+            by_setting[name].append(found)
+            print(f"{path.parent}: crossover {crossover(found['progressive'], found['static'])}", flush=True)
+    if not by_setting:
+        raise SystemExit(f"no finished run with static experts beside its own in {args.ablation}")
+    summary = {}
+    for name, runs in by_setting.items():
+        progressive = [statistics.fmean(r["progressive"][i] for r in runs) for i in range(len(RATES))]
+        static = [statistics.fmean(r["static"][i] for r in runs) for i in range(len(RATES))]
+        errors = [r["router_error"] for r in runs if r["router_error"] is not None]
+        summary[name] = {
+            "seeds": len(runs),
+            "rates": RATES,
+            "progressive": progressive,
+            "static": static,
+            "crossover": crossover(progressive, static),
+            "router_error": statistics.fmean(errors) if errors else None,
+        }
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(summary) + "\n")
+    print(markdown(summary))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
