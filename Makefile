@@ -33,9 +33,13 @@ ablations: install
 
 # The method where the models learn: the stand-in at full size, 3 seeds x {superclass, confusion} x
 # {progressive, static} (docs/results.md, "Evidence at CPU scale"; a few hours on 2 CPU cores, resumable:
-# finished cells are skipped, an interrupted stage resumes). Then refills the docs' generated blocks.
+# finished cells are skipped, an interrupted stage resumes). Then the analyses that explain the claims (from
+# cached logits and the cost model, minutes) and the docs' generated blocks.
 evidence: install
 	$(PY) -m askexpert ablate --config configs/ablations/evidence.yaml --out runs/ablations/evidence
+	$(PY) experiments/misrouting.py --ablation runs/ablations/evidence
+	$(PY) experiments/routing_search.py --ablation runs/ablations/evidence
+	$(PY) experiments/cost_projection.py --ablation runs/ablations/evidence
 	$(PY) experiments/results_doc.py
 
 test: install

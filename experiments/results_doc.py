@@ -6,7 +6,8 @@
 Three families of blocks, each refilled when its results exist (the others are left as they are):
 - the accuracy/minutes candidates behind the evidence pipeline (benchmarks/evidence_scale.py's JSON, `--scale`)
   the tables of the analysis scripts (`--tables`: experiments/routing_search.py's routing alternatives chosen on
-  validation, experiments/misrouting.py's progressive-vs-static crossover) and the tuning grids' validation
+  validation, experiments/misrouting.py's progressive-vs-static crossover, experiments/cost_projection.py's
+  latency and energy with other models' costs) and the tuning grids' validation
   figures (`--tuning`);
 - the evidence at CPU scale (`configs/ablations/evidence.yaml`, `--evidence`): the claims table
   (`askexpert.ablation.claims`, the same table `ablate` writes), the per-setting table, the models and the
@@ -38,7 +39,11 @@ ABLATIONS = ("strategies", "partitions", "experts_topk")
 PAPER = claim_table.PAPER
 EVIDENCE = "evidence"
 # block name -> the script that writes docs/results/<name>.md from the evidence runs
-INCLUDED = {"evidence_routing": "experiments/routing_search.py", "evidence_misrouting": "experiments/misrouting.py"}
+INCLUDED = {
+    "evidence_routing": "experiments/routing_search.py",
+    "evidence_misrouting": "experiments/misrouting.py",
+    "evidence_costs": "experiments/cost_projection.py",
+}
 
 
 def load(folder: Path) -> tuple[list[str], list[dict]]:
@@ -265,7 +270,7 @@ def main() -> None:
     parser.add_argument(
         "--tables",
         default=str(REPO / "docs" / "results"),
-        help="folder of the analysis scripts' tables (evidence_routing.md, evidence_misrouting.md)",
+        help="folder of the analysis scripts' tables (evidence_routing.md, evidence_misrouting.md, evidence_costs.md)",
     )
     parser.add_argument(
         "--scale", default=str(REPO / "benchmarks" / "results" / "evidence_scale_cpu.json"), help="model candidates"
