@@ -8,7 +8,7 @@ running the base model on the edge device, and sending every image to the near-e
 the base model is tiny (a few ms on a Raspberry Pi 4), so a network round trip costs more than running it
 locally, whatever the router does. This script keeps what the runs measured (the share of images each operating
 point offloads, means over seeds) and prices it twice with the same cost model the reports use: with the models
-the runs trained (which reproduces the claims table), and with the full-size GPU models of
+the runs trained (checked to reproduce the runs' own baselines), and with the full-size GPU models of
 configs/pipeline/standin_full.yaml. The second is a projection: those models were not trained here, and their
 offload shares would differ. Writes OUT.json and OUT.md (default docs/results/evidence_costs.*).
 """
@@ -29,14 +29,36 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 EVIDENCE, FULL = "configs/pipeline/cpu_evidence.yaml", "configs/pipeline/standin_full.yaml"
-MODEL_SETS = {  # name -> (pipeline config of the generalist, of the base model and the experts)
-    "as trained": (EVIDENCE, EVIDENCE),
-    "trained generalist, GPU-size base and experts": (EVIDENCE, FULL),
-    "GPU-size models": (FULL, FULL),
-}
 PROFILES = ["configs/profiles/pi4_wifi_orin.yaml", "configs/profiles/pi4_lte_orin.yaml"]
 NUM_CLASSES = 100  # every model's head, experts included (fine-tuned from the all-class base); head FLOPs are tiny
+# the profiles priced; the runs' own must be among them for the check that the pricing reproduces the runs
 POINTS = {"most accurate": "offload_ratio", "under budget": "constrained_offload_ratio"}
+
+
+def trained_models(ablation: Path) -> tuple[dict[str, str], str]:
+    """({generalist, base, experts: timm model name}, profile name) of an ablation's runs, from a finished cell's
+    report.json (the cost model's own record of what it priced)."""
+    for path in sorted((ablation / "cells").glob("*/seed*/report.json")):
+        try:
+            costs = json.loads(path.read_text())["costs"]
+            models = costs["models"]
+            experts = next(v for k, v in models.items() if k not in ("generalist", "base", "static"))
+            found = {"generalist": models["generalist"]["model_name"], "base": models["base"]["model_name"]}
+            return {**found, "experts": experts["model_name"]}, costs["profile"]["name"]
+        except (OSError, ValueError, KeyError, StopIteration):
+            continue
+    raise SystemExit(f"no finished run with a readable report.json under {ablation}/cells")
+
+
+def model_sets(trained: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The model sets to price: the trained ones, the trained generalist with GPU-size near-edge models (the
+    paper's hierarchy: a light edge model, medium experts), and the GPU recipes' models throughout."""
+    full = stage_models(FULL, FULL)
+    return {
+        "as trained": trained,
+        "trained generalist, GPU-size base and experts": {**full, "generalist": trained["generalist"]},
+        "GPU-size models": full,
+    }
 
 
 def stage_models(edge_config: str, near_edge_config: str) -> dict[str, str]:
@@ -53,13 +75,20 @@ def stage_models(edge_config: str, near_edge_config: str) -> dict[str, str]:
 
 
 def offload_shares(results_csv: Path) -> dict[str, dict[str, float]]:
-    """{setting: {point: mean offload share over seeds}} for the progressive settings of an ablation."""
-    per_run: dict[str, dict[tuple, dict]] = defaultdict(dict)
+    """{setting: {point: mean offload share over seeds}} for the non-static settings of an ablation (a setting:
+    the grid's columns, those before `seed`, less the specialization)."""
+    per_run: dict[str, dict[str, dict]] = defaultdict(dict)
     with open(results_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("specialization", "progressive") == "static":
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in ("seed", *POINTS.values()) if c not in header]
+        if missing:
+            raise SystemExit(f"{results_csv} is not the results.csv of an evidence ablation: no column {missing[0]}")
+        grid = [c for c in header[: header.index("seed")] if c != "specialization"]
+        for row in reader:
+            if row.get("specialization") == "static":
                 continue  # the static cells share the router's decisions; one family is enough
-            setting = f"{row.get('partition.method', 'default')} partition"
+            setting = ", ".join(f"{c}={row[c]}" for c in grid) or "default"
             per_run[setting][row["seed"]] = row  # one row per expert, identical system columns
     shares = {}
     for setting, runs in per_run.items():
@@ -106,10 +135,9 @@ def break_even(c: dict[str, float]) -> float:
     return max(0.0, min(1.0, (c["edge_execution_ms"] - c["edge_ms"]) / c["offload_ms"]))
 
 
-def project(shares: dict[str, dict[str, float]]) -> list[dict]:
+def project(shares: dict[str, dict[str, float]], sets: dict[str, dict[str, str]]) -> list[dict]:
     rows = []
-    for set_name, configs in MODEL_SETS.items():
-        models = stage_models(*configs)
+    for set_name, models in sets.items():
         for profile in PROFILES:
             costs = price(models, profile)
             for setting, points in shares.items():
@@ -130,6 +158,24 @@ def project(shares: dict[str, dict[str, float]]) -> list[dict]:
                     }
                 )
     return rows
+
+
+def check_reproduces(rows: list[dict], results_csv: Path, profile: str) -> None:
+    """The "as trained" pricing must give the runs' own baselines (base model on the edge, full offload): if it
+    does not, the cost model or the profile changed since the runs, and the projection would compare unlike
+    things."""
+    with open(results_csv, newline="") as f:
+        recorded = [r for r in csv.DictReader(f) if r.get("edge_medium_latency_ms") not in (None, "")]
+    mine = next((r for r in rows if r["models"] == "as trained" and r["profile"] == profile), None)
+    if mine is None or not recorded:
+        return  # the runs used a profile this script does not price, or recorded no base model
+    for key, column in (("edge_execution_ms", "edge_medium_latency_ms"), ("full_offload_mj", "full_offload_energy_mj")):
+        ran = statistics.fmean(float(r[column]) for r in recorded)
+        if abs(mine["costs"][key] / ran - 1) > 0.01:
+            raise SystemExit(
+                f"the cost model prices the trained base model at {mine['costs'][key]:.3f} ({key}) but the runs "
+                f"recorded {ran:.3f} ({column}): the cost model or {profile} changed since the runs; rerun them"
+            )
 
 
 def markdown(rows: list[dict]) -> str:
@@ -174,8 +220,10 @@ def main() -> None:
         raise SystemExit(f"no results.csv in {args.ablation}: run `make evidence` first")
     shares = offload_shares(results)
     if not shares:
-        raise SystemExit(f"no progressive run in {results}")
-    rows = project(shares)
+        raise SystemExit(f"no run with its own experts (not static) in {results}")
+    trained, profile = trained_models(Path(args.ablation))
+    rows = project(shares, model_sets(trained))
+    check_reproduces(rows, results, profile)
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(rows) + "\n")

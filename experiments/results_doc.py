@@ -46,8 +46,16 @@ INCLUDED = {
 }
 
 
-def load(folder: Path) -> tuple[list[str], list[dict]]:
-    header, rows = results.read_csv(str(folder / "results.csv"))
+def load(folder: Path, required: tuple[str, ...] = ()) -> tuple[list[str], list[dict]]:
+    """An ablation's (grid columns, rows); one clear line when the file is not an ablation's results.csv."""
+    path = folder / "results.csv"
+    try:
+        header, rows = results.read_csv(str(path))
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"cannot read {path}: {err}") from None
+    missing = [c for c in ("seed", *required) if c not in header]
+    if missing:
+        raise SystemExit(f"{path} is not the results.csv of such an ablation: no column {', '.join(missing)}")
     columns = header[: header.index("seed")]
     return columns, rows
 
@@ -65,7 +73,7 @@ def per_seed(rows: list[dict], key: str, **match) -> dict[str, float]:
     """A metric per seed for the rows matching `match` (per-expert metrics averaged over the seed's experts)."""
     found = defaultdict(list)
     for row in rows:
-        if all(row[k] == v for k, v in match.items()) and row[key] not in ("", None):
+        if all(row[k] == v for k, v in match.items()) and row[key] not in ("", None, "nan"):
             found[row["seed"]].append(float(row[key]))
     return {seed: statistics.fmean(values) for seed, values in found.items()}
 
@@ -164,17 +172,16 @@ def minutes(records: list[dict]) -> str:
             continue
         whole = next((c for c in cells if {"generalist", "base"} <= set(c.get("trained_seconds", {}))), None)
         total = sum(c["seconds"] for c in cells) / 60
-        if whole is None:
-            lines.append(f"| {seed} | {len(cells)} | {total:.1f} | – | | | |")
+        if whole is None:  # its generalist and base were trained by another grid sharing the store (tuning)
+            lines.append(f"| {seed} | {len(cells)} | {total:.1f} (stages another grid trained not counted) | – | | | |")
             continue
         trained = whole["trained_seconds"]
         experts = [v for k, v in trained.items() if k.startswith("experts/")]
         resumed = " (a stage resumed: minutes before its interruption missing)" if whole.get("resumed") else ""
+        each = f" ({len(experts)} x {statistics.fmean(experts) / 60:.1f})" if experts else ""
         lines.append(
             f"| {seed} | {len(cells)} | {total:.1f} | {whole['seconds'] / 60:.1f}{resumed} | "
-            f"{trained['generalist'] / 60:.1f} "
-            f"| {trained['base'] / 60:.1f} | {sum(experts) / 60:.1f} ({len(experts)} x "
-            f"{statistics.fmean(experts) / 60:.1f}) |"
+            f"{trained['generalist'] / 60:.1f} | {trained['base'] / 60:.1f} | {sum(experts) / 60:.1f}{each} |"
         )
     return "\n".join(lines)
 
@@ -216,7 +223,7 @@ def tuning_table(folders: list[Path]) -> str:
         "|---|---|---:|---:|---:|---:|",
     ]
     for folder in folders:
-        columns, rows = load(folder)
+        columns, rows = load(folder, ("calib_system_acc",))
         for entry in results.aggregate(rows, columns):
             setting = ", ".join(f"{c}={entry[c]}" for c in columns)
             match = {c: entry[c] for c in columns}
@@ -241,14 +248,15 @@ def replace_block(text: str, name: str, body: str, where: str = "docs/results.md
     return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
-def fill_evidence(text: str, folder: Path, figures: Path) -> tuple[str, str]:
+def fill_evidence(text: str, folder: Path, copies: list) -> tuple[str, str]:
     """The evidence blocks of docs/results.md, and the short claims table (for the README)."""
-    columns, rows = load(folder)
+    columns, rows = load(folder, ("edge_only_acc", "base_acc", "system_acc", "offload_ratio"))
     none = "No setting of this grid has a static-expert comparison."
     claims_md = claim_table.markdown(rows, columns) or none
     headline = claim_table.markdown(rows, columns, only=claim_table.HEADLINE) or none
-    shutil.copyfile(folder / "results.png", figures / f"{EVIDENCE}_stand_in.png")
-    shutil.copyfile(folder / "results.csv", figures / f"{EVIDENCE}_stand_in.csv")
+    if (folder / "results.png").is_file():  # ablate writes it when matplotlib can draw
+        copies.append((folder / "results.png", f"{EVIDENCE}_stand_in.png"))
+    copies.append((folder / "results.csv", f"{EVIDENCE}_stand_in.csv"))
     text = replace_block(text, "evidence_claims", claims_md)
     text = replace_block(text, "evidence_table", table(columns, rows))
     text = replace_block(text, "evidence_models", models(rows))
@@ -256,69 +264,105 @@ def fill_evidence(text: str, folder: Path, figures: Path) -> tuple[str, str]:
     return text, headline
 
 
+def _inputs(args: argparse.Namespace) -> tuple[dict[str, list[Path]], set[str]]:
+    """The result files to read, and the inputs the user named. A default that does not exist yet is skipped (its
+    blocks stay as they are); a path the user named must exist, and the doc must have its blocks."""
+    defaults = {
+        "evidence": [REPO / "runs" / "ablations" / EVIDENCE],
+        "tuning": [REPO / "runs" / "ablations" / n for n in ("evidence_tuning", "evidence_tuning_steps")],
+        "tables": [REPO / "docs" / "results"],
+        "scale": [REPO / "benchmarks" / "results" / "evidence_scale_cpu.json"],
+    }
+    wanted = {"evidence": "results.csv", "tuning": "results.csv", "tables": "", "scale": ""}
+    found = {}
+    for name, default in defaults.items():
+        given = getattr(args, name)
+        paths = [Path(p) for p in ([given] if isinstance(given, str) else given)] if given else default
+        if given:
+            for path in paths:
+                if not (path / wanted[name]).exists():
+                    raise SystemExit(f"--{name} {path}: no {wanted[name] or 'such file or folder'} there")
+        found[name] = [path for path in paths if (path / wanted[name]).exists()]
+    return found, {name for name in defaults if getattr(args, name)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=str(REPO / "runs" / "ablations"), help="folder of the three ablations")
-    parser.add_argument("--evidence", default=str(REPO / "runs" / "ablations" / EVIDENCE), help="evidence ablation")
+    parser.add_argument("--evidence", help="evidence ablation (default runs/ablations/evidence)")
     parser.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
     parser.add_argument(
         "--tuning",
         nargs="+",
-        default=[str(REPO / "runs" / "ablations" / n) for n in ("evidence_tuning", "evidence_tuning_steps")],
-        help="tuning ablations (their validation columns only)",
+        help="tuning ablations, their validation columns only (default runs/ablations/evidence_tuning*)",
     )
     parser.add_argument(
         "--tables",
-        default=str(REPO / "docs" / "results"),
-        help="folder of the analysis scripts' tables (evidence_routing.md, evidence_misrouting.md, evidence_costs.md)",
+        help="folder of the analysis scripts' tables: evidence_routing.md, evidence_misrouting.md, evidence_costs.md "
+        "(default docs/results)",
     )
-    parser.add_argument(
-        "--scale", default=str(REPO / "benchmarks" / "results" / "evidence_scale_cpu.json"), help="model candidates"
-    )
+    parser.add_argument("--scale", help="model candidates (default benchmarks/results/evidence_scale_cpu.json)")
     parser.add_argument("--readme", default=str(REPO / "README.md"), help="README with the evidence_headline block")
     args = parser.parse_args()
+    inputs, named = _inputs(args)
+
+    def wanted(block: str, source: str) -> bool:  # a named input must find its block (replace_block says so)
+        return source in named or f"<!-- generated:{block} -->" in text
+
     doc = Path(args.doc)
-    text = doc.read_text()
-    filled = []
-    scale = Path(args.scale)
-    if scale.is_file() and "<!-- generated:evidence_scale -->" in text:
-        text = replace_block(text, "evidence_scale", scale_table(scale))
-        shutil.copyfile(scale.with_suffix(".png"), doc.parent / "results" / "evidence_scale_cpu.png")
-        filled.append("evidence_scale")
-    for name in INCLUDED:  # tables the analysis scripts wrote under docs/results/
-        table_file = Path(args.tables) / f"{name}.md"
-        if table_file.is_file() and f"<!-- generated:{name} -->" in text:
-            text = replace_block(text, name, table_file.read_text())
-            filled.append(name)
-    tuning = [Path(f) for f in args.tuning if (Path(f) / "results.csv").is_file()]
-    if tuning and "<!-- generated:evidence_tuning -->" in text:
+    try:
+        text = doc.read_text()
+    except OSError as err:
+        raise SystemExit(f"cannot read {doc}: {err.strerror}") from None
+    filled, readme_text = [], None
+    copies: list[tuple[Path, str]] = []  # (result file, its name under docs/results/): committed with the doc
+    for scale in inputs["scale"]:
+        if wanted("evidence_scale", "scale"):
+            text = replace_block(text, "evidence_scale", scale_table(scale))
+            if scale.with_suffix(".png").is_file():
+                copies.append((scale.with_suffix(".png"), "evidence_scale_cpu.png"))
+            filled.append("evidence_scale")
+    for tables in inputs["tables"]:
+        for name in INCLUDED:  # tables the analysis scripts wrote under docs/results/
+            table_file = tables / f"{name}.md"
+            if table_file.is_file() and wanted(name, "tables"):
+                text = replace_block(text, name, table_file.read_text())
+                filled.append(name)
+    tuning = inputs["tuning"]
+    if tuning and wanted("evidence_tuning", "tuning"):
         text = replace_block(text, "evidence_tuning", tuning_table(tuning))
         for folder in tuning:  # the rows behind the table, committed with it
-            shutil.copyfile(folder / "results.csv", doc.parent / "results" / f"{folder.name}_stand_in.csv")
+            copies.append((folder / "results.csv", f"{folder.name}_stand_in.csv"))
         filled.append("evidence_tuning")
-    evidence = Path(args.evidence)
-    if (evidence / "results.csv").is_file():
-        text, headline = fill_evidence(text, evidence, doc.parent / "results")
+    for evidence in inputs["evidence"]:
+        text, headline = fill_evidence(text, evidence, copies)
         readme = Path(args.readme)
         if readme.is_file() and "<!-- generated:evidence_headline -->" in readme.read_text():
-            readme.write_text(replace_block(readme.read_text(), "evidence_headline", headline, str(readme)))
+            readme_text = replace_block(readme.read_text(), "evidence_headline", headline, str(readme))
         filled.append(EVIDENCE)
     for name in ABLATIONS:
         folder = Path(args.runs) / name
         if not (folder / "results.csv").is_file():
             continue
         columns, rows = load(folder)
-        shutil.copyfile(folder / "results.png", doc.parent / "results" / f"{name}_stand_in.png")
+        if (folder / "results.png").is_file():
+            copies.append((folder / "results.png", f"{name}_stand_in.png"))
         text = replace_block(text, name, table(columns, rows))
         if name == "strategies":
             text = replace_block(text, "claims", claims(rows))
         filled.append(name)
     if not filled:
         raise SystemExit(
-            f"no results found ({evidence}/results.csv, {args.runs}/<{'|'.join(ABLATIONS)}>/results.csv): "
-            "run `make evidence` or `make ablations` first"
+            f"no results found (runs/ablations/{EVIDENCE}/results.csv, "
+            f"{args.runs}/<{'|'.join(ABLATIONS)}>/results.csv): run `make evidence` or `make ablations` first"
         )
+    # every file only once every block is filled: a refused block changes none of them
+    (doc.parent / "results").mkdir(exist_ok=True)
+    for source, name in copies:
+        shutil.copyfile(source, doc.parent / "results" / name)
     doc.write_text(text)
+    if readme_text is not None:
+        Path(args.readme).write_text(readme_text)
     print(f"wrote {doc}: {', '.join(filled)}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import REPO, load_script
 
@@ -32,7 +34,36 @@ def test_offload_shares_average_progressive_runs_over_seeds(projection, tmp_path
     ]
     results.write_text("\n".join([header, *rows]) + "\n")
     shares = projection.offload_shares(results)
-    assert shares == {"superclass partition": {"most accurate": 0.75, "under budget": 0.25, "seeds": 2}}
+    assert shares == {"partition.method=superclass": {"most accurate": 0.75, "under budget": 0.25, "seeds": 2}}
+    results.write_text("partition.method,seed,offload_ratio\nsuperclass,0,1.0\n")
+    with pytest.raises(SystemExit, match="no column constrained_offload_ratio"):
+        projection.offload_shares(results)
+
+
+def test_trained_models_come_from_a_finished_runs_report_and_must_reproduce_its_baselines(projection, tmp_path):
+    models = {"generalist": "vit_micro_patch8_32", "base": "vit_mini_patch8_32", "experts": "vit_mini_patch8_32"}
+    cell = tmp_path / "cells" / "a" / "seed0"
+    cell.mkdir(parents=True)
+    costs = {
+        name: {"model_name": models["experts" if name in ("progressive", "static") else name]}
+        for name in ("generalist", "base", "progressive", "static")
+    }
+    (cell / "report.json").write_text(json.dumps({"costs": {"models": costs, "profile": {"name": "pi4_wifi_orin"}}}))
+    assert projection.trained_models(tmp_path) == (models, "pi4_wifi_orin")
+    with pytest.raises(SystemExit, match="no finished run"):
+        projection.trained_models(tmp_path / "elsewhere")
+    priced = projection.price(models, projection.PROFILES[0])
+    rows = [{"models": "as trained", "profile": "pi4_wifi_orin", "costs": priced}]
+    results = tmp_path / "results.csv"
+    for base_ms, fails in ((priced["edge_execution_ms"], False), (2 * priced["edge_execution_ms"], True)):
+        results.write_text(
+            f"seed,edge_medium_latency_ms,full_offload_energy_mj\n0,{base_ms},{priced['full_offload_mj']}\n"
+        )
+        if fails:  # the runs were priced by another cost model or profile: refuse to project
+            with pytest.raises(SystemExit, match="changed since the runs"):
+                projection.check_reproduces(rows, results, "pi4_wifi_orin")
+        else:
+            projection.check_reproduces(rows, results, "pi4_wifi_orin")
 
 
 def test_claims_and_break_even_follow_the_cost_model(projection):

@@ -112,3 +112,31 @@ def test_evidence_blocks_minutes_and_the_readme_headline(tmp_path):
     headline = readme.read_text()
     assert headline.startswith("top\n") and headline.endswith("end\n") and "+2.50 ± 0.71 (yes) [2]" in headline
     assert "| generalist |" in text and "| generalist |" not in headline  # the README's table is the short one
+
+
+def test_bad_inputs_give_one_line_and_change_no_file(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("<!-- generated:evidence_claims -->\nKEEP\n<!-- /generated:evidence_claims -->\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- generated:evidence_headline -->\nKEEP\n<!-- /generated:evidence_headline -->\n")
+    not_ablation = tmp_path / "not_ablation"
+    not_ablation.mkdir()
+    (not_ablation / "results.csv").write_text("a,b\n1,2\n")
+    complete = tmp_path / "complete"  # a real evidence grid, but the doc lacks most of its blocks
+    complete.mkdir()
+    (complete / "results.csv").write_text(
+        results.csv_text(evidence_rows(), results.header(["partition.method", "specialization"]))
+    )
+    script = [sys.executable, str(REPO / "experiments" / "results_doc.py"), "--doc", str(doc), "--readme", str(readme)]
+    script += ["--runs", str(tmp_path / "none")]
+    for extra, message in (
+        (["--evidence", str(tmp_path / "missing")], "no results.csv there"),
+        (["--evidence", str(not_ablation)], "not the results.csv of such an ablation: no column seed"),
+        (["--tuning", str(not_ablation)], "no column seed"),
+        (["--scale", str(tmp_path / "missing.json")], "no such file or folder there"),
+        (["--evidence", str(complete)], "has no block <!-- generated:evidence_table -->"),
+    ):
+        done = subprocess.run(script + extra, capture_output=True, text=True)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, extra
+        assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "KEEP" in doc.read_text() and "KEEP" in readme.read_text()  # neither file half-written
