@@ -46,11 +46,42 @@ def accuracy_by_misrouting(logits: list, labels, coverage, rates: list[float], s
     return found
 
 
+def at_the_router(system, config, report: dict) -> dict:
+    """Both families on the images the run's own router offloads at its chosen threshold, split by whether the
+    router reached an owner of the image's class: the measured counterpart of the uniform curves (the router's
+    mistakes fall on hard images and on experts of similar classes, not at random)."""
+    from askexpert.collab.routing import NO_EXPERT
+
+    temperature, threshold = report["routing"]["temperature_value"], report["selected"]["threshold"]
+    ours, chosen, *_ = system.route("test", config, temperature)
+    static, *_ = system.route("test", config, temperature, system.static_experts)
+    labels = system.labels["test"]
+    offloaded = ours.confidence < threshold
+    to_owner = system.coverage[chosen.clamp_min(0), labels] & (chosen != NO_EXPERT)
+    found = {"offloaded": int(offloaded.sum())}
+    for name, mask in (("to_owner", offloaded & to_owner), ("misrouted", offloaded & ~to_owner)):
+        n = int(mask.sum())
+        found[name] = {
+            "images": n,
+            "progressive": float(ours.offload_correct[mask].double().mean()) if n else None,
+            "static": float(static.offload_correct[mask].double().mean()) if n else None,
+        }
+    # what the misrouted images are worth to the system: progressive's gain there, per 100 test images
+    n_test = len(labels)
+    gains = {}
+    for name in ("to_owner", "misrouted"):
+        part = found[name]
+        if part["images"]:
+            gains[name] = 100 * part["images"] * (part["progressive"] - part["static"]) / n_test
+    found["points_of_system_accuracy"] = gains
+    return found
+
+
 def run_curves(folder: Path) -> dict | None:
     """Both families' accuracy against the misrouting rate for one run (None without static experts beside)."""
     from askexpert.collab.evaluation import STATIC, RunLayout, load_run
     from askexpert.commands.evaluate import saved_settings
-    from askexpert.commands.pipeline import recorded_profile
+    from askexpert.commands.pipeline import recorded_profile, routing_config
 
     settings = saved_settings(str(folder))
     if settings.specialization == STATIC or not settings.static_baseline:
@@ -78,12 +109,57 @@ def run_curves(folder: Path) -> dict | None:
         "progressive": curves[settings.specialization],
         "static": curves[STATIC],
         "router_error": None if routing_acc is None else 1.0 - routing_acc,
+        "router": at_the_router(run.system, routing_config(settings.routing), report),
     }
 
 
 def crossover(progressive: list[float], static: list[float]) -> float | None:
     """The smallest misrouting rate at which progressive experts are at least as accurate as static ones."""
     return next((rate for rate, p, s in zip(RATES, progressive, static, strict=True) if p >= s), None)
+
+
+def router_summary(found: list[dict]) -> dict:
+    """Means over seeds of `at_the_router` (accuracies over the seeds where such images exist)."""
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.fmean(values) if values else None
+
+    out = {"offloaded": mean(f["offloaded"] for f in found)}
+    for part in ("to_owner", "misrouted"):
+        out[part] = {key: mean(f[part][key] for f in found) for key in ("images", "progressive", "static")}
+        out[part]["points"] = mean(f["points_of_system_accuracy"].get(part, 0.0) for f in found)
+    return out
+
+
+def router_markdown(summary: dict) -> str:
+    """What the run's own router did: the offloaded test images it sent to an owner and the ones it misrouted,
+    each family's accuracy there, and what each part adds to the system accuracy."""
+
+    def pct(value):
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    lines = [
+        "| setting | seeds | offloaded images | to an owner: images, progressive / static % | misrouted: images, "
+        "progressive / static % | progressive - static, points of system accuracy: to an owner / misrouted |",
+        "|---|---:|---:|---|---|---|",
+    ]
+    for name, entry in summary.items():
+        router = entry["router"]
+        owner, wrong = router["to_owner"], router["misrouted"]
+        lines.append(
+            f"| {name} | {entry['seeds']} | {router['offloaded']:.0f} "
+            f"| {owner['images']:.0f}, {pct(owner['progressive'])} / {pct(owner['static'])} "
+            f"| {wrong['images']:.0f}, {pct(wrong['progressive'])} / {pct(wrong['static'])} "
+            f"| {owner['points']:+.2f} / {wrong['points']:+.2f} |"
+        )
+    lines += [
+        "",
+        "The run's own router at its chosen threshold, on the test split (means over seeds): each family's answers on "
+        "the offloaded images that reached an expert owning their class, and on those that did not. The last "
+        "column splits the progressive-minus-static difference of system accuracy between the two groups.",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(summary: dict) -> str:
@@ -107,7 +183,10 @@ def markdown(summary: dict) -> str:
         "Accuracy (%) of the experts' answers when every test image is offloaded and a share r of them reaches a "
         "random other expert instead of its owner, means over seeds; the crossover is the smallest r (in steps of "
         "5 %) at which progressive experts are at least as accurate as static ones; the router's error is 1 - "
-        "routing accuracy at the run's operating point.",
+        "routing accuracy at the run's operating point. A uniform model: the router's own mistakes fall on hard "
+        "images and on experts of similar classes; the table below measures them.",
+        "",
+        router_markdown(summary),
     ]
     return "\n".join(lines)
 
@@ -141,6 +220,7 @@ def main() -> None:
             "static": static,
             "crossover": crossover(progressive, static),
             "router_error": statistics.fmean(errors) if errors else None,
+            "router": router_summary([r["router"] for r in runs]),
         }
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
