@@ -11,8 +11,8 @@
 # 3. the fine-tuning input path's cost and syncs (benchmarks/augment_speed.py, ~20 s).
 # 4. optional, when time allows: `bash benchmarks/gpu_check.sh --evidence SECONDS` then runs seed 0 of the evidence
 #    grid on the GPU recipes (configs/ablations/evidence_gpu.yaml: 2 partitions x {progressive, static}) for at most
-#    SECONDS; it is resumable, so a later check goes on where this one stopped. Its results.md/csv and every
-#    cell's report.json and cell.json go to $OUT as evidence_gpu.tgz.
+#    SECONDS. Its results.md/csv and every cell's report.json and cell.json go to $OUT as evidence_gpu.tgz; the
+#    checkpoints stay on the lent machine, so a stopped grid resumes only on the same warm machine.
 # JSON: benchmarks/results/{train_throughput,pipeline_overhead,augment_speed}_cuda.json (docs/performance.md and
 # docs/results.md take their GPU rows from them). Whatever exists at the end, even after a failure (a diverged
 # stage, say), is copied to $OUT: the JSON files, the run's report, stages.json and every stage's logs.
@@ -21,6 +21,13 @@ start=$SECONDS
 evidence_s=0
 if [ "${1:-}" = "--evidence" ]; then
     evidence_s=${2:?"--evidence needs a number of seconds"}
+    if ! [[ "$evidence_s" =~ ^[0-9]+$ ]]; then
+        echo "gpu_check.sh: error: --evidence needs a whole number of seconds, got '$evidence_s'" >&2
+        exit 2
+    fi
+elif [ -n "${1:-}" ]; then
+    echo "gpu_check.sh: error: unknown option '$1' (usage: bash benchmarks/gpu_check.sh [--evidence SECONDS])" >&2
+    exit 2
 fi
 collect() {
     echo "total: $((SECONDS - start)) s"
@@ -63,6 +70,6 @@ python3 benchmarks/pipeline_overhead.py --config configs/pipeline/standin_full.y
 if [ "$evidence_s" -gt 0 ]; then
     # seed 0 of the evidence grid on the GPU recipes; `timeout` ends it cleanly (the ablation resumes later)
     timeout --signal=TERM "$evidence_s" python3 -m askexpert ablate --config configs/ablations/evidence_gpu.yaml \
-        --seeds '[0]' --out runs/ablations/evidence_gpu || echo "evidence: stopped after ${evidence_s} s (resumable)"
+        --seeds '[0]' --out runs/ablations/evidence_gpu || echo "evidence: stopped after ${evidence_s} s (resumable on this machine)"
     echo "evidence: $((SECONDS - start)) s"
 fi
