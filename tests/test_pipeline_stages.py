@@ -211,3 +211,6 @@ def test_experts_trained_side_by_side_equal_experts_trained_one_after_another(tm
         assert all(torch.equal(one["state_dict"][k], other["state_dict"][k]) for k in one["state_dict"])
     reports = [json.loads((run / "report.json").read_text()) for run in runs]
     assert reports[0]["selected"] == reports[1]["selected"]
+    records = [json.loads((run / "stages.json").read_text()) for run in runs]
+    assert "side_by_side" not in records[0]["experts/progressive/0"]  # its seconds are its own
+    assert records[1]["experts/progressive/0"]["side_by_side"] == 2  # its seconds overlap the other expert's

@@ -833,6 +833,9 @@ def _run_side_by_side(run_: PreparedRun, stages: list[tuple[Stage, bool]], paral
     from askexpert.commands.experts import Job, device_slots, last_line, launch_jobs, visible_gpus
 
     by_name = {stage.name: stage for stage, _ in stages}
+    for stage, _ in stages:  # their `seconds` count from this batch's start: queueing and overlap included
+        run_.record[stage.name]["side_by_side"] = parallel
+    save_record(run_.layout, run_.record)
     jobs = []
     for stage, resume in stages:
         command = [sys.executable, "-m", "askexpert", *stage.fit_args, *(["--ckpt_path", "last"] if resume else [])]
