@@ -28,6 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from experiments.finished_runs import write_tables  # noqa: E402
+
 EVIDENCE, FULL = "configs/pipeline/cpu_evidence.yaml", "configs/pipeline/standin_full.yaml"
 PROFILES = ["configs/profiles/pi4_wifi_orin.yaml", "configs/profiles/pi4_lte_orin.yaml"]
 NUM_CLASSES = 100  # every model's head, experts included (fine-tuned from the all-class base); head FLOPs are tiny
@@ -224,11 +226,7 @@ def main() -> None:
     trained, profile = trained_models(Path(args.ablation))
     rows = project(shares, model_sets(trained))
     check_reproduces(rows, results, profile)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows) + "\n")
-    print(markdown(rows))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_tables(args.out, rows, markdown(rows))
 
 
 if __name__ == "__main__":

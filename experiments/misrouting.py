@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from experiments.finished_runs import finished_cells, load_compared_run, write_tables  # noqa: E402
+
 RATES = [round(0.05 * i, 2) for i in range(11)]  # 0 .. 0.5
 
 
@@ -79,21 +81,13 @@ def at_the_router(system, config, report: dict) -> dict:
 
 def run_curves(folder: Path) -> dict | None:
     """Both families' accuracy against the misrouting rate for one run (None without static experts beside)."""
-    from askexpert.collab.evaluation import STATIC, RunLayout, load_run
-    from askexpert.commands.evaluate import saved_settings
-    from askexpert.commands.pipeline import recorded_profile, routing_config
+    from askexpert.collab.evaluation import STATIC
+    from askexpert.commands.pipeline import routing_config
 
-    settings = saved_settings(str(folder))
-    if settings.specialization == STATIC or not settings.static_baseline:
+    opened = load_compared_run(folder)
+    if opened is None:
         return None
-    layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
-    run = load_run(
-        layout,
-        settings.data.as_dict(),
-        settings.specialization,
-        settings.static_baseline,
-        recorded_profile(str(folder), settings.profile),
-    )
+    settings, run = opened
     owners = run.partition.coverage().sum(0)
     if owners.max() > 1 or owners.min() < 1:
         return None  # overlapping experts or uncovered classes: "the owner" is not exactly one expert
@@ -197,15 +191,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "docs" / "results" / "evidence_misrouting"), help="OUT.json/.md")
     args = parser.parse_args()
     by_setting: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted((Path(args.ablation) / "cells").glob("*/seed*/cell.json")):
-        record = json.loads(path.read_text())
-        if not record.get("rows"):
-            continue
-        found = run_curves(path.parent)
+    for cell, _, folder in finished_cells(Path(args.ablation)):
+        found = run_curves(folder)
         if found is not None:
-            name = ", ".join(f"{k}={v}" for k, v in record["cell"].items()) or "default"
+            name = ", ".join(f"{k}={v}" for k, v in cell.items()) or "default"
             by_setting[name].append(found)
-            print(f"{path.parent}: crossover {crossover(found['progressive'], found['static'])}", flush=True)
+            print(f"{folder}: crossover {crossover(found['progressive'], found['static'])}", flush=True)
     if not by_setting:
         raise SystemExit(f"no finished run with static experts beside its own in {args.ablation}")
     summary = {}
@@ -222,11 +213,7 @@ def main() -> None:
             "router_error": statistics.fmean(errors) if errors else None,
             "router": router_summary([r["router"] for r in runs]),
         }
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(summary) + "\n")
-    print(markdown(summary))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_tables(args.out, summary, markdown(summary))
 
 
 if __name__ == "__main__":

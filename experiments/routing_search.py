@@ -25,21 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from askexpert.ablation.results import mean_std  # noqa: E402
-from askexpert.collab.evaluation import STATIC  # noqa: E402
+from experiments.finished_runs import finished_cells, load_compared_run, write_tables  # noqa: E402
 
 GATES = ("max_prob", "margin", "entropy")
 TOP_K = (1, 3, 5)
 FUSIONS = ("expert", "product", "mean")
-
-
-def finished_cells(ablation: Path) -> list[tuple[dict, int, Path]]:
-    """(grid values, seed, run folder) of every finished cell."""
-    found = []
-    for path in sorted((ablation / "cells").glob("*/seed*/cell.json")):
-        record = json.loads(path.read_text())
-        if record.get("rows"):
-            found.append((record["cell"], int(record["seed"]), path.parent))
-    return found
 
 
 def figures(result: dict) -> dict:
@@ -58,21 +48,12 @@ def figures(result: dict) -> dict:
 def evaluate_cell(folder: Path) -> tuple[dict, dict[str, dict]] | None:
     """The run's own routing and every alternative, each reduced to `figures`; τ is always chosen on the
     calibration split (also where the run was given one). None for a run without static experts beside its own."""
-    from askexpert.collab.evaluation import RunLayout, load_run
-    from askexpert.commands.evaluate import saved_settings
-    from askexpert.commands.pipeline import recorded_profile, routing_config
+    from askexpert.commands.pipeline import routing_config
 
-    settings = saved_settings(str(folder))
-    if settings.specialization == STATIC or not settings.static_baseline:
+    opened = load_compared_run(folder)
+    if opened is None:
         return None
-    layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
-    run = load_run(
-        layout,
-        settings.data.as_dict(),
-        settings.specialization,
-        settings.static_baseline,
-        recorded_profile(str(folder), settings.profile),
-    )
+    settings, run = opened
     default = routing_config(settings.routing)
     default.threshold = None  # chosen on the calibration split, like every alternative
     combinations = [(default.gate, default.top_k, default.fusion)]  # the run's own, even when not in the grid
@@ -165,11 +146,7 @@ def main() -> None:
     if not per_run:
         raise SystemExit(f"no finished run with static experts beside its own in {args.ablation}")
     summary = summarise(per_run)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(summary) + "\n")
-    print(markdown(summary))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_tables(args.out, summary, markdown(summary))
 
 
 if __name__ == "__main__":

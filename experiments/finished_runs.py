@@ -1,0 +1,51 @@
+"""What the evidence analyses (misrouting.py, routing_search.py, cost_projection.py) share: an ablation's finished
+cells, a finished run opened with the static experts trained beside its own, and the OUT.json / OUT.md pair each
+writes for results_doc.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def finished_cells(ablation: Path) -> list[tuple[dict, int, Path]]:
+    """(grid values, seed, run folder) of every finished cell of an ablation (a diverged cell has no rows)."""
+    if not (ablation / "cells").is_dir():
+        raise SystemExit(f"{ablation} is not an ablation's folder (no cells/): run `make evidence` first")
+    found = []
+    for path in sorted((ablation / "cells").glob("*/seed*/cell.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"cannot read {path}: {err}") from None
+        if record.get("rows"):
+            found.append((record["cell"], int(record["seed"]), path.parent))
+    return found
+
+
+def load_compared_run(folder: Path):
+    """(its saved settings, the loaded run) of a finished run that trained static experts beside its own, with
+    cached logits (no model runs once they exist); None for any other run."""
+    from askexpert.collab.evaluation import STATIC, RunLayout, load_run
+    from askexpert.commands.evaluate import saved_settings
+    from askexpert.commands.pipeline import recorded_profile
+
+    settings = saved_settings(str(folder))
+    if settings.specialization == STATIC or not settings.static_baseline:
+        return None
+    layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
+    profile = recorded_profile(str(folder), settings.profile)
+    run = load_run(layout, settings.data.as_dict(), settings.specialization, settings.static_baseline, profile)
+    return settings, run
+
+
+def write_tables(out: str, data, markdown: str) -> None:
+    """OUT.json (the figures) and OUT.md (the table results_doc.py puts into docs/results.md), echoed."""
+    path = Path(out)
+    try:
+        path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        path.with_suffix(".md").write_text(markdown + "\n")
+    except OSError as err:
+        raise SystemExit(f"cannot write {path}.json/.md: {err.strerror}") from None
+    print(markdown)
+    print(f"wrote {path.with_suffix('.json')} and {path.with_suffix('.md')}")
