@@ -1,5 +1,6 @@
-"""Would the evidence runs' routing decisions save latency and energy with the paper-size models? A cost-model
-projection, no training.
+"""The evidence runs' offload shares priced with the trained models and with the GPU-size ones (cost model only).
+
+Would the runs' routing decisions save latency and energy with the paper-size models? A projection, no training.
 
     python experiments/cost_projection.py --ablation runs/ablations/evidence      # after `make evidence`
 
@@ -15,7 +16,6 @@ offload shares would differ. Writes OUT.json and OUT.md (default docs/results/ev
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import statistics
@@ -28,7 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from experiments.finished_runs import write_tables  # noqa: E402
+from experiments.finished_runs import arguments, write_tables  # noqa: E402
 
 EVIDENCE, FULL = "configs/pipeline/cpu_evidence.yaml", "configs/pipeline/standin_full.yaml"
 PROFILES = ["configs/profiles/pi4_wifi_orin.yaml", "configs/profiles/pi4_lte_orin.yaml"]
@@ -213,10 +213,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ablation", default=str(REPO / "runs" / "ablations" / "evidence"))
-    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "evidence_costs"), help="OUT.json/.md")
-    args = parser.parse_args()
+    args = arguments(__doc__, "evidence_costs")
     results = Path(args.ablation) / "results.csv"
     if not results.is_file():
         raise SystemExit(f"no results.csv in {args.ablation}: run `make evidence` first")

@@ -1,11 +1,22 @@
-"""What the evidence analyses (misrouting.py, routing_search.py, cost_projection.py) share: an ablation's finished
-cells, a finished run opened with the static experts trained beside its own, and the OUT.json / OUT.md pair each
-writes for results_doc.py."""
+"""What the evidence analyses (misrouting.py, routing_search.py, cost_projection.py) share: their command line,
+an ablation's finished cells, a finished run opened with the static experts trained beside its own, and the
+OUT.json / OUT.md pair each writes for results_doc.py."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def arguments(doc: str, out_name: str) -> argparse.Namespace:
+    """An analysis's command line: the evidence ablation it reads, and OUT (default docs/results/<out_name>)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--ablation", default=str(REPO / "runs" / "ablations" / "evidence"), help="ablation folder")
+    parser.add_argument("--out", default=str(REPO / "docs" / "results" / out_name), help="writes OUT.json and OUT.md")
+    return parser.parse_args()
 
 
 def finished_cells(ablation: Path) -> list[tuple[dict, int, Path]]:

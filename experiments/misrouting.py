@@ -14,7 +14,6 @@ docs/results/evidence_misrouting.*).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from experiments.finished_runs import finished_cells, load_compared_run, write_tables  # noqa: E402
+from experiments.finished_runs import arguments, finished_cells, load_compared_run, write_tables  # noqa: E402
 
 RATES = [round(0.05 * i, 2) for i in range(11)]  # 0 .. 0.5
 
@@ -186,10 +185,7 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ablation", default=str(REPO / "runs" / "ablations" / "evidence"))
-    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "evidence_misrouting"), help="OUT.json/.md")
-    args = parser.parse_args()
+    args = arguments(__doc__, "evidence_misrouting")
     by_setting: dict[str, list[dict]] = defaultdict(list)
     for cell, _, folder in finished_cells(Path(args.ablation)):
         found = run_curves(folder)

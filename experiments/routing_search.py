@@ -12,7 +12,6 @@ default routing's, never used to choose. Writes OUT.json and OUT.md (default doc
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from askexpert.ablation.results import mean_std  # noqa: E402
-from experiments.finished_runs import finished_cells, load_compared_run, write_tables  # noqa: E402
+from experiments.finished_runs import arguments, finished_cells, load_compared_run, write_tables  # noqa: E402
 
 GATES = ("max_prob", "margin", "entropy")
 TOP_K = (1, 3, 5)
@@ -131,10 +130,7 @@ def markdown(summary: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ablation", default=str(REPO / "runs" / "ablations" / "evidence"))
-    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "evidence_routing"), help="OUT.json, OUT.md")
-    args = parser.parse_args()
+    args = arguments(__doc__, "evidence_routing")
     per_run = []
     for cell, seed, folder in finished_cells(Path(args.ablation)):
         found = evaluate_cell(folder)
