@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 from experiments.finished_runs import arguments, write_tables  # noqa: E402
 
 EVIDENCE, FULL = "configs/pipeline/cpu_evidence.yaml", "configs/pipeline/standin_full.yaml"
+# the profiles priced; the check that the pricing reproduces the runs needs the runs' own among them
 PROFILES = ["configs/profiles/pi4_wifi_orin.yaml", "configs/profiles/pi4_lte_orin.yaml"]
 NUM_CLASSES = 100  # every model's head, experts included (fine-tuned from the all-class base); head FLOPs are tiny
-# the profiles priced; the runs' own must be among them for the check that the pricing reproduces the runs
 POINTS = {"most accurate": "offload_ratio", "under budget": "constrained_offload_ratio"}
 
 
@@ -217,7 +217,10 @@ def main() -> None:
     results = Path(args.ablation) / "results.csv"
     if not results.is_file():
         raise SystemExit(f"no results.csv in {args.ablation}: run `make evidence` first")
-    shares = offload_shares(results)
+    try:
+        shares = offload_shares(results)
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"{results}: a share that is not a number ({err})") from None
     if not shares:
         raise SystemExit(f"no run with its own experts (not static) in {results}")
     trained, profile = trained_models(Path(args.ablation))

@@ -27,10 +27,10 @@ def finished_cells(ablation: Path) -> list[tuple[dict, int, Path]]:
     for path in sorted((ablation / "cells").glob("*/seed*/cell.json")):
         try:
             record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise SystemExit(f"cannot read {path}: {err}") from None
-        if record.get("rows"):
-            found.append((record["cell"], int(record["seed"]), path.parent))
+            if record.get("rows"):
+                found.append((dict(record["cell"]), int(record["seed"]), path.parent))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SystemExit(f"{path} is not a finished cell's record ({type(err).__name__}: {err})") from None
     return found
 
 
@@ -40,13 +40,17 @@ def load_compared_run(folder: Path):
     from askexpert.collab.evaluation import STATIC, RunLayout, load_run
     from askexpert.commands.evaluate import saved_settings
     from askexpert.commands.pipeline import recorded_profile
+    from askexpert.errors import UserError
 
-    settings = saved_settings(str(folder))
-    if settings.specialization == STATIC or not settings.static_baseline:
-        return None
-    layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
-    profile = recorded_profile(str(folder), settings.profile)
-    run = load_run(layout, settings.data.as_dict(), settings.specialization, settings.static_baseline, profile)
+    try:
+        settings = saved_settings(str(folder))
+        if settings.specialization == STATIC or not settings.static_baseline:
+            return None
+        layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
+        profile = recorded_profile(str(folder), settings.profile)
+        run = load_run(layout, settings.data.as_dict(), settings.specialization, settings.static_baseline, profile)
+    except UserError as err:  # a run folder that is not (or no longer) a finished run
+        raise SystemExit(f"{folder}: {err}") from None
     return settings, run
 
 

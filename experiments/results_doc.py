@@ -200,7 +200,12 @@ def models(rows: list[dict]) -> str:
 
 def scale_table(path: Path) -> str:
     """The accuracy/minutes candidates behind the evidence pipeline (benchmarks/evidence_scale.py's JSON)."""
-    found = json.loads(path.read_text())["results"]
+    try:
+        found = json.loads(path.read_text())["results"]
+        if not isinstance(found, dict):
+            raise TypeError("'results' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path} is not benchmarks/evidence_scale.py's output ({type(err).__name__}: {err})") from None
     lines = [
         "| candidate | parameters | epochs | best val acc % | val acc % by epoch | minutes | min / epoch | timed by |",
         "|---|---:|---:|---:|---|---:|---:|---|",
@@ -260,7 +265,9 @@ def fill_evidence(text: str, folder: Path, copies: list) -> tuple[str, str]:
     text = replace_block(text, "evidence_claims", claims_md)
     text = replace_block(text, "evidence_table", table(columns, rows))
     text = replace_block(text, "evidence_models", models(rows))
-    text = replace_block(text, "evidence_minutes", minutes(cell_records(folder)))
+    records = cell_records(folder)
+    if records:  # a results.csv without its cells (copied elsewhere) leaves the minutes as they were
+        text = replace_block(text, "evidence_minutes", minutes(records))
     return text, headline
 
 
@@ -280,8 +287,10 @@ def _inputs(args: argparse.Namespace) -> tuple[dict[str, list[Path]], set[str]]:
         paths = [Path(p) for p in ([given] if isinstance(given, str) else given)] if given else default
         if given:
             for path in paths:
-                if not (path / wanted[name]).exists():
-                    raise SystemExit(f"--{name} {path}: no {wanted[name] or 'such file or folder'} there")
+                if not (path / wanted[name]).exists() or (name == "scale" and not path.is_file()):
+                    raise SystemExit(f"--{name} {path}: no {wanted[name] or 'such file'} there")
+                if name == "tables" and not any((path / f"{block}.md").is_file() for block in INCLUDED):
+                    raise SystemExit(f"--tables {path}: none of {', '.join(f'{b}.md' for b in INCLUDED)} there")
         found[name] = [path for path in paths if (path / wanted[name]).exists()]
     return found, {name for name in defaults if getattr(args, name)}
 

@@ -133,10 +133,14 @@ def test_bad_inputs_give_one_line_and_change_no_file(tmp_path):
         (["--evidence", str(tmp_path / "missing")], "no results.csv there"),
         (["--evidence", str(not_ablation)], "not the results.csv of such an ablation: no column seed"),
         (["--tuning", str(not_ablation)], "no column seed"),
-        (["--scale", str(tmp_path / "missing.json")], "no such file or folder there"),
+        (["--scale", str(tmp_path / "missing.json")], "no such file there"),
+        (["--scale", str(tmp_path)], "no such file there"),  # a folder
+        (["--scale", str(not_ablation / "results.csv")], "is not benchmarks/evidence_scale.py's output"),
+        (["--tables", str(not_ablation)], "none of evidence_routing.md"),
         (["--evidence", str(complete)], "has no block <!-- generated:evidence_table -->"),
     ):
         done = subprocess.run(script + extra, capture_output=True, text=True)
         assert done.returncode != 0 and "Traceback" not in done.stderr, extra
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "KEEP" in doc.read_text() and "KEEP" in readme.read_text()  # neither file half-written
+        assert not (tmp_path / "results").exists()  # nor any result file copied beside the doc
