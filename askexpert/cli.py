@@ -26,9 +26,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 import strategies
-from askexpert.callbacks import AtomicSaveConfigCallback, PredictionCSVWriter, atomic_write_text, evaluation_dir
-from askexpert.checkpoint_io import AtomicCheckpointIO
-from askexpert.checkpoints import (
+from askexpert.callbacks import AtomicSaveConfigCallback, PredictionCSVWriter, evaluation_dir
+from askexpert.callbacks.guard import NonFiniteGuard
+from askexpert.callbacks.progress import IntervalProgressBar
+from askexpert.callbacks.rng import RandomStateCheckpoint
+from askexpert.errors import (
+    UserError,
+    check_output_path,
+    one_line_for_user,
+    one_line_parse_error,
+)
+from askexpert.files.atomic import atomic_write_text
+from askexpert.files.checkpoint_io import AtomicCheckpointIO
+from askexpert.files.checkpoints import (
     LIGHTNING_CKPT_ALIASES,
     check_checkpoint_file,
     check_same_classes,
@@ -36,29 +46,20 @@ from askexpert.checkpoints import (
     load_checkpoint,
     strip_training_state,
 )
-from askexpert.errors import (
-    UserError,
-    check_output_path,
-    one_line_for_user,
-    one_line_parse_error,
-)
-from askexpert.guard import NonFiniteGuard
 from askexpert.loggers import RunCSVLogger
 from askexpert.modules import ClassifierModule, ExpertModule
 from askexpert.modules.classifier import check_input_size
-from askexpert.progress import IntervalProgressBar
-from askexpert.rng import RandomStateCheckpoint
-from askexpert.run_folder import (
+from askexpert.runs.folder import (
     CSV_LOGGER,
     WANDB_LOGGERS,
     checkpoint_dir,
     last_checkpoint,
-    locked,
     save_wandb_run_id,
     sweep_run,
     wandb_run_id,
     wandb_should_be_offline,
 )
+from askexpert.runs.lock import locked
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import Partition
 from strategies import SpecializationStrategy
@@ -368,20 +369,20 @@ class AskExpertCLI(LightningCLI):
         )
         # the specialization slot is empty (None) for generalists and base models
         callbacks = [c for c in callbacks if c is not None]
-        # Always on: a run never trains on (or saves) after a non-finite loss (askexpert/guard.py).
+        # Always on: a run never trains on (or saves) after a non-finite loss (askexpert/callbacks/guard.py).
         callbacks += [NonFiniteGuard(), last]
         # First of every callback (Lightning keeps the order of non-checkpoint callbacks): a resumed run restores
-        # the saved random states before anything else draws from them (askexpert/rng.py).
+        # the saved random states before anything else draws from them (askexpert/callbacks/rng.py).
         given_callbacks = config.get("callbacks")
         if given_callbacks is not None and not isinstance(given_callbacks, list):
             given_callbacks = [given_callbacks]
         config["callbacks"] = [RandomStateCheckpoint(), *(given_callbacks or [])]
         # A bar that reads metrics only at the logging interval: TQDM's default waits for the GPU every step
-        # (askexpert/progress.py). Lightning refuses a bar callback when the bar is switched off.
+        # (askexpert/callbacks/progress.py). Lightning refuses a bar callback when the bar is switched off.
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(IntervalProgressBar())
-        # Checkpoints written to a temporary file, fsynced and renamed into place (askexpert/checkpoint_io.py).
+        # Checkpoints written to a temporary file, fsynced and renamed into place (askexpert/files/checkpoint_io.py).
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -406,7 +407,7 @@ class AskExpertCLI(LightningCLI):
         if isinstance(self.model, ExpertModule):
             self._check_expert(subcommand)
         with contextlib.ExitStack() as stack:
-            # One writer per run folder (askexpert/run_folder.py); evaluations only read it. DDP ranks other than 0
+            # One writer per run folder (askexpert/runs/lock.py); evaluations only read it. DDP ranks other than 0
             # (started by rank 0, which holds the lock) write nothing.
             if subcommand == "fit" and rank_zero_only.rank == 0:
                 stack.enter_context(locked(self.trainer.default_root_dir))

@@ -21,7 +21,7 @@ class UserError(Exception):
 
 
 class DivergenceError(UserError):
-    """Training produced a non-finite loss, gradient or weight (`askexpert.guard`); exit status 3.
+    """Training produced a non-finite loss, gradient or weight (`askexpert.callbacks.guard`); exit status 3.
 
     `step` and `epoch` locate the first bad step, `last_good` is the checkpoint that is still intact (or None),
     `stage` the pipeline stage that diverged (None for a plain `fit`).

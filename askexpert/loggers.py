@@ -6,7 +6,7 @@ rewrites `metrics.csv` with only the columns it has seen in *this* launch, losin
 resumed run. This writer starts from the existing header instead, so a resumed run's metrics continue in
 the same file.
 
-How the file is written (see askexpert/run_folder.py for the project's rule):
+How the file is written (see askexpert/files/atomic.py for the project's rule):
 - a new file and every rewrite (a new column, a repair) go through a temporary file, fsync and rename;
 - rows are appended in between (Lightning saves after every logging step: rewriting the file each time would
   cost a copy of it per step). An append cut short by a crash leaves at most a torn last row, and the file is
@@ -27,7 +27,7 @@ from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from askexpert.run_folder import atomic_path, atomic_write_text
+from askexpert.files.atomic import atomic_path, atomic_write_text
 
 
 def _epoch(row: dict) -> int | None:

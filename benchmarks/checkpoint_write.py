@@ -6,7 +6,7 @@ writes, and times, interleaved, median of `--repeats`:
   memory, then an fsspec transaction: temporary file + rename), what every ModelCheckpoint save does;
 * `direct`: `torch.save` straight into a temporary file in the same folder, then `os.replace` (as atomic
   for readers: a reader sees the old file or the new one, never half of one);
-* `atomic_io`: `askexpert.checkpoint_io.AtomicCheckpointIO` (the same with an fsync before the rename, so
+* `atomic_io`: `askexpert.files.checkpoint_io.AtomicCheckpointIO` (the same with an fsync before the rename, so
   it also survives a power cut), the plugin the CLI can give its Trainers.
 
     python benchmarks/checkpoint_write.py [--models vit_medium_patch4_32 vit_edge_patch4_32] [--dir DIR]
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="folder to write into (default: a temporary one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from askexpert.checkpoint_io import AtomicCheckpointIO
+    from askexpert.files.checkpoint_io import AtomicCheckpointIO
 
     writers = {"lightning": lightning_write, "direct": direct_write, "atomic_io": AtomicCheckpointIO().save_checkpoint}
     rows = []

@@ -339,17 +339,22 @@ def cli_step(
 
 
 def checkout_progress_bar():
-    """The measured checkout's own sync-free progress bar class (askexpert.progress), or None where it has
-    none (the editable install would otherwise find this checkout's module for an older one)."""
+    """The measured checkout's own sync-free progress bar class (askexpert/callbacks/progress.py, before
+    2026-12 askexpert/progress.py), or None where it has none (the editable install would otherwise find this
+    checkout's module for an older one)."""
+    import importlib
+
     import askexpert
 
-    try:
-        import askexpert.progress
-    except ImportError:
-        return None
-    if Path(askexpert.progress.__file__).parent != Path(askexpert.__file__).parent:
-        return None
-    return askexpert.progress.IntervalProgressBar
+    package = Path(askexpert.__file__).parent
+    for name in ("askexpert.callbacks.progress", "askexpert.progress"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if package in Path(module.__file__).parents:
+            return module.IntervalProgressBar
+    return None
 
 
 def overhead(device: str, model: str, batch: int, precision: str, steps: int, warmup: int, repeats: int) -> dict:

@@ -107,7 +107,7 @@ class Partition:
         }
 
     def save(self, path: str) -> None:
-        from askexpert.callbacks import atomic_write_text
+        from askexpert.files.atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

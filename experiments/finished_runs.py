@@ -37,10 +37,11 @@ def finished_cells(ablation: Path) -> list[tuple[dict, int, Path]]:
 def load_compared_run(folder: Path):
     """(its saved settings, the loaded run) of a finished run that trained static experts beside its own, with
     cached logits (no model runs once they exist); None for any other run."""
-    from askexpert.collab.evaluation import STATIC, RunLayout, load_run
+    from askexpert.collab.evaluation import STATIC, load_run
     from askexpert.commands.evaluate import saved_settings
     from askexpert.commands.pipeline import recorded_profile
     from askexpert.errors import UserError
+    from askexpert.runs.layout import RunLayout
 
     try:
         settings = saved_settings(str(folder))

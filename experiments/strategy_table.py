@@ -31,9 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from askexpert.checkpoints import load_classifier  # noqa: E402
 from askexpert.cli import AskExpertCLI, cli_main  # noqa: E402
 from askexpert.errors import UserError  # noqa: E402
+from askexpert.modules.loading import load_classifier  # noqa: E402
 from datamodules.partitions import Partition  # noqa: E402
 
 # (row label, strategy, expert init, extra CLI overrides). The scratch row gets a from-scratch learning rate.
@@ -65,7 +65,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def trained(config: str, root: Path, seed: int, tiny: list[str], reuse: bool):
     """The all-class model of `config` for this seed: trained now, or loaded when `reuse` finds it finished."""
-    results = root / "eval" / "test_results.json"  # where `test` writes (askexpert/callbacks.py evaluation_dir)
+    results = root / "eval" / "test_results.json"  # where `test` writes (askexpert/callbacks/__init__.py evaluation_dir)
     if reuse and results.exists():
         return load_classifier(str(root / "checkpoints" / "best.ckpt"))
     model = fit(["--config", config], root, seed, tiny).model

@@ -95,7 +95,7 @@ def tiny_pipeline_run(tmp_path_factory) -> tuple[Path, Path]:
     """(pipeline config, finished run folder) of one tiny stand-in pipeline (micro ViTs, 2 experts, one epoch per
     stage), run once per test session and shared by the pipeline, evaluate, route, profile and export tests.
     Read-only: a test that changes it copies it first."""
-    from test_pipeline import write_configs
+    from helpers.pipelines import write_configs
 
     from askexpert.cli import cli_main
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from test_cli import run_main
-from test_cli_errors import assert_clean_failure
-from test_pipeline import write_configs
+from helpers.cli import assert_clean_failure, run_main
+from helpers.pipelines import write_configs
 
 from askexpert.ablation import grid as grids
 from askexpert.ablation import results
@@ -174,7 +173,7 @@ def test_an_interrupted_shared_stage_resumes_in_the_store(finished, tmp_path, ca
 
 
 def test_a_second_ablate_on_the_same_store_is_refused_while_the_first_runs(tmp_path):
-    from test_run_safety import hold
+    from helpers.locks import hold
 
     from askexpert.ablation.store import StageStore
 

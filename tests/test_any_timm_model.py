@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from conftest import TINY_ARGS
-from test_cli import run_main
-from test_pipeline import make_four_class_folder, write_configs
+from helpers.cli import run_main
+from helpers.pipelines import make_four_class_folder, write_configs
 
-from askexpert.checkpoints import load_classifier
 from askexpert.cli import cli_main
 from askexpert.modules import ExpertModule
+from askexpert.modules.loading import load_classifier
 
 RESNET = ["--model.model_name", "resnet18", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
 

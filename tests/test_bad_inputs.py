@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY_ARGS
-from test_cli import run_main
-from test_cli_errors import assert_clean_failure
-from test_imagefolder import make_folder
+from helpers.cli import assert_clean_failure, one_line, run_main
+from helpers.datasets import make_folder
 
 from askexpert.errors import os_error_message
 
@@ -56,16 +55,6 @@ def trained(tmp_path_factory, tiny_generalist_run):
         "expert": expert / "checkpoints" / "best.ckpt",
         "partition": partition,
     }
-
-
-def one_line(code: int, err: str, *fragments: str) -> str:
-    """The single error line of a clean failure (no traceback), checked for `fragments`."""
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
-    assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith("askexpert: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def files_under(folder: Path) -> dict[str, bytes]:
@@ -342,9 +331,10 @@ def fake_run(trained, folder: Path, expert_checkpoint: Path) -> Path:
 
 
 def test_evaluate_refuses_a_wrong_kind_checkpoint_before_computing_logits(trained, tmp_path):
-    from askexpert.collab.evaluation import RunLayout, evaluate_run
+    from askexpert.collab.evaluation import evaluate_run
     from askexpert.collab.system import RoutingConfig
     from askexpert.errors import UserError
+    from askexpert.runs.layout import RunLayout
 
     run = fake_run(trained, tmp_path / "run", trained["expert"])  # expert 1 holds expert 0's classes
     data = {"source": "synthetic", "synthetic_train_per_class": 10, "synthetic_test_per_class": 2}

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
-from test_routing import COVER, PROFILE
+from helpers.routing import COVER, PROFILE
 
 from askexpert.collab.costs import CostModel, ModelCost, profile_from_dict
 from askexpert.collab.routing import fit_temperature
@@ -118,8 +118,8 @@ def test_threshold_and_temperature_come_from_the_calibration_split():
 
 # -- identities and the pipeline ----------------------------------------------------------------------------
 def test_demo_stage_identities_are_unchanged(tmp_path, monkeypatch):
-    from askexpert.collab.evaluation import RunLayout
     from askexpert.commands.pipeline import explicit_data_keys, parser, plan_stages
+    from askexpert.runs.layout import RunLayout
 
     monkeypatch.chdir(REPO)  # the demo config names its stage files relative to the checkout
     argv = ["--config", "configs/pipeline/demo.yaml", "--out", str(tmp_path / "demo"), "--static_baseline", "false"]

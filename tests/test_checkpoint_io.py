@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from askexpert.checkpoint_io import AtomicCheckpointIO
-from askexpert.checkpoints import check_checkpoint_file
+from askexpert.files.checkpoint_io import AtomicCheckpointIO
+from askexpert.files.checkpoints import check_checkpoint_file
 from askexpert.modules import GeneralistModule
 from datamodules.datamodule import ImageDataModule
 

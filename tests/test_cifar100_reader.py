@@ -8,48 +8,14 @@ import struct
 import urllib.error
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers.datasets import COARSE, FINE, FINE_TO_COARSE, cifar_split, write_cifar, write_pickle
 
 from askexpert.errors import UserError
 from datamodules import cifar100
 from datamodules.cifar100 import cifar100_metadata, load_cifar100
 from datamodules.labels import CIFAR100_COARSE_NAMES, CIFAR100_FINE_NAMES, CIFAR100_FINE_TO_COARSE
-
-FINE = ["apple", "bear", "cloud", "dolphin"]
-COARSE = ["animals", "things"]
-FINE_TO_COARSE = [1, 0, 1, 0]
-
-
-def _split(count_per_class: int, seed: int, fine_to_coarse: list[int]) -> dict:
-    """One split dict with the same keys and types as the official files (data rows are CHW-flattened)."""
-    rng = np.random.default_rng(seed)
-    fine = [c for c in range(len(fine_to_coarse)) for _ in range(count_per_class)]
-    return {
-        "filenames": [f"img_{i}.png" for i in range(len(fine))],
-        "batch_label": "training batch 1 of 1",
-        "fine_labels": fine,
-        "coarse_labels": [fine_to_coarse[c] for c in fine],
-        "data": rng.integers(0, 256, size=(len(fine), 3072), dtype=np.uint8),
-    }
-
-
-def _write(folder: Path, name: str, content: dict) -> None:
-    with open(folder / name, "wb") as handle:
-        pickle.dump(content, handle, protocol=2)
-
-
-def write_cifar(
-    root: Path, fine: list[str] = FINE, coarse: list[str] = COARSE, fine_to_coarse: list[int] = FINE_TO_COARSE
-) -> tuple[dict, dict]:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    train, test = _split(3, 0, fine_to_coarse), _split(2, 1, fine_to_coarse)
-    _write(folder, "train", train)
-    _write(folder, "test", test)
-    _write(folder, "meta", {"fine_label_names": list(fine), "coarse_label_names": list(coarse)})
-    return train, test
 
 
 def test_round_trip_keeps_chw_images_labels_and_names(tmp_path: Path) -> None:
@@ -83,7 +49,7 @@ def test_metadata_uses_official_map_without_reading_labels(tmp_path: Path) -> No
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     official = {"fine_label_names": list(CIFAR100_FINE_NAMES), "coarse_label_names": list(CIFAR100_COARSE_NAMES)}
-    _write(folder, "meta", official)
+    write_pickle(folder, "meta", official)
     # No train/test files at all: official names must be enough.
     names, supers, mapping = cifar100_metadata(str(tmp_path))
     assert names == list(CIFAR100_FINE_NAMES) and supers == list(CIFAR100_COARSE_NAMES)
@@ -93,9 +59,9 @@ def test_metadata_uses_official_map_without_reading_labels(tmp_path: Path) -> No
 def test_fine_class_in_two_superclasses_is_rejected(tmp_path: Path) -> None:
     write_cifar(tmp_path)
     folder = tmp_path / "cifar-100-python"
-    test = _split(2, 1, FINE_TO_COARSE)
+    test = cifar_split(2, 1, FINE_TO_COARSE)
     test["coarse_labels"][0] = 1 - test["coarse_labels"][0]  # an 'apple' now also in 'animals'
-    _write(folder, "test", test)
+    write_pickle(folder, "test", test)
     with pytest.raises(UserError, match="'apple' maps to two superclasses"):
         load_cifar100(str(tmp_path), verify_checksums=False)
 
@@ -154,7 +120,7 @@ def test_truncated_pickle_names_file(tmp_path: Path) -> None:
 def test_pickle_with_foreign_globals_is_refused(tmp_path: Path) -> None:
     write_cifar(tmp_path)
     meta = {"fine_label_names": FINE, "coarse_label_names": COARSE, "x": Path("a")}  # a Path needs a foreign global
-    _write(tmp_path / "cifar-100-python", "meta", meta)
+    write_pickle(tmp_path / "cifar-100-python", "meta", meta)
     with pytest.raises(UserError, match=r"cannot read CIFAR-100 file .*meta.*refusing to load"):
         load_cifar100(str(tmp_path), verify_checksums=False)
 

@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from helpers.cli import run_main
 
-from askexpert.cli import cli_main, main
+from askexpert.cli import cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 from conftest import TINY_ARGS  # noqa: E402
@@ -24,18 +24,6 @@ FIT_CONFIGS = sorted(
     for p in (REPO / "configs").rglob("*.yaml")
     if not set(p.relative_to(REPO / "configs").parts) & set(NON_FIT_DIRS)
 )
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run the console entry point in-process; returns (exit code, stdout, stderr)."""
-    with mock.patch.object(sys, "argv", ["askexpert", *args]):
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_lists_every_command(capsys):
@@ -132,7 +120,7 @@ def test_predict_writes_a_csv(trained_run, tmp_path, capsys):
 
 
 def test_checkpoint_loads_for_prediction(trained_run):
-    from askexpert.checkpoints import load_classifier
+    from askexpert.modules.loading import load_classifier
 
     model = load_classifier(str(trained_run / "checkpoints" / "best.ckpt"))
     logits = model(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))

@@ -7,21 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cifar100_reader import write_cifar
-from test_cli import run_main
-from test_imagefolder import make_folder
+from helpers.cli import assert_clean_failure, run_main
+from helpers.datasets import make_folder, write_cifar
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def assert_clean_failure(code: int, err: str, run_dir: Path, *fragments: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Seed set to")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("askexpert: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert not run_dir.exists(), f"the failed run wrote {sorted(p.name for p in run_dir.rglob('*'))}"
 
 
 @pytest.fixture
@@ -168,8 +157,8 @@ def test_compiling_keeps_checkpoint_keys(tiny_args):
 def test_damage_anywhere_in_a_checkpoint_is_one_clear_error(tiny_generalist_run, tmp_path, where):
     """Bytes flipped in a local header, a member, or the central directory at the end (names that are no longer
     UTF-8, wrong offsets, ...): always a UserError naming the file, never a parser's own exception."""
-    from askexpert.checkpoints import check_checkpoint_file
     from askexpert.errors import UserError
+    from askexpert.files.checkpoints import check_checkpoint_file
 
     data = (tiny_generalist_run / "checkpoints" / "best.ckpt").read_bytes()
     start = min(int(len(data) * where), len(data) - 64)

@@ -19,14 +19,14 @@ import httpx
 import numpy as np
 import pytest
 from conftest import REPO
-from test_cli import run_main
+from helpers.cli import run_main
 
-from askexpert.callbacks import atomic_write_text
 from askexpert.cli import cli_main
 from askexpert.deploy.batcher import Batcher
 from askexpert.deploy.bundle import load_bundle
 from askexpert.deploy.expert_api import ExpertAPI
 from askexpert.deploy.expert_models import ExpertModels
+from askexpert.files.atomic import atomic_write_text
 
 ENGINES = ("inline", "litserve")
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run_main
-from test_cli_errors import assert_clean_failure
+from helpers.cli import assert_clean_failure, run_main
 
-from askexpert.checkpoints import load_classifier
 from askexpert.cli import cli_main
 from askexpert.modules import ExpertModule
+from askexpert.modules.loading import load_classifier
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -241,7 +240,7 @@ def test_partition_command_bad_input(tmp_path, capsys, args, message):
 
 
 def test_partition_command_generalist_of_another_class_set(tmp_path, capsys, setup_dir):
-    from test_imagefolder import make_folder
+    from helpers.datasets import make_folder
 
     folder = make_folder(tmp_path / "images")
     code, _, err = run_main(

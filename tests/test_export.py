@@ -8,11 +8,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_cli import run_main
-from test_cli_errors import assert_clean_failure
+from helpers.cli import assert_clean_failure, run_main
 
-from askexpert.checkpoints import load_classifier
 from askexpert.collab.logits import file_sha256 as sha256
+from askexpert.modules.loading import load_classifier
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from askexpert.checkpoints import load_classifier
 from askexpert.errors import UserError
 from askexpert.modules import GeneralistModule
+from askexpert.modules.loading import load_classifier
 from askexpert.modules.metrics import ClassificationMetrics
 
 

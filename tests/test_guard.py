@@ -5,12 +5,12 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.cli import run_main
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_cli import run_main
 
-import askexpert.guard as guard_module
+import askexpert.callbacks.guard as guard_module
+from askexpert.callbacks.guard import NonFiniteGuard
 from askexpert.errors import DivergenceError
-from askexpert.guard import NonFiniteGuard
 
 
 class Poisoned(pl.LightningModule):
@@ -182,7 +182,7 @@ def test_weights_broken_before_a_mid_epoch_validation_never_reach_a_weights_only
 
 
 def test_the_checkpoint_writer_refuses_non_finite_weights_whoever_saves(tmp_path):
-    from askexpert.checkpoint_io import AtomicCheckpointIO
+    from askexpert.files.checkpoint_io import AtomicCheckpointIO
 
     path = tmp_path / "x.ckpt"
     with pytest.raises(DivergenceError, match="the weights are non-finite .epoch 3, step 7."):

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_ARGS
-from test_bad_inputs import one_line
-from test_cifar100_reader import write_cifar
-from test_cli import run_main
-from test_imagefolder import make_folder
+from helpers.cli import one_line, run_main
+from helpers.datasets import make_folder, write_cifar
 
-from askexpert.checkpoints import load_checkpoint, load_classifier
 from askexpert.errors import UserError
+from askexpert.files.checkpoints import load_checkpoint
 from askexpert.modules import GeneralistModule
+from askexpert.modules.loading import load_classifier
 from datamodules.datamodule import ImageDataModule
 
 VIT16 = ["--model.model_name", "vit_tiny_patch16_224", "--trainer.limit_train_batches", "2"]

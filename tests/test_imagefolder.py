@@ -7,30 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.datasets import make_folder, save_image
 from PIL import Image
 
 from askexpert.errors import UserError
 from datamodules.imagefolder import imagefolder_metadata, load_imagefolder
-
-
-def _save(path: Path, color: tuple[int, ...], mode: str = "RGB", size: tuple[int, int] = (20, 12)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = color[0] if mode == "L" else color
-    Image.new(mode, size, value).save(path)
-
-
-def make_folder(root: Path) -> Path:
-    """Classes deliberately created out of order; mixed formats, modes and extension case."""
-    _save(root / "train" / "zebra" / "a.png", (200, 10, 10))
-    _save(root / "train" / "zebra" / "b.JPG", (10, 200, 10))
-    _save(root / "train" / "ant" / "a.png", (90,), mode="L")
-    _save(root / "train" / "ant" / "b.png", (1, 2, 250, 128), mode="RGBA")
-    _save(root / "train" / "cat" / "x.jpeg", (100, 100, 100))
-    (root / "train" / "cat" / "notes.txt").write_text("not an image")
-    _save(root / "test" / "ant" / "t.png", (5, 6, 7))
-    _save(root / "test" / "cat" / "t.png", (8, 9, 10))
-    _save(root / "test" / "zebra" / "t.png", (11, 12, 13))
-    return root
 
 
 def test_round_trip_sorted_classes_resized_rgb(tmp_path: Path) -> None:
@@ -58,7 +39,7 @@ def test_superclasses_json(tmp_path: Path) -> None:
 
 def test_memory_limit_checked_before_decoding(tmp_path: Path) -> None:
     make_folder(tmp_path)
-    _save(tmp_path / "train" / "ant" / "broken.png", (0, 0, 0))
+    save_image(tmp_path / "train" / "ant" / "broken.png", (0, 0, 0))
     (tmp_path / "train" / "ant" / "broken.png").write_bytes(b"garbage")  # would fail if decoded first
     with pytest.raises(UserError) as info:
         load_imagefolder(str(tmp_path), image_size=1000, max_memory_gb=0.001)
@@ -91,13 +72,13 @@ def test_missing_split_folder(tmp_path: Path, split: str) -> None:
 
 def test_class_only_in_train(tmp_path: Path) -> None:
     make_folder(tmp_path)
-    _save(tmp_path / "train" / "dog" / "a.png", (1, 1, 1))
+    save_image(tmp_path / "train" / "dog" / "a.png", (1, 1, 1))
     _raises(tmp_path, "'dog'", "in train/ but not in test/")
 
 
 def test_class_only_in_test(tmp_path: Path) -> None:
     make_folder(tmp_path)
-    _save(tmp_path / "test" / "eel" / "a.png", (1, 1, 1))
+    save_image(tmp_path / "test" / "eel" / "a.png", (1, 1, 1))
     _raises(tmp_path, "'eel'", "in test/ but not in train/")
     with pytest.raises(UserError, match="'eel'"):
         imagefolder_metadata(str(tmp_path))
@@ -127,7 +108,7 @@ def test_corrupt_image_is_named(tmp_path: Path) -> None:
 def test_truncated_jpeg_is_named(tmp_path: Path) -> None:
     make_folder(tmp_path)
     path = tmp_path / "test" / "zebra" / "cut.jpg"
-    _save(path, (1, 2, 3), size=(64, 64))
+    save_image(path, (1, 2, 3), size=(64, 64))
     path.write_bytes(path.read_bytes()[:200])
     _raises(tmp_path, "cut.jpg", "cannot read image")
 

@@ -12,6 +12,7 @@ from timm.models._features import FeatureGetterNet
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 import askexpert.models
+import askexpert.models.registry
 from askexpert.errors import UserError
 from askexpert.modules.classifier import create_network
 
@@ -49,7 +50,7 @@ def test_sizes_match_their_roles():
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_filter_is_timms_vit_filter_where_timm_looks_for_it(name):
     module = sys.modules[timm.models.model_entrypoint(name).__module__]
-    assert module is askexpert.models
+    assert module is askexpert.models.registry
     assert module.checkpoint_filter_fn is checkpoint_filter_fn
 
 

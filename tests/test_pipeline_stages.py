@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 from conftest import REPO
-from test_cli import run_main
-from test_pipeline import write_configs
+from helpers.cli import run_main
+from helpers.pipelines import write_configs
 
 from askexpert.commands.pipeline import explicit_data_keys, parser, prepare
 

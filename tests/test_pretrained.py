@@ -1,4 +1,4 @@
-"""Pretrained weights (askexpert/pretrained.py): files made in the test stand in for ImageNet weights.
+"""Pretrained weights (askexpert/models/pretrained.py): files made in the test stand in for ImageNet weights.
 
 Every file is loaded through the module the CLI uses, and every backbone weight must equal the file's, the
 resampled position embeddings excepted; a file of another architecture, or no weights at all, is one line.
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from askexpert import pretrained
 from askexpert.errors import UserError
+from askexpert.models import pretrained
 from askexpert.modules import ExpertModule, GeneralistModule
 
 TIMM_VIT = "vit_tiny_patch16_224"
@@ -223,7 +223,7 @@ def test_cli_loads_pretrained_weights_for_a_first_start_with_ckpt_path_last_and_
     """A requeued job passes `--ckpt_path last` from its first start: nothing to resume, so the weights load;
     `test` without a checkpoint evaluates the pretrained model itself."""
     from conftest import TINY_ARGS
-    from test_cli import run_main
+    from helpers.cli import run_main
 
     torch.manual_seed(3)
     path = _save(timm.create_model("vit_micro_patch8_32", num_classes=100).state_dict(), tmp_path / "w", "safetensors")

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 from conftest import REPO
-from test_cli import run_main
+from helpers.cli import run_main
 
 from askexpert.commands.profile import measure_link
 from askexpert.deploy.relay import LinkRelay

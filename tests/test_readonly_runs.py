@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from helpers.cli import run_main
+from helpers.pipelines import write_configs
 from lightning.pytorch.callbacks import Callback
-from test_cli import run_main
-from test_pipeline import write_configs
 
 from askexpert.cli import cli_main
 
@@ -192,7 +192,7 @@ def test_evaluate_writes_only_its_report(run, tmp_path, capsys):
 
 def test_evaluate_waits_for_a_writer_to_finish(run, tmp_path, capsys):
     """No lock of its own, but no report written while a pipeline still works in the run."""
-    from test_run_safety import hold
+    from helpers.locks import hold
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)

@@ -6,18 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers.routing import COVER, PROFILE
 
 from askexpert.collab.costs import CostModel, ModelCost, profile_from_dict
 from askexpert.collab.routing import GATES, NO_EXPERT, confidence, fit_temperature, fuse, select_experts
 from askexpert.collab.sweep import RoutedSamples, at_mask, choose_threshold, sweep
 from askexpert.collab.system import Budget, CollaborativeSystem, ExpertSet, RoutingConfig
 from askexpert.errors import UserError
-
-PROFILE = {
-    "edge": {"name": "edge", "gflops": 10.0, "overhead_ms": 1.0, "active_power_w": 5.0, "idle_power_w": 2.0},
-    "near_edge": {"name": "near", "gflops": 1000.0, "overhead_ms": 3.0, "active_power_w": 30.0, "idle_power_w": 15.0},
-    "link": {"name": "wifi", "uplink_mbps": 24.0, "rtt_ms": 4.0, "radio_w_per_mbps": 0.25, "radio_base_w": 1.0},
-}
 
 
 def probs(*rows):
@@ -51,17 +46,6 @@ def test_temperature_recovers_the_scale_of_overconfident_logits():
     labels = torch.distributions.Categorical(logits=true_logits).sample()
     fitted = fit_temperature(true_logits * 3, labels)  # 3x overconfident
     assert fitted == pytest.approx(3.0, rel=0.1)
-
-
-# -- expert choice ---------------------------------------------------------------------------------------
-COVER = torch.tensor(
-    [
-        [1, 1, 0, 0, 0, 0],  # expert 0: classes 0, 1
-        [0, 0, 1, 1, 0, 0],  # expert 1: classes 2, 3
-        [0, 0, 0, 0, 1, 1],  # expert 2: classes 4, 5
-    ],
-    dtype=torch.bool,
-)
 
 
 def test_top_k_mass_chooses_the_expert():

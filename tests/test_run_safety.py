@@ -18,14 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import HELPERS, REPO, TINY_ARGS, run_subprocess_env
-from test_cli import run_main
-from test_pipeline import write_configs
+from conftest import HELPERS, TINY_ARGS, run_subprocess_env
+from helpers.cli import run_main
+from helpers.locks import TAKE, hold
+from helpers.pipelines import write_configs
 
-from askexpert.checkpoints import load_checkpoint
 from askexpert.cli import cli_main
 from askexpert.errors import UserError
-from askexpert.run_folder import LOCK_FILE, LOCKED_ENV, TEMPORARY, atomic_path, atomic_write_text, locked
+from askexpert.files.atomic import TEMPORARY, atomic_path, atomic_write_text
+from askexpert.files.checkpoints import load_checkpoint
+from askexpert.runs.lock import LOCK_FILE, LOCKED_ENV, locked
 
 if str(HELPERS) not in sys.path:  # the killer callbacks, named by configs that also run in this process
     sys.path.insert(0, str(HELPERS))
@@ -191,18 +193,6 @@ def test_damaged_artefacts_of_finished_stages_are_rebuilt(pipelines, tmp_path, c
     assert all(entry["done"] for entry in json.loads((out / "stages.json").read_text()).values())
 
 
-# -- locks ----------------------------------------------------------------------------------------------------
-TAKE = "import sys, time\nfrom askexpert.run_folder import locked\nwith locked(sys.argv[1]):\n    pass\n"
-HOLD = TAKE.replace("pass", "print('held', flush=True)\n    time.sleep(120)")
-
-
-def hold(folder: Path) -> subprocess.Popen:
-    """Another process holding `folder` (it only imports the stdlib-only lock helper: fast)."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    assert process.stdout.readline().strip() == "held"
-    return process
-
-
 def test_a_second_writer_gets_one_line_naming_the_holder(tmp_path, capsys):
     run = tmp_path / "run"
     holder = hold(run)
@@ -290,9 +280,9 @@ def test_an_exported_lock_variable_lets_no_second_writer_in(tmp_path, monkeypatc
 
 
 def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
-    import askexpert.checkpoint_io as checkpoint_io
-    from askexpert.checkpoint_io import save_torch_file
+    import askexpert.files.checkpoint_io as checkpoint_io
     from askexpert.errors import os_error_message
+    from askexpert.files.checkpoints import save_torch_file
 
     target = tmp_path / "best.ckpt"
     save_torch_file({"w": torch.ones(3)}, str(target))

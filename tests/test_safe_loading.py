@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY_ARGS, run_subprocess_env
-from test_cli import run_main
-from test_cli_errors import assert_clean_failure
+from helpers.cli import assert_clean_failure, run_main
 
-from askexpert.checkpoint_io import AtomicCheckpointIO
-from askexpert.checkpoints import load_checkpoint, load_classifier
 from askexpert.cli import cli_main
 from askexpert.collab import logits as logits_module
 from askexpert.errors import UserError
+from askexpert.files.checkpoint_io import AtomicCheckpointIO
+from askexpert.files.checkpoints import load_checkpoint
+from askexpert.modules.loading import load_classifier
 from datamodules.datamodule import ImageDataModule
 
 UNSAFE = "could run code when loaded"

@@ -27,17 +27,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
+from askexpert.callbacks.progress import IntervalProgressBar
 from askexpert.cli import AskExpertCLI, cli_main
-
-try:  # optional, so the same file can be run against older checkouts (it must fail there)
-    import askexpert.progress
-
-    # an older checkout first on sys.path would still find this module through the editable install
-    IntervalProgressBar = askexpert.progress.IntervalProgressBar
-    if Path(askexpert.progress.__file__).parent != Path(askexpert.__file__).parent:  # pragma: no cover
-        IntervalProgressBar = None
-except ImportError:  # pragma: no cover
-    IntervalProgressBar = None
 
 REPO = Path(__file__).resolve().parent.parent
 INTERVAL = 5  # log_every_n_steps: "every step" and "every interval" differ by 5x

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, TINY_ARGS
-from test_cli import run_main
+from helpers.cli import run_main
 
 SWEEPS = sorted(p for p in (REPO / "configs" / "sweeps").glob("*.yaml") if "program" in yaml.safe_load(p.read_text()))
 COMMANDS = ("fit", "validate", "test", "predict")

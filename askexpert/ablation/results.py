@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 
 from askexpert.collab.budgets import limits_text
-from askexpert.run_folder import atomic_path
+from askexpert.files.atomic import atomic_path
 
 # The columns the issue asks for, then context for the research claims (baselines of the same run).
 METRICS = ["subset_test_acc", "system_acc", "offload_ratio", "latency_ms", "energy_mj"]
@@ -244,6 +244,6 @@ def plot(aggregated: list[dict], grid_columns: list[str], path: str, title: str)
     axes[0].invert_yaxis()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:  # a temporary file, fsync, rename (askexpert/run_folder.py)
+    with atomic_path(path) as tmp:  # a temporary file, fsync, rename (askexpert/files/atomic.py)
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

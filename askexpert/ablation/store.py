@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 
-from askexpert.run_folder import atomic_write_text, locked
+from askexpert.files.atomic import atomic_write_text
+from askexpert.runs.lock import locked
 
 
 class StageStore:
@@ -47,7 +48,7 @@ class StageStore:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold the store for this process (askexpert/run_folder.py): two ablations training into one store would
+        """Hold the store for this process (askexpert/runs/lock.py): two ablations training into one store would
         delete each other's unfinished stages. A second process gets one line naming the holder."""
         with locked(self.root):
             yield

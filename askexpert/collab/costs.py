@@ -179,7 +179,7 @@ def gflops_per_image(model_name: str, num_outputs: int, image_size: int = 32) ->
     attention), the model built for that size as training builds it (a ViT's token count follows the size)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from askexpert.modules.classifier import create_network
+    from askexpert.models import create_network
 
     model = create_network(model_name, num_outputs, 0.0, image_size).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

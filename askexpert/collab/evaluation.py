@@ -19,6 +19,7 @@ from askexpert.collab.logits import cached_logits
 from askexpert.collab.sanity import findings
 from askexpert.collab.system import CollaborativeSystem, ExpertSet, RoutingConfig
 from askexpert.errors import UserError
+from askexpert.runs.layout import RunLayout
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import Partition
 
@@ -26,35 +27,6 @@ SPLITS = ("val", "test")
 CALIB = "calib"  # the calibration split, when the data has one (`--data.calib_fraction`)
 STATIC = "static"
 PACKAGES = ("askexpert", "torch", "lightning", "timm", "torchmetrics")
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where a pipeline run keeps each artefact (`shared_logits`: its logits cache is shared by many runs)."""
-
-    root: str
-    shared_logits: bool = False
-
-    def stage_dir(self, stage: str) -> str:
-        return os.path.join(self.root, stage)
-
-    def best(self, stage_dir: str) -> str:
-        return os.path.join(stage_dir, "checkpoints", "best.ckpt")
-
-    @property
-    def partition(self) -> str:
-        return os.path.join(self.root, "partition.json")
-
-    def expert_dir(self, family: str, index: int) -> str:
-        return os.path.join(self.root, "experts", family, str(index))
-
-    @property
-    def logits(self) -> str:
-        return os.path.join(self.root, "logits")
-
-    @property
-    def settings(self) -> str:
-        return os.path.join(self.root, "pipeline.yaml")
 
 
 def git_revision() -> str:
@@ -110,7 +82,7 @@ def check_checkpoint_kind(
 
     from lightning.fabric.utilities.data import AttributeDict
 
-    from askexpert.checkpoints import check_same_classes, load_checkpoint
+    from askexpert.files.checkpoints import check_same_classes, load_checkpoint
 
     hparams = AttributeDict(load_checkpoint(checkpoint, mmap=True).get("hyper_parameters", {}))
     subset = hparams.get("subset")

@@ -21,9 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from askexpert.callbacks import atomic_write_bytes
-from askexpert.checkpoints import check_same_classes, load_classifier
-from askexpert.hashing import file_sha256
+from askexpert.files.atomic import atomic_write_bytes
+from askexpert.files.checkpoints import check_same_classes
+from askexpert.files.hashing import file_sha256
+from askexpert.modules.loading import load_classifier
 from datamodules.datamodule import ImageDataModule
 
 CACHE_VERSION = 2  # 1: pickled .pt files (not read any more)

@@ -8,9 +8,9 @@ import io
 import json
 import os
 
-from askexpert.callbacks import atomic_write_bytes, atomic_write_text
 from askexpert.collab.budgets import limits_text
 from askexpert.collab.sanity import OFFLOAD_EVERYTHING_MIN, OFFLOAD_NOTHING_MAX, Finding, findings
+from askexpert.files.atomic import atomic_write_bytes, atomic_write_text
 
 # Rows of the headline table, in reading order: what the system is compared with, then the system.
 HEADLINE_ROWS = (
@@ -262,7 +262,7 @@ def log_to_wandb(report: dict, paths: dict[str, str], folder: str, project: str,
     """The sweep, the headline table and the plot as a W&B run (offline unless WANDB_MODE or a sweep agent)."""
     import wandb
 
-    from askexpert.run_folder import wandb_should_be_offline
+    from askexpert.runs.folder import wandb_should_be_offline
 
     run = wandb.init(
         project=project,

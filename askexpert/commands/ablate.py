@@ -8,7 +8,7 @@ run in `DIR/cells/<cell>/seed<k>/`; its stages live in a store (`--store`, defau
 their identity, so a generalist is trained once per seed and data setting, not once per cell, and cells
 that differ only in routing (`routing.*`) train nothing at all. Before anything trains, every cell is
 planned and checked (a bad key or value fails at once). A finished cell is skipped; an interrupted one
-resumes. A cell whose training diverges (askexpert/guard.py) is recorded as diverged, with the stage and step,
+resumes. A cell whose training diverges (askexpert/callbacks/guard.py) is recorded as diverged, with the stage and step,
 and the ablation goes on; cells that share the diverged stage are recorded without training it again (in this
 process: a rerun tries diverged cells again). Results go to `DIR/results.csv`, `results.md` (which lists
 diverged cells) and `results.png`, rewritten after every cell.
@@ -29,9 +29,9 @@ from typing import Any
 from askexpert.ablation import claims, results
 from askexpert.ablation import grid as grids
 from askexpert.ablation.store import StageStore
-from askexpert.callbacks import atomic_write_text
 from askexpert.errors import DivergenceError, UserError, find_user_error
-from askexpert.run_folder import LOCK_FILE, locked
+from askexpert.files.atomic import atomic_write_text
+from askexpert.runs.lock import LOCK_FILE, locked
 
 SPEC_FILE = "ablation.json"
 CELL_FILE = "cell.json"
@@ -337,7 +337,7 @@ def run(argv: list[str]) -> list[dict]:
             state = "diverged before: to run again" if _diverged(planned) else state
             print(f"  {planned.cell.name} seed {planned.seed}: {state}", flush=True)
         return []
-    # One writer per ablation folder and per store (askexpert/run_folder.py); the cells' pipelines run inside.
+    # One writer per ablation folder and per store (askexpert/runs/lock.py); the cells' pipelines run inside.
     with locked(out), store.locked():
         return _run_all(args, spec, runs, store, out)
 

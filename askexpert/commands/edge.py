@@ -32,13 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from askexpert.callbacks import atomic_write_text
 from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
 from askexpert.commands.route import COLUMNS as ROUTE_COLUMNS
 from askexpert.deploy.bundle import load_bundle
 from askexpert.deploy.client import ExpertClient, OffloadFailed
 from askexpert.deploy.wire import check_token
 from askexpert.errors import UserError
+from askexpert.files.atomic import atomic_write_text
 
 TOKEN_ENV = "ASKEXPERT_TOKEN"
 # route's columns, with what a deployment adds: whether the answer is a fallback, the measured latency, the

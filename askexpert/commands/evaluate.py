@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
-from askexpert.collab.evaluation import RunLayout
 from askexpert.collab.system import RoutingConfig
 from askexpert.errors import UserError
+from askexpert.runs.layout import RunLayout
 
 
 def saved_settings(run_dir: str):
@@ -60,7 +60,7 @@ def run(argv: list[str]) -> dict:
         recorded_profile,
         routing_config,
     )
-    from askexpert.run_folder import check_not_in_use
+    from askexpert.runs.lock import check_not_in_use
 
     # Two passes: the first finds the run (on the command line or in a --config file), the second parses
     # again with the run's own settings as defaults, so only what is given here replaces them.

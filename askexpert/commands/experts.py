@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from askexpert.errors import DivergenceError, UserError
-from askexpert.run_folder import locked
+from askexpert.runs.lock import locked
 from datamodules.partitions import Partition
 
 RESERVED = ("--partition", "--expert_index", "--trainer.default_root_dir")
@@ -269,7 +269,7 @@ def run(argv: list[str]) -> list[Job]:
     if concurrent and devices:
         for job in jobs:  # each subprocess sees exactly one GPU
             job.command += ["--trainer.devices", "1"]
-    # One writer per experts root (askexpert/run_folder.py); each expert's `fit` locks its own folder inside it.
+    # One writer per experts root (askexpert/runs/lock.py); each expert's `fit` locks its own folder inside it.
     with locked(args.root):
         run_jobs(jobs, devices if concurrent else [], per_device=args.per_device)
     return jobs

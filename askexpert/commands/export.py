@@ -24,14 +24,15 @@ import warnings
 
 import torch
 
-from askexpert.callbacks import atomic_write_text
-from askexpert.checkpoints import load_classifier
-from askexpert.collab.evaluation import RunLayout, check_expert_classes, package_versions
+from askexpert.collab.evaluation import check_expert_classes, package_versions
 from askexpert.collab.routing import NO_EXPERT, confidence, select_experts
 from askexpert.commands.route import operating_point
 from askexpert.errors import UserError
-from askexpert.export_int8 import model_figures, quantize, system_figures
-from askexpert.hashing import file_sha256 as sha256
+from askexpert.export.int8 import model_figures, quantize, system_figures
+from askexpert.files.atomic import atomic_write_text
+from askexpert.files.hashing import file_sha256 as sha256
+from askexpert.modules.loading import load_classifier
+from askexpert.runs.layout import RunLayout
 
 FORMAT_VERSION = 1
 MIN_AGREEMENT = 0.999  # top-1 and routing decisions: what the issue asks of an export

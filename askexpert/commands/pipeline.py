@@ -20,7 +20,7 @@ fails at once; `--dry_run true` prints each stage's essentials (model, batch, lr
 `stages.json` records each stage's resolved config and whether it finished:
 - a finished stage whose config is unchanged is skipped;
 - a stage that was interrupted resumes from its last checkpoint;
-- a stage that diverged (non-finite loss, see askexpert/guard.py) stops the pipeline before any evaluation,
+- a stage that diverged (non-finite loss, see askexpert/callbacks/guard.py) stops the pipeline before any evaluation,
   exit status 3; it counts as not done, so a rerun with a changed config retrains it without `--overwrite`;
 - a stage whose config changed is refused unless `--overwrite`, which retrains it and everything after it.
 `--parallel_experts N` trains up to N experts at once per device, each as its own `fit` process (the same
@@ -46,14 +46,16 @@ from typing import Any
 import yaml
 
 import strategies
-from askexpert.callbacks import atomic_write_bytes, atomic_write_text
-from askexpert.checkpoints import check_checkpoint_file, has_training_state
 from askexpert.collab.costs import load_profile
-from askexpert.collab.evaluation import RunLayout, evaluate_run, expert_families
+from askexpert.collab.evaluation import evaluate_run, expert_families
 from askexpert.collab.report import headline_table, write_report
 from askexpert.collab.system import NO_CALIBRATION_SPLIT, Budget, RoutingConfig
 from askexpert.errors import DivergenceError, UserError, find_user_error
-from askexpert.run_folder import LOCK_FILE, check_not_in_use, last_checkpoint, locked
+from askexpert.files.atomic import atomic_write_bytes, atomic_write_text
+from askexpert.files.checkpoints import check_checkpoint_file, has_training_state
+from askexpert.runs.folder import last_checkpoint
+from askexpert.runs.layout import RunLayout
+from askexpert.runs.lock import LOCK_FILE, check_not_in_use, locked
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS, Partition
 
@@ -321,7 +323,7 @@ def _instantiate(args: list[str], cpu_trainer: bool = False) -> None:
     h = cli.model.hparams
     if h.get("pretrained_path") and h.get("init", "pretrained") == "pretrained":
         # a weights file that does not fit fails now, not after the stages before it trained
-        from askexpert.pretrained import load_file_weights
+        from askexpert.models.pretrained import load_file_weights
 
         load_file_weights(cli.model.net, h.model_name, h.pretrained_path, cli.model.num_outputs)
 
@@ -933,7 +935,7 @@ def run(argv: list[str]) -> dict:
     if settings.dry_run:
         print(describe_plan(prepared), flush=True)
         return {}
-    # One writer per run (askexpert/run_folder.py); its in-process stages and expert processes are covered.
+    # One writer per run (askexpert/runs/lock.py); its in-process stages and expert processes are covered.
     with locked(prepared.layout.root):
         if load_record(prepared.layout) != prepared.record:  # written by another pipeline since it was read
             raise UserError(f"--out {prepared.layout.root} changed while this pipeline was planned; run it again")

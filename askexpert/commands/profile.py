@@ -29,10 +29,10 @@ import timm
 import torch
 import yaml
 
-from askexpert.callbacks import atomic_write_text
 from askexpert.collab.costs import load_profile, measured_key
 from askexpert.deploy.metrics import sample_sum
 from askexpert.errors import UserError, check_output_path
+from askexpert.files.atomic import atomic_write_text
 
 ROLES = ("edge", "near_edge", "both")
 
@@ -65,8 +65,8 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
     """(model name, head width, image size) of every model of a pipeline run, without duplicates."""
     import glob
 
-    from askexpert.checkpoints import load_checkpoint
     from askexpert.commands.evaluate import saved_settings
+    from askexpert.files.checkpoints import load_checkpoint
 
     settings = saved_settings(run_dir)
     found = []
@@ -84,7 +84,7 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
 @torch.no_grad()
 def time_model(model_name: str, num_outputs: int, image_size: int, device: str, min_run_time: float) -> float:
     """Median milliseconds of one batch-1 forward pass."""
-    from askexpert.modules.classifier import create_network
+    from askexpert.models import create_network
 
     model = create_network(model_name, num_outputs, 0.0, image_size).eval().to(device)
     image = torch.rand(1, 3, image_size, image_size, device=device)

@@ -18,11 +18,12 @@ import os
 
 import torch
 
-from askexpert.callbacks import atomic_write_text
-from askexpert.checkpoints import load_classifier
-from askexpert.collab.evaluation import RunLayout, check_expert_classes
+from askexpert.collab.evaluation import check_expert_classes
 from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
 from askexpert.errors import UserError
+from askexpert.files.atomic import atomic_write_text
+from askexpert.modules.loading import load_classifier
+from askexpert.runs.layout import RunLayout
 from datamodules.datamodule import stored_image_size
 from datamodules.partitions import Partition
 

@@ -12,7 +12,6 @@ import math
 import sys
 
 import lightning.pytorch as pl
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -22,44 +21,15 @@ from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_grou
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 from torchmetrics.classification import MulticlassAccuracy
 
-import askexpert.models  # noqa: F401  (registers the 32-px ViTs with timm)
 from askexpert.errors import UserError
+from askexpert.models import create_network
+from askexpert.models.pretrained import file_normalisation, load_file_weights, load_published_weights
 from askexpert.modules.metrics import ClassificationMetrics
-from askexpert.pretrained import file_normalisation, load_file_weights, load_published_weights
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 SCHEDULES = ("cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def create_network(
-    model_name: str, num_outputs: int, drop_path_rate: float, image_size: int = 32, img_size: int | None = None
-) -> torch.nn.Module:
-    """A timm model by registry name with random weights, built for `image_size` inputs where it takes a size.
-
-    Models that take an image size (ViTs) are built at `image_size`; others (ResNets, ...) are built as they
-    are and must accept that size (checked by `check_input_size`). An explicit `img_size` that differs from the
-    size the data gives the model is refused: the model would never see what it was built for.
-    """
-    if not timm.is_model(model_name):
-        known = ", ".join(askexpert.models.model_names())
-        raise UserError(f"unknown model {model_name!r}; askexpert models: {known} (or any timm model name)")
-    if img_size is not None and img_size != image_size:
-        raise UserError(
-            f"--model.img_size {img_size} differs from --data.image_size {image_size}, the size the model is given"
-        )
-    kwargs: dict = dict(num_classes=num_outputs, drop_path_rate=drop_path_rate)
-    try:
-        try:
-            return timm.create_model(model_name, img_size=image_size, **kwargs)
-        except TypeError as err:
-            if "img_size" not in str(err):
-                raise
-            return timm.create_model(model_name, **kwargs)  # an architecture without a built-in size
-    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot build {model_name!r} for {image_size}x{image_size} images: {reason}") from None
 
 
 def check_input_size(net: torch.nn.Module, model_name: str, image_size: int) -> None:
@@ -92,7 +62,7 @@ class ClassifierModule(pl.LightningModule):
         img_size: the architecture's own input size, for timm models that take one; leave it unset (the model
             is built at `image_size`). Set, it must equal `image_size`.
         pretrained: start from timm's published weights (downloaded when online, else the local cache), or
-            from `pretrained_path` when that is given (see `askexpert/pretrained.py`).
+            from `pretrained_path` when that is given (see `askexpert/models/pretrained.py`).
         pretrained_path: local weights file (safetensors, a state dict, or a timm or Lightning checkpoint);
             setting it implies `pretrained`.
         lr: peak learning rate of AdamW (of the backbone when `head_lr` is set).
@@ -286,7 +256,7 @@ class ClassifierModule(pl.LightningModule):
 
         Not `prog_bar=True`: Lightning converts every progress-bar value with `.item()` after every training
         batch, even with the bar off, which makes the CPU wait for the GPU on every step.
-        `askexpert.progress.IntervalProgressBar` shows `train/loss` at the logging interval instead.
+        `askexpert.callbacks.progress.IntervalProgressBar` shows `train/loss` at the logging interval instead.
         Every `self.log` costs ~0.5-1 ms of Python (Lightning walks the logged entry to move it to the
         device each time), so the loss is logged only on the steps whose step metrics the loggers write, on
         an epoch's last batch (for the progress bar) and on its first (the first `self.log` of a run pays
@@ -400,5 +370,5 @@ class ClassifierModule(pl.LightningModule):
         return result
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lets `askexpert.checkpoints.load_classifier` rebuild the right class from the file alone.
+        # Lets `askexpert.modules.loading.load_classifier` rebuild the right class from the file alone.
         checkpoint["askexpert_class"] = f"{type(self).__module__}.{type(self).__qualname__}"

@@ -11,7 +11,7 @@ How it starts is its own setting, separate from the specialization strategy:
 - `base`: the weights of an all-class checkpoint of the same architecture (`base_path`), which is also the
   "offload everything" baseline; the check refuses another architecture or another class set;
 - `pretrained`: pretrained weights, from a local file (`pretrained_path`) or timm's published weights
-  (`askexpert/pretrained.py`), with a new head.
+  (`askexpert/models/pretrained.py`), with a new head.
 Initial weights are loaded when training starts (not in `__init__`), so loading a trained expert from its
 own checkpoint never needs the base file. Unless `mean`/`std` are set, an expert normalises its input as the
 model it starts from: the base checkpoint's, or the pretrained weights' own.
@@ -26,11 +26,11 @@ import copy
 
 import torch
 
-from askexpert.checkpoints import load_checkpoint
 from askexpert.errors import UserError
+from askexpert.files.checkpoints import load_checkpoint
+from askexpert.models.pretrained import classifier_names
 from askexpert.modules.classifier import ClassifierModule
 from askexpert.modules.metrics import ClassificationMetrics
-from askexpert.pretrained import classifier_names
 
 INITS = ("scratch", "base", "pretrained")
 

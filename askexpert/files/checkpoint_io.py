@@ -14,7 +14,7 @@ machine; serialising straight into the temporary file takes 0.28 s (`benchmarks/
 - other filesystems (`s3://`, ...) go through Lightning's own path unchanged.
 
 Reads are safe whoever asks: every checkpoint Lightning loads (`--ckpt_path FILE`, `last`, `hpc`, `registry`,
-resumes) is read with `weights_only=True` and askexpert's allow-list (`askexpert.checkpoints.load_checkpoint`),
+resumes) is read with `weights_only=True` and askexpert's allow-list (`askexpert.files.checkpoints.load_checkpoint`),
 even when a caller or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` asks for a full unpickle.
 """
 
@@ -30,49 +30,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from askexpert.checkpoints import CHECKPOINT_GLOBALS, load_checkpoint
+from askexpert.callbacks.guard import all_finite
 from askexpert.errors import DivergenceError
-from askexpert.guard import all_finite
-from askexpert.run_folder import atomic_path
-
-
-class _WriteRecorder:
-    """A file handle that remembers the first OSError of a write: torch's serializer turns it into a
-    RuntimeError about its C++ zip writer, which says nothing about the file or a full disk."""
-
-    def __init__(self, handle) -> None:
-        self._handle = handle
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self._handle.write(data)
-        except OSError as err:
-            self.error = self.error or err
-            raise
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-
-def save_torch_file(obj: Any, path: str) -> None:
-    """`torch.save(obj, path)` the way every file is written here (askexpert/run_folder.py): into a temporary file
-    in the same folder, fsynced, renamed. A failed write (a full disk) is an OSError naming `path`, and `path` is
-    left as it was."""
-    with atomic_path(path) as tmp:
-        try:
-            # a name of our own (not mkstemp: its files are private to the owner, checkpoints are not)
-            with open(tmp, "xb") as handle:
-                recorder = _WriteRecorder(handle)
-                torch.save(obj, recorder)
-        except RuntimeError:
-            if recorder.error is None:
-                raise
-            raise OSError(recorder.error.errno, recorder.error.strerror, path) from None
-        except OSError as err:  # flushing the handle's buffer when it closed
-            if err.filename is not None or err.errno is None:
-                raise
-            raise OSError(err.errno, err.strerror, path) from None
+from askexpert.files.checkpoints import CHECKPOINT_GLOBALS, load_checkpoint, save_torch_file
 
 
 def _is_local(path: _PATH) -> bool:
@@ -91,7 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        # `weights_only` is ignored on purpose: a checkpoint is data (see askexpert/checkpoints.py)
+        # `weights_only` is ignored on purpose: a checkpoint is data (see askexpert/files/checkpoints.py)
         if _is_local(path):  # integrity check, safe read, class allow-list, one clear line for a bad file
             return load_checkpoint(os.fspath(path), map_location=map_location)
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
@@ -99,7 +59,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        # the last line behind askexpert.guard: no write of any kind (weights-only ones too) saves NaN weights
+        # the last line behind askexpert.callbacks.guard: no write of any kind (weights-only ones too) saves NaN weights
         if not all_finite(checkpoint.get("state_dict", {}).values()):
             epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
             raise DivergenceError(

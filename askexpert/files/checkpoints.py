@@ -18,10 +18,12 @@ import os
 import pickle
 import zipfile
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from askexpert.errors import UserError
+from askexpert.files.atomic import atomic_path
 
 # Values of --ckpt_path that Lightning resolves itself rather than reading as a file name.
 LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
@@ -35,29 +37,29 @@ LIGHTNING_CKPT_ALIASES = ("last", "best", "hpc", "registry")
 CHECKPOINT_GLOBALS: list = []
 
 
-def project_classes() -> dict[str, type]:
-    """The classes a checkpoint may name: askexpert's LightningModules, by public and by defining path."""
-    import askexpert.modules as modules  # not at the top: the modules import this file
+# The classes a checkpoint may name: askexpert's LightningModules, by their public path (what configs and so
+# LightningCLI's `_class_path` say) and by their defining path (what `askexpert_class` records). Data, not an
+# import of `askexpert.modules`: the modules read checkpoints through this file. tests/test_safe_loading.py checks
+# it against `askexpert.modules.__all__`, so a new module cannot be forgotten here.
+MODULE_CLASSES: dict[str, str] = {
+    "ClassifierModule": "askexpert.modules.classifier.ClassifierModule",
+    "GeneralistModule": "askexpert.modules.generalist.GeneralistModule",
+    "BaseModule": "askexpert.modules.base_model.BaseModule",
+    "ExpertModule": "askexpert.modules.expert.ExpertModule",
+}
+ALLOWED_CLASS_PATHS: frozenset[str] = frozenset(
+    path for name, defined in MODULE_CLASSES.items() for path in (f"askexpert.modules.{name}", defined)
+)
 
-    classes: dict[str, type] = {}
-    for name in modules.__all__:
-        cls = getattr(modules, name)
-        classes[f"{modules.__name__}.{name}"] = cls  # what configs (and so `_class_path`) say
-        classes[f"{cls.__module__}.{cls.__qualname__}"] = cls  # what `askexpert_class` records
-    return classes
 
-
-def project_class(class_path: object, path: str) -> type:
-    """The askexpert class `class_path` names; refused in one line when it is anything else (never imported)."""
-    cls = project_classes().get(class_path) if isinstance(class_path, str) else None
-    if cls is None:
-        import askexpert.modules as modules
-
+def check_class_path(class_path: object, path: str) -> str:
+    """`class_path` when it names one of askexpert's modules; refused in one line otherwise (never imported)."""
+    if not isinstance(class_path, str) or class_path not in ALLOWED_CLASS_PATHS:
         raise UserError(
             f"checkpoint {path} names the class {class_path!r}, which is not an askexpert module "
-            f"({', '.join(modules.__all__)}); refusing to load it"
+            f"({', '.join(MODULE_CLASSES)}); refusing to load it"
         )
-    return cls
+    return class_path
 
 
 def _check_archive(path: str) -> None:
@@ -110,7 +112,7 @@ def load_checkpoint(path: str, map_location: str | torch.device | Callable = "cp
         raise UserError(f"{path} is not a Lightning checkpoint (its hyper_parameters are not a dictionary)")
     for class_path in (checkpoint.get("askexpert_class"), hparams.get("_class_path")):
         if class_path is not None:
-            project_class(class_path, path)
+            check_class_path(class_path, path)
     return checkpoint
 
 
@@ -119,21 +121,6 @@ def check_checkpoint_file(path: str) -> None:
 
     Cheap: the tensors stay in the file (mmap)."""
     load_checkpoint(path, mmap=True)
-
-
-def load_classifier(path: str, map_location: str | torch.device = "cpu"):
-    """Rebuild the askexpert LightningModule saved in `path` (class recorded in the file), in eval mode."""
-    checkpoint = load_checkpoint(path, mmap=True)
-    class_path = checkpoint.get("askexpert_class")
-    if not class_path:
-        raise UserError(f"checkpoint {path} was not written by an askexpert module")
-    cls = project_class(class_path, path)
-    del checkpoint
-    # Lightning reads the file again; weights_only explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn
-    # it into a full unpickle, and Lightning builds `_class_path` only as an imported subclass of `cls`.
-    with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
-        model = cls.load_from_checkpoint(path, map_location=map_location, weights_only=True)
-    return model.eval()
 
 
 def has_training_state(path: str) -> bool:
@@ -146,8 +133,6 @@ def strip_training_state(path: str) -> None:
     checkpoint = load_checkpoint(path)
     for key in ("optimizer_states", "lr_schedulers", "loops", "callbacks"):
         checkpoint.pop(key, None)
-    from askexpert.checkpoint_io import save_torch_file  # not at the top: checkpoint_io imports this file
-
     save_torch_file(checkpoint, path)  # a temporary file in the same folder, fsync, rename
 
 
@@ -160,3 +145,42 @@ def check_same_classes(model, datamodule, what: str) -> None:
             f"{what} was trained on {h.num_classes} classes, a different class set than the data "
             f"({datamodule.num_classes} classes)"
         )
+
+
+class _WriteRecorder:
+    """A file handle that remembers the first OSError of a write: torch's serializer turns it into a
+    RuntimeError about its C++ zip writer, which says nothing about the file or a full disk."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def save_torch_file(obj: Any, path: str) -> None:
+    """`torch.save(obj, path)` the way every file is written here (askexpert/files/atomic.py): into a temporary file
+    in the same folder, fsynced, renamed. A failed write (a full disk) is an OSError naming `path`, and `path` is
+    left as it was."""
+    with atomic_path(path) as tmp:
+        try:
+            # a name of our own (not mkstemp: its files are private to the owner, checkpoints are not)
+            with open(tmp, "xb") as handle:
+                recorder = _WriteRecorder(handle)
+                torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            raise OSError(recorder.error.errno, recorder.error.strerror, path) from None
+        except OSError as err:  # flushing the handle's buffer when it closed
+            if err.filename is not None or err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, path) from None

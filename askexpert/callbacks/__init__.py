@@ -1,4 +1,6 @@
-"""Callbacks that the CLI always installs."""
+"""Training-time callbacks that the CLI installs: the prediction writer and the config saver (here), the
+non-finite guard (guard.py), the random-state checkpoint (rng.py) and the sync-free progress bar (progress.py).
+`askexpert.callbacks.PredictionCSVWriter` is a class path users name in configs."""
 
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import SaveConfigCallback
 
-# The atomic writers live with the run folder's other rules (stdlib only, so a lock can be taken without
-# importing torch); imported from here by most modules.
-from askexpert.run_folder import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401
+from askexpert.files.atomic import atomic_path, atomic_write_text
 
 EVALUATION_SUBDIR = "eval"
 
@@ -75,7 +75,7 @@ class _AtomicSaving:
 
 
 class AtomicSaveConfigCallback(SaveConfigCallback):
-    """Lightning's `config.yaml` writer, writing the file atomically (see askexpert/run_folder.py)."""
+    """Lightning's `config.yaml` writer, writing the file atomically (see askexpert/files/atomic.py)."""
 
     def __init__(self, parser, config, *args, **kwargs) -> None:
         super().__init__(_AtomicSaving(parser), config, *args, **kwargs)

@@ -1,179 +1,27 @@
-"""One fixed folder per run: checkpoints, resolved config, metrics and the W&B run id live together; how
-every file of it is written (atomically) and who may write it (one process at a time, under a lock).
+"""Who may write a run folder: one process at a time, under a lock (`locked`).
 
-A second launch with the same `--trainer.default_root_dir` and `--ckpt_path last` therefore finds the
-last checkpoint, appends to the same metrics file, overwrites the same `config.yaml` and resumes the same
-W&B run instead of starting a new version.
-
-Writes: every file goes to a temporary file in its own folder, is fsynced and renamed over the old one
-(`atomic_path`, `atomic_write_bytes`, `atomic_write_text`; checkpoints: askexpert/checkpoint_io.py, the same
-way). A reader, or a run resumed after a crash or a full disk, sees the old file or the new one, never part of
-one. A temporary file left by a killed writer is removed by the next process that locks the folder.
-
-Locks (`locked`): the process that writes a run folder (a `fit`'s run folder, a pipeline's `--out`, an
-experts `--root`, an ablation's `--out` and its store) holds an OS lock (`flock`) on `<folder>/.lock`, which
-also records who holds it (pid, command, start time) for the one-line refusal a second writer gets. The kernel
-drops the lock when its holder dies, even from SIGKILL, so a crash never blocks the resume. The folders a
-holder locks are listed in the environment (`ASKEXPERT_LOCKED_FOLDERS`), which its in-process stages and
-child processes (side-by-side experts, DDP ranks) inherit: they take their own lock on their own folder
-inside it without being refused by their parent's, while anyone else who writes inside a held folder is
-refused. Commands that only read (validate, test, predict, evaluate, route, profile) take no lock.
+The process that writes a run folder (a `fit`'s run folder, a pipeline's `--out`, an experts `--root`, an
+ablation's `--out` and its store) holds an OS lock (`flock`) on `<folder>/.lock`, which also records who holds
+it (pid, command, start time) for the one-line refusal a second writer gets. The kernel drops the lock when its
+holder dies, even from SIGKILL, so a crash never blocks the resume. The folders a holder locks are listed in the
+environment (`ASKEXPERT_LOCKED_FOLDERS`), which its in-process stages and child processes (side-by-side experts,
+DDP ranks) inherit: they take their own lock on their own folder inside it without being refused by their
+parent's, while anyone else who writes inside a held folder is refused. Commands that only read (validate, test,
+predict, evaluate, route, profile) take no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import re
-import secrets
 import shlex
-import string
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 
 from askexpert.errors import UserError
-
-WANDB_ID_FILE = "wandb_id.txt"
-CHECKPOINT_SUBDIR = "checkpoints"
-CSV_LOGGER = "askexpert.loggers.RunCSVLogger"
-WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
-
-
-def checkpoint_dir(root: str) -> str:
-    return os.path.join(root, CHECKPOINT_SUBDIR)
-
-
-def last_checkpoint(root: str) -> str | None:
-    path = os.path.join(checkpoint_dir(root), "last.ckpt")
-    return path if os.path.isfile(path) else None
-
-
-def wandb_run_id(root: str, reuse: bool = True) -> tuple[str, bool]:
-    """The run's W&B id from the run folder (when `reuse`), or a fresh one; the flag says whether it is new."""
-    path = os.path.join(root, WANDB_ID_FILE)
-    if reuse and os.path.isfile(path):
-        with open(path) as handle:
-            run_id = handle.read().strip()
-        if run_id:
-            return run_id, False
-    # Same shape as W&B's own ids (8 lowercase letters and digits); no wandb import needed to make one.
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8)), True
-
-
-def save_wandb_run_id(root: str, run_id: str) -> None:
-    atomic_write_text(os.path.join(root, WANDB_ID_FILE), run_id + "\n")
-
-
-def wandb_should_be_offline() -> bool:
-    """Offline unless the user chose a mode (WANDB_MODE) or a sweep agent started this run."""
-    return not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_SWEEP_ID")
-
-
-def sweep_run() -> tuple[str, str] | None:
-    """(sweep id, run id) when a W&B sweep agent started this process (it sets both variables), else None."""
-    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    return (sweep_id, run_id) if sweep_id and run_id else None
-
-
-# -- atomic writes -----------------------------------------------------------------------------------------
-# .<name>.<pid>.<8 hex>.tmp: ours and askexpert.checkpoint_io's; .tmp-*: mkstemp's (before fsync); *.ckpt.tmp: an
-# older strip_training_state's
-TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$|^\.tmp-|\.ckpt\.tmp$")
-
-
-def temporary_name(path: str) -> str:
-    """A temporary file's path next to `path` (same folder, so the rename stays on one file system)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def fsync_folder(folder: str) -> None:
-    """Make a rename in `folder` durable (where the platform lets a folder be fsynced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yields a temporary path for a writer that wants a file name (`torch.save`, `savefig`, a YAML dumper); when
-    the block ends, that file is fsynced and renamed to `path`. On any error it is removed and `path` is left as
-    it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):  # said of `path`, not of the temporary file the rename would fail on
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        try:
-            yield tmp
-        except OSError as err:  # say which file could not be written, not the temporary name it went to
-            if err.filename != tmp or err.errno is None:
-                raise
-            raise type(err)(err.errno, err.strerror, path) from None
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError as err:  # a full disk shows up here at the latest; name the file, not a descriptor
-            raise OSError(err.errno, err.strerror, path) from None
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `path` through a temporary file, fsync and rename: readers never see half a file."""
-    with atomic_path(path) as tmp, open(tmp, "xb") as handle:  # a name of our own: created with the umask's mode
-        handle.write(data)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def remove_stale_temporaries(folder: str) -> None:
-    """Delete the temporary files killed writers left in `folder` (not following links: a store's stages are
-    cleaned by the store's own lock). Called under the folder's lock; a file whose name carries the pid of a
-    process still alive (a writer in a subfolder with a lock of its own) is left alone."""
-    for parent, _, files in os.walk(folder):
-        for name in files:
-            if TEMPORARY.search(name) and not _writer_alive(name):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(parent, name))
-
-
-def _writer_alive(temporary: str) -> bool:
-    """Whether the process named in a temporary file's name (`.<name>.<pid>.<hex>.tmp`) still runs."""
-    found = re.search(r"\.(\d+)\.[0-9a-f]{8}\.tmp$", temporary)
-    return found is not None and _alive(int(found.group(1)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
+from askexpert.files.atomic import remove_stale_temporaries
 
 # -- locks ---------------------------------------------------------------------------------------------------
 LOCK_FILE = ".lock"

@@ -6,7 +6,7 @@ and a classifier of another class count is dropped so the new head keeps its fre
 adds is what timm leaves to the caller:
 
 - the file is read without running anything from it (safetensors, or `torch.load(weights_only=True)` through
-  `askexpert.checkpoints.load_checkpoint`), whatever it is: a plain state dict, a timm training checkpoint
+  `askexpert.files.checkpoints.load_checkpoint`), whatever it is: a plain state dict, a timm training checkpoint
   (`state_dict`, `state_dict_ema`, `model`) or a Lightning checkpoint of any askexpert module (`net.` prefix);
 - the file is checked against the architecture before anything is loaded: timm loads non-strictly once the
   head is dropped, so a file of another architecture would otherwise load "successfully" with most weights
@@ -26,8 +26,8 @@ import timm
 import torch
 from timm.models import clean_state_dict, load_pretrained
 
-from askexpert.checkpoints import load_checkpoint
 from askexpert.errors import UserError
+from askexpert.files.checkpoints import load_checkpoint
 
 HUB_HOST = ("huggingface.co", 443)
 # keys a training checkpoint keeps its weights under, most preferred first (timm's own reader prefers EMA too)

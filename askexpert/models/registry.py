@@ -32,12 +32,16 @@ from __future__ import annotations
 
 from functools import partial
 
+import timm
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 # `checkpoint_filter_fn` is timm's own ViT filter. It is also a name of this module on purpose: by timm's convention
 # a model's filter is `checkpoint_filter_fn` of the module that registers it (`sys.modules[entrypoint.__module__]`);
 # timm keeps no reference to it on the built model.
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from askexpert.errors import UserError
 
 # Defaults for the whole family; CIFAR-100's statistics are also the modules' default normalisation.
 _BASE_CFG = {
@@ -96,3 +100,32 @@ for _variant in ARCHITECTURES:
 def model_names() -> list[str]:
     """Names of the askexpert variants, in size order as declared above."""
     return list(ARCHITECTURES)
+
+
+def create_network(
+    model_name: str, num_outputs: int, drop_path_rate: float, image_size: int = 32, img_size: int | None = None
+) -> torch.nn.Module:
+    """A timm model by registry name with random weights, built for `image_size` inputs where it takes a size.
+
+    Models that take an image size (ViTs) are built at `image_size`; others (ResNets, ...) are built as they
+    are and must accept that size (checked by `check_input_size`). An explicit `img_size` that differs from the
+    size the data gives the model is refused: the model would never see what it was built for.
+    """
+    if not timm.is_model(model_name):
+        known = ", ".join(model_names())
+        raise UserError(f"unknown model {model_name!r}; askexpert models: {known} (or any timm model name)")
+    if img_size is not None and img_size != image_size:
+        raise UserError(
+            f"--model.img_size {img_size} differs from --data.image_size {image_size}, the size the model is given"
+        )
+    kwargs: dict = dict(num_classes=num_outputs, drop_path_rate=drop_path_rate)
+    try:
+        try:
+            return timm.create_model(model_name, img_size=image_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
+            return timm.create_model(model_name, **kwargs)  # an architecture without a built-in size
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot build {model_name!r} for {image_size}x{image_size} images: {reason}") from None

@@ -1,0 +1,116 @@
+"""How every file is written: to a temporary file in its own folder, fsynced and renamed over the old one
+(`atomic_path`, `atomic_write_bytes`, `atomic_write_text`, `write_json`; checkpoints: askexpert/files/checkpoints.py's
+`save_torch_file`, the same way). A reader, or a run resumed after a crash or a full disk, sees the old file or
+the new one, never part of one. A temporary file left by a killed writer is removed by the next process that
+locks the folder (askexpert/runs/lock.py). Standard library only: a lock can be taken without importing torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+# -- atomic writes -----------------------------------------------------------------------------------------
+# .<name>.<pid>.<8 hex>.tmp: ours and askexpert.checkpoint_io's; .tmp-*: mkstemp's (before fsync); *.ckpt.tmp: an
+# older strip_training_state's
+TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$|^\.tmp-|\.ckpt\.tmp$")
+
+
+def temporary_name(path: str) -> str:
+    """A temporary file's path next to `path` (same folder, so the rename stays on one file system)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (where the platform lets a folder be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary path for a writer that wants a file name (`torch.save`, `savefig`, a YAML dumper); when
+    the block ends, that file is fsynced and renamed to `path`. On any error it is removed and `path` is left as
+    it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):  # said of `path`, not of the temporary file the rename would fail on
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        try:
+            yield tmp
+        except OSError as err:  # say which file could not be written, not the temporary name it went to
+            if err.filename != tmp or err.errno is None:
+                raise
+            raise type(err)(err.errno, err.strerror, path) from None
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError as err:  # a full disk shows up here at the latest; name the file, not a descriptor
+            raise OSError(err.errno, err.strerror, path) from None
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `path` through a temporary file, fsync and rename: readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:  # a name of our own: created with the umask's mode
+        handle.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Delete the temporary files killed writers left in `folder` (not following links: a store's stages are
+    cleaned by the store's own lock). Called under the folder's lock; a file whose name carries the pid of a
+    process still alive (a writer in a subfolder with a lock of its own) is left alone."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            if TEMPORARY.search(name) and not _writer_alive(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(parent, name))
+
+
+def _writer_alive(temporary: str) -> bool:
+    """Whether the process named in a temporary file's name (`.<name>.<pid>.<hex>.tmp`) still runs."""
+    found = re.search(r"\.(\d+)\.[0-9a-f]{8}\.tmp$", temporary)
+    return found is not None and process_alive(int(found.group(1)))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def write_json(path: str, value: Any, indent: int | None = 2, sort_keys: bool = False, default=None) -> None:
+    """`value` as JSON (one trailing newline), written atomically: the one way a JSON file is written here."""
+    atomic_write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys, default=default) + "\n")
