@@ -38,7 +38,7 @@ CELL_FILE = "cell.json"
 
 
 def parser():
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("ablate", "Run a grid of pipeline settings x seeds and tabulate the results.", with_data=False)
     p.add_argument("--pipeline", type=str, required=True, help="pipeline config every cell starts from")

@@ -47,7 +47,7 @@ COLUMNS = (*ROUTE_COLUMNS[:6], "fallback", "latency_ms", *ROUTE_COLUMNS[6:], "mo
 
 
 def parser():
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("edge", "Classify images on the edge, offloading unsure ones to an expert server.", False)
     p.add_argument("--export", type=str, required=True, help="export folder (the same one the server serves)")

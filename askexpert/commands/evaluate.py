@@ -38,7 +38,7 @@ def saved_settings(run_dir: str):
 
 
 def parser(defaults=None):
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("evaluate", "Evaluate a pipeline run from its cached logits.", with_data=False)
     p.add_argument("--run", type=str, required=True, help="pipeline run folder")

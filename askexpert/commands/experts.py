@@ -225,7 +225,7 @@ def plan(partition_file: str, indices: list[int] | None, root: str, fit_args: li
 
 
 def run(argv: list[str]) -> list[Job]:
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     own, fit_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     for arg in own:

@@ -40,7 +40,7 @@ OPSET = 18
 
 
 def parser():
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("export", "Export a finished run's generalist and experts to ONNX, verified.", with_data=False)
     p.add_argument("--run", type=str, required=True, help="finished pipeline run folder (with report.json)")

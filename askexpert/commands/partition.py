@@ -18,10 +18,10 @@ import os
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from askexpert.commands import command_parser
 from askexpert.errors import UserError, check_output_path
 from askexpert.files.checkpoints import check_same_classes, load_checkpoint
 from askexpert.modules.loading import load_classifier
+from askexpert.parsers import command_parser
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS, Partition, build_partition
 

@@ -133,7 +133,7 @@ class PartitionStage:
 
 
 def parser():
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("pipeline", "Train generalist, base model and experts, then evaluate the collaborative system.")
     p.add_argument("--out", type=str, required=True, help="run folder (every artefact goes here)")

@@ -38,8 +38,8 @@ ROLES = ("edge", "near_edge", "both")
 
 
 def parser():
-    from askexpert.commands import command_parser
     from askexpert.commands.pipeline import DEFAULT_PROFILE
+    from askexpert.parsers import command_parser
 
     p = command_parser(
         "profile", "Time each model at batch 1 on this machine; write a device profile.", with_data=False

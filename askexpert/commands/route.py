@@ -41,7 +41,7 @@ COLUMNS = (
 
 
 def parser():
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("route", "Classify a folder of images with a trained collaborative system.", with_data=False)
     p.add_argument("--run", type=str, required=True, help="pipeline run folder (with report.json)")

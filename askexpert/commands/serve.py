@@ -46,7 +46,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def parser():
-    from askexpert.commands import command_parser
+    from askexpert.parsers import command_parser
 
     p = command_parser("serve", "Serve an export's experts over HTTP.", with_data=False)
     p.add_argument("--export", type=str, required=True, help="export folder (python -m askexpert export)")
