@@ -129,3 +129,16 @@ def create_network(
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot build {model_name!r} for {image_size}x{image_size} images: {reason}") from None
+
+
+def check_input_size(net: torch.nn.Module, model_name: str, image_size: int) -> None:
+    """One forward pass at the size the data gives: an architecture that cannot take it fails now, in one line."""
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, image_size, image_size))
+    except Exception as err:  # shape errors come as RuntimeError, AssertionError, ValueError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model {model_name} cannot take {image_size}x{image_size} images: {reason}") from None
+    finally:
+        net.train(was_training)

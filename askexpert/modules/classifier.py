@@ -32,17 +32,36 @@ SCHEDULES = ("cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_input_size(net: torch.nn.Module, model_name: str, image_size: int) -> None:
-    """One forward pass at the size the data gives: an architecture that cannot take it fails now, in one line."""
-    was_training = net.training
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, 3, image_size, image_size))
-    except Exception as err:  # shape errors come as RuntimeError, AssertionError, ValueError, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model {model_name} cannot take {image_size}x{image_size} images: {reason}") from None
-    finally:
-        net.train(was_training)
+def check_recipe(
+    num_classes: int,
+    class_names: list[str] | None,
+    image_size: int,
+    lr: float,
+    head_lr: float | None,
+    layer_decay: float | None,
+    warmup_epochs: float,
+    schedule: str,
+    label_smoothing: float,
+    random_erase: float,
+    compile_mode: str,
+) -> None:
+    """Refuse, in one line, a training recipe no module can run (before anything is built)."""
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile_mode {compile_mode!r}; modes: {', '.join(COMPILE_MODES)}")
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown schedule {schedule!r}; schedules: {', '.join(SCHEDULES)}")
+    if num_classes < 2:
+        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise UserError(f"{len(class_names)} class names given for {num_classes} classes")
+    if lr <= 0 or warmup_epochs < 0 or not 0 <= label_smoothing < 1:
+        raise UserError("lr must be positive, warmup_epochs non-negative and label_smoothing in [0, 1)")
+    if (head_lr is not None and head_lr <= 0) or (layer_decay is not None and not 0 < layer_decay <= 1):
+        raise UserError("--model.head_lr must be positive and --model.layer_decay in (0, 1]")
+    if not 0 <= random_erase <= 1:
+        raise UserError(f"--model.random_erase is a probability in [0, 1], got {random_erase}")
+    if image_size < 1:
+        raise UserError(f"the model's image_size must be a positive number of pixels, got {image_size}")
 
 
 class ClassifierModule(pl.LightningModule):
@@ -118,22 +137,19 @@ class ClassifierModule(pl.LightningModule):
         compile_mode: str = "default",
     ) -> None:
         super().__init__()
-        if compile_mode not in COMPILE_MODES:
-            raise UserError(f"unknown compile_mode {compile_mode!r}; modes: {', '.join(COMPILE_MODES)}")
-        if schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {schedule!r}; schedules: {', '.join(SCHEDULES)}")
-        if num_classes < 2:
-            raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise UserError(f"{len(class_names)} class names given for {num_classes} classes")
-        if lr <= 0 or warmup_epochs < 0 or not 0 <= label_smoothing < 1:
-            raise UserError("lr must be positive, warmup_epochs non-negative and label_smoothing in [0, 1)")
-        if (head_lr is not None and head_lr <= 0) or (layer_decay is not None and not 0 < layer_decay <= 1):
-            raise UserError("--model.head_lr must be positive and --model.layer_decay in (0, 1]")
-        if not 0 <= random_erase <= 1:
-            raise UserError(f"--model.random_erase is a probability in [0, 1], got {random_erase}")
-        if image_size < 1:
-            raise UserError(f"the model's image_size must be a positive number of pixels, got {image_size}")
+        check_recipe(
+            num_classes,
+            class_names,
+            image_size,
+            lr,
+            head_lr,
+            layer_decay,
+            warmup_epochs,
+            schedule,
+            label_smoothing,
+            random_erase,
+            compile_mode,
+        )
         self.save_hyperparameters()
         self.net = create_network(model_name, self.num_outputs, drop_path_rate, image_size, img_size)
         # the weights' own normalisation when starting from pretrained weights (recorded, so a checkpoint
