@@ -12,32 +12,27 @@ augment_speed_<device>.json. Shared machines are noisy: read the shares, not the
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from askexpert.deploy.timing import time_calls  # noqa: E402
+from askexpert.files.atomic import write_json  # noqa: E402
 from askexpert.modules import GeneralistModule  # noqa: E402
 from datamodules.augment import auto_augment, random_crop_flip  # noqa: E402
 
 
 def timed(fn, device: str, repeats: int) -> float:
-    """Median milliseconds of `fn()` (synchronised around each call on CUDA)."""
-    times = []
-    for _ in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return sorted(times[2:])[len(times[2:]) // 2]
+    """Median milliseconds of `fn()` after 2 warm-up calls (on CUDA each call waits for the device's work)."""
+    if device != "cuda":
+        return 1e3 * statistics.median(time_calls(fn, repeats, warmups=2))
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(time_calls(lambda: (fn(), torch.cuda.synchronize()), repeats, warmups=2))
 
 
 def syncs(fn, device: str) -> int | None:
@@ -92,10 +87,8 @@ def main() -> None:
         count = "" if result["syncs"] is None else f", {result['syncs']} syncs"
         print(f"{name:24s} {result['ms']:9.2f} ms  {100 * result['share_of_step']:6.1f} % of a step{count}")
     out = {"device": device, "batch": args.batch, "image_size": args.image_size, "threads": torch.get_num_threads()}
-    os.makedirs("benchmarks/results", exist_ok=True)
     path = f"benchmarks/results/augment_speed_{device}.json"
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({**out, "stages": results}, f, indent=2)
+    write_json(path, {**out, "stages": results})
     print(f"wrote {path}")
 
 

@@ -17,7 +17,6 @@ writes, and times, interleaved, median of `--repeats`:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -75,6 +74,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="folder to write into (default: a temporary one)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    from askexpert.files.atomic import write_json
     from askexpert.files.checkpoint_io import AtomicCheckpointIO
 
     writers = {"lightning": lightning_write, "direct": direct_write, "atomic_io": AtomicCheckpointIO().save_checkpoint}
@@ -100,10 +100,9 @@ def main() -> None:
                 cells = ", ".join(f"{name} {row[f'{name}_s']:.3f} s" for name in writers)
                 print(f"{model} {kind}: {size:.0f} MB: {cells}", flush=True)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"checkpoint_write_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     report = {"device": machine, "torch": torch.__version__, "repeats": args.repeats, "rows": rows}
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     print(f"-> {out}")
 
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/cpu_speed_options.json and prints one line per model a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from askexpert.files.atomic import write_json  # noqa: E402
 
 OPTIONS = {  # name -> (autocast to bf16, torch.compile)
     "fp32": (False, False),
@@ -119,8 +120,7 @@ def main() -> None:
         },
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.out, record)
     print(f"wrote {args.out}")
 
 

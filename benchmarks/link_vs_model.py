@@ -41,7 +41,6 @@ import base64
 import contextlib
 import copy
 import csv
-import json
 import os
 import re
 import select
@@ -70,6 +69,8 @@ from askexpert.collab.costs import CostModel, load_profile, measured_key, model_
 from askexpert.deploy.bundle import load_bundle  # noqa: E402
 from askexpert.deploy.metrics import sample_sum  # noqa: E402
 from askexpert.deploy.relay import RTO_S  # noqa: E402
+from askexpert.deploy.timing import time_calls  # noqa: E402
+from askexpert.files.atomic import write_json  # noqa: E402
 
 HOST = "127.0.0.1"
 # rtt and uplink of configs/profiles/pi4_wifi_orin.yaml and pi4_lte_orin.yaml; the last one with 1 % loss
@@ -132,13 +133,7 @@ def onnx_ms(bundle, name: str) -> float:
     session = bundle.session(name, threads=1)
     s = bundle.stored_size
     image = np.random.default_rng(0).integers(0, 256, (1, 3, s, s), dtype=np.uint8)
-    for _ in range(WARMUP):
-        session.run(None, {"images": image})
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        session.run(None, {"images": image})
-        times.append(time.perf_counter() - start)
+    times = time_calls(lambda: session.run(None, {"images": image}), RUNS, warmups=WARMUP)
     return statistics.median(times) * 1e3
 
 
@@ -621,7 +616,7 @@ def main() -> None:
             "expert_alone_ms": expert_alone_ms,
             "links": results,
         }
-        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+        write_json(args.out, document)
         print(f"\nresults written to {args.out}")
 
 

@@ -109,9 +109,9 @@ class Probes:
     """Wraps the pipeline's stage functions and the CLI's Trainer construction (restored by `undo`)."""
 
     def __init__(self) -> None:
-        from askexpert.cli import AskExpertCLI
         from askexpert.collab import logits
         from askexpert.commands import pipeline
+        from askexpert.lightning_cli.cli import AskExpertCLI
 
         self.stages: list[dict] = []
         self.blocks: dict[str, float] = defaultdict(float)

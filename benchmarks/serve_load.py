@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import os
 import signal
@@ -29,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,8 @@ from server_process import wait_healthy  # noqa: E402 (beside this script)
 
 from askexpert.deploy.bundle import load_bundle  # noqa: E402
 from askexpert.deploy.metrics import sample_sum  # noqa: E402
+from askexpert.deploy.timing import percentiles, time_for  # noqa: E402
+from askexpert.files.atomic import write_json  # noqa: E402
 
 HOST = "127.0.0.1"
 WARMUP_S = 1.0  # per level, not counted: connections open, the server's queues settle
@@ -56,13 +58,8 @@ def bare_model_ms(bundle, sessions: list, seconds: float = 2.0) -> float:
     for session in sessions:  # warm-up
         for _ in range(5):
             session.run(None, {"images": image})
-    times, deadline, i = [], time.perf_counter() + seconds, 0
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        sessions[i % len(sessions)].run(None, {"images": image})
-        times.append(time.perf_counter() - start)
-        i += 1
-    return statistics.median(times) * 1e3
+    turns = itertools.cycle(sessions)
+    return statistics.median(time_for(lambda: next(turns).run(None, {"images": image}), seconds)) * 1e3
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -146,16 +143,18 @@ def run_level(args, bodies: list[bytes], clients: int) -> dict:
     before = http_get(args.port, "/metrics")[1].decode()
     out = asyncio.run(load(args.port, bodies, clients, args.seconds))
     after = http_get(args.port, "/metrics")[1].decode()
-    latencies = sorted(out["latencies"])
-    n = len(latencies)
+    n = len(out["latencies"])
+    latency_ms = (
+        percentiles([1e3 * s for s in out["latencies"]], (50, 99)) if n else {"p50": float("nan"), "p99": float("nan")}
+    )
     return {
         "clients": clients,
         "requests": n,
         "errors": len(out["errors"]),
         # each request counted is one that started in the window; they end up to one latency past it
         "throughput_rps": n / args.seconds,
-        "p50_ms": latencies[n // 2] * 1e3 if n else float("nan"),
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
+        "p50_ms": latency_ms["p50"],
+        "p99_ms": latency_ms["p99"],
         **server_view(before, after),
     }
 
@@ -279,7 +278,7 @@ def main() -> None:
     verdict = report(args, rounds)
     if args.out:
         results = {"settings": vars(args), "rounds": rounds, **verdict}
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
         print(f"results written to {args.out}")
 
 

@@ -22,7 +22,6 @@ minutes on one H100, not yet measured). Results go to `benchmarks/results/stand_
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 import askexpert.models  # noqa: E402,F401  (registers the ViT variants with timm)
+from askexpert.files.atomic import write_json  # noqa: E402
 from datamodules.synthetic import fine_accuracy_ceiling, make_synthetic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -277,8 +277,7 @@ def run(argv: list[str] | None = None) -> dict:
         "results": results,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     best = max(results, key=lambda r: r["fine_acc"])
     where = summary["first_overtake"]
     print(

@@ -14,11 +14,9 @@ Writes `benchmarks/results/sweep_<device>.json` and prints a one-line summary.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,8 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
 from askexpert.collab.costs import CostModel, ModelCost, profile_from_dict  # noqa: E402
 from askexpert.collab.sweep import at_mask, sweep  # noqa: E402
 from askexpert.collab.system import CollaborativeSystem, ExpertSet, RoutingConfig  # noqa: E402
+from askexpert.deploy.timing import time_calls  # noqa: E402
+from askexpert.files.atomic import write_json  # noqa: E402
 from datamodules.partitions import Partition, superclass_partition  # noqa: E402
 
 PROFILE = {
@@ -40,13 +40,7 @@ PROFILE = {
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_calls(fn, repeats, warmups=1))
 
 
 def main() -> None:
@@ -91,8 +85,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "sweep_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(
         f"sweep of {n} samples x {args.thresholds} thresholds: {1e3 * sweep_s:.2f} ms "
         f"(route + sweep from logits: {1e3 * full_s:.1f} ms; naive loop: {1e3 * naive_s:.1f} ms) -> {out}"

@@ -24,10 +24,10 @@ def main() -> None:
         sys.exit(f"error: {args.out} exists")
     from PIL import Image
 
-    from askexpert.commands.evaluate import saved_settings
+    from askexpert.runs.reader import read_settings
     from datamodules.datamodule import ImageDataModule
 
-    datamodule = ImageDataModule(**saved_settings(args.run).data.as_dict())
+    datamodule = ImageDataModule(**read_settings(args.run).data.as_dict())
     pixels, labels = datamodule.tensors("test")[:2]
     for i in range(min(args.count, len(labels))):
         folder = os.path.join(args.out, datamodule.class_names[int(labels[i])])

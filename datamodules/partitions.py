@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from askexpert.errors import UserError
+from askexpert.files.atomic import write_json
 
 METHODS = ("superclass", "confusion", "random", "explicit")
 FORMAT_VERSION = 1
@@ -107,9 +108,7 @@ class Partition:
         }
 
     def save(self, path: str) -> None:
-        from askexpert.files.atomic import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str, allow_uncovered: bool = False) -> Partition:

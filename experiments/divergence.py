@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import askexpert.models  # noqa: E402, F401  (registers the 32-px ViTs with timm)
+from askexpert.files.atomic import write_json  # noqa: E402
 from askexpert.modules.classifier import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
 from datamodules.augment import random_crop_flip  # noqa: E402
 from datamodules.synthetic import make_synthetic  # noqa: E402
@@ -344,9 +345,8 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     # json writes NaN / Infinity for non-finite floats; keep that (the non-finite step is the point here)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(RESULTS, results, indent=1)
 
 
 def run_plan(runs: list[RunConfig], cache: Path) -> dict:

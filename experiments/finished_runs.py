@@ -38,13 +38,13 @@ def load_compared_run(folder: Path):
     """(its saved settings, the loaded run) of a finished run that trained static experts beside its own, with
     cached logits (no model runs once they exist); None for any other run."""
     from askexpert.collab.evaluation import STATIC, load_run
-    from askexpert.commands.evaluate import saved_settings
-    from askexpert.commands.pipeline import recorded_profile
     from askexpert.errors import UserError
+    from askexpert.pipeline.settings import recorded_profile
     from askexpert.runs.layout import RunLayout
+    from askexpert.runs.reader import read_settings
 
     try:
-        settings = saved_settings(str(folder))
+        settings = read_settings(str(folder))
         if settings.specialization == STATIC or not settings.static_baseline:
             return None
         layout = RunLayout(str(folder), shared_logits=(folder / "logits").is_symlink())
@@ -57,9 +57,11 @@ def load_compared_run(folder: Path):
 
 def write_tables(out: str, data, markdown: str) -> None:
     """OUT.json (the figures) and OUT.md (the table results_doc.py puts into docs/results.md), echoed."""
+    from askexpert.files.atomic import write_json
+
     path = Path(out)
     try:
-        path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+        write_json(path.with_suffix(".json"), data)
         path.with_suffix(".md").write_text(markdown + "\n")
     except OSError as err:
         raise SystemExit(f"cannot write {path}.json/.md: {err.strerror}") from None

@@ -47,7 +47,7 @@ def figures(result: dict) -> dict:
 def evaluate_cell(folder: Path) -> tuple[dict, dict[str, dict]] | None:
     """The run's own routing and every alternative, each reduced to `figures`; τ is always chosen on the
     calibration split (also where the run was given one). None for a run without static experts beside its own."""
-    from askexpert.commands.pipeline import routing_config
+    from askexpert.pipeline.settings import routing_config
 
     opened = load_compared_run(folder)
     if opened is None:

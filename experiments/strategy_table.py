@@ -18,7 +18,6 @@ the synthetic STAND-IN, not CIFAR-100, and the tables say so.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -31,8 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from askexpert.cli import AskExpertCLI, cli_main  # noqa: E402
+from askexpert.cli import cli_main  # noqa: E402
 from askexpert.errors import UserError  # noqa: E402
+from askexpert.files.atomic import write_json  # noqa: E402
+from askexpert.lightning_cli.cli import AskExpertCLI  # noqa: E402
 from askexpert.modules.loading import load_classifier  # noqa: E402
 from datamodules.partitions import Partition  # noqa: E402
 
@@ -217,13 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         seed: run_seed(seed, out, args.experts, rows, tiny, args.reuse, args.expert_args.split()) for seed in args.seeds
     }
     minutes = (time.time() - started) / 60
-    (out / "results.json").write_text(json.dumps({"minutes": minutes, "results": results}, indent=2) + "\n")
+    write_json(out / "results.json", {"minutes": minutes, "results": results})
     table = render(results, args.experts, rows, minutes)
     Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
     Path(args.doc).write_text(table)
-    Path(args.doc).with_suffix(".json").write_text(
-        json.dumps({"minutes": minutes, "results": results}, indent=2) + "\n"
-    )
+    write_json(Path(args.doc).with_suffix(".json"), {"minutes": minutes, "results": results})
     print(table)
 
 

@@ -20,15 +20,13 @@ RESNET = ["--model.model_name", "resnet18", "--trainer.limit_train_batches", "2"
 
 
 @pytest.fixture(scope="module")
-def resnet_base(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("resnet")
-    base = root / "base"
+def resnet_base(tmp_path_factory, tiny_pipeline_run) -> dict:
+    """A ResNet base model, and the session's tiny pipeline's 2-expert partition (read-only)."""
+    base = tmp_path_factory.mktemp("resnet") / "base"
     cli_main(
         ["fit", *TINY_ARGS, *RESNET, "--model", "askexpert.modules.BaseModule", "--trainer.default_root_dir", str(base)]
     )
-    partition = root / "partition.json"
-    cli_main(["partition", "--num_experts", "4", "--out", str(partition), "--data.synthetic_train_per_class", "10"])
-    return {"base": base / "checkpoints" / "best.ckpt", "partition": partition}
+    return {"base": base / "checkpoints" / "best.ckpt", "partition": tiny_pipeline_run[1] / "partition.json"}
 
 
 @pytest.mark.parametrize(

@@ -24,36 +24,14 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file perm
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_generalist_run):
-    """The session's tiny generalist, a 2-expert superclass partition and one tiny expert, shared (read-only)."""
-    from askexpert.cli import cli_main
-
-    root = tmp_path_factory.mktemp("bad_inputs")
-    generalist = tiny_generalist_run
-    partition = root / "partition.json"
-    cli_main(["partition", "--num_experts", "2", "--out", str(partition), "--data.synthetic_train_per_class", "10"])
-    expert = root / "expert"
-    cli_main(
-        [
-            "fit",
-            *TINY_ARGS,
-            "--model",
-            "askexpert.modules.ExpertModule",
-            "--model.init",
-            "scratch",
-            "--partition",
-            str(partition),
-            "--trainer.limit_train_batches",
-            "1",
-            "--trainer.default_root_dir",
-            str(expert),
-        ]
-    )
+def trained(tiny_generalist_run, tiny_pipeline_run):
+    """The session's tiny generalist, and the 2-expert superclass partition and first progressive expert of the
+    session's tiny pipeline (all read-only)."""
+    _, run = tiny_pipeline_run
     return {
-        "root": root,
-        "generalist": generalist / "checkpoints" / "best.ckpt",
-        "expert": expert / "checkpoints" / "best.ckpt",
-        "partition": partition,
+        "generalist": tiny_generalist_run / "checkpoints" / "best.ckpt",
+        "expert": run / "experts" / "progressive" / "0" / "checkpoints" / "best.ckpt",
+        "partition": run / "partition.json",
     }
 
 

@@ -118,7 +118,8 @@ def test_threshold_and_temperature_come_from_the_calibration_split():
 
 # -- identities and the pipeline ----------------------------------------------------------------------------
 def test_demo_stage_identities_are_unchanged(tmp_path, monkeypatch):
-    from askexpert.commands.pipeline import explicit_data_keys, parser, plan_stages
+    from askexpert.pipeline.settings import explicit_data_keys, parser
+    from askexpert.pipeline.stages import plan_stages
     from askexpert.runs.layout import RunLayout
 
     monkeypatch.chdir(REPO)  # the demo config names its stage files relative to the checkout
@@ -130,7 +131,8 @@ def test_demo_stage_identities_are_unchanged(tmp_path, monkeypatch):
 
 
 def test_a_calibration_split_is_part_of_the_identity_once_set():
-    from askexpert.commands.pipeline import DATASET_KEYS, _identity_config
+    from askexpert.pipeline.settings import DATASET_KEYS
+    from askexpert.pipeline.stages import _identity_config
 
     assert "calib_fraction" in DATASET_KEYS  # every stage of a run sees the same splits
     config = {"model": {"m": 1}, "data": {"batch_size": 64, "calib_fraction": 0.0}}
@@ -140,7 +142,8 @@ def test_a_calibration_split_is_part_of_the_identity_once_set():
 
 
 def test_a_stage_file_may_not_set_its_own_calibration_split(tmp_path):
-    from askexpert.commands.pipeline import DATASET_KEYS, FitStage, _fit_arguments
+    from askexpert.pipeline.settings import DATASET_KEYS, FitStage
+    from askexpert.pipeline.stage_arguments import fit_arguments as _fit_arguments
 
     stage_file = tmp_path / "stage.yaml"
     stage_file.write_text(yaml.safe_dump({"data": {"calib_fraction": 0.2}}))

@@ -98,11 +98,11 @@ def images(tiny_pipeline_run, tmp_path_factory):
     """The tiny run's 200 test images as PNG files in folders named after their classes."""
     from PIL import Image
 
-    from askexpert.commands.evaluate import saved_settings
+    from askexpert.runs.reader import read_settings
     from datamodules.datamodule import ImageDataModule
 
     _, run = tiny_pipeline_run
-    datamodule = ImageDataModule(**saved_settings(str(run)).data.as_dict())
+    datamodule = ImageDataModule(**read_settings(str(run)).data.as_dict())
     pixels, labels = datamodule.tensors("test")[:2]
     folder = tmp_path_factory.mktemp("edge_images")
     for i in range(200):

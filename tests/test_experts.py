@@ -297,8 +297,8 @@ def test_experts_command_trains_each_expert_in_its_own_folder(setup_dir, tiny_ar
 def test_jobs_run_one_per_device_and_failures_are_reported(tmp_path, capsys):
     import sys
 
-    from askexpert.commands.experts import Job, run_jobs
     from askexpert.errors import UserError
+    from askexpert.pipeline.launcher import Job, run_jobs
 
     script = "import os, sys; print('gpu', os.environ.get('CUDA_VISIBLE_DEVICES')); sys.exit(int(sys.argv[1]))"
     jobs = [Job(f"job{i}", [sys.executable, "-c", script, "0"], str(tmp_path / f"job{i}.log")) for i in range(4)]
@@ -406,7 +406,7 @@ def test_evaluating_a_dustbin_expert_with_a_generic_config(setup_dir, tiny_args,
 def test_per_device_runs_that_many_jobs_at_once_on_each_device(tmp_path):
     import sys
 
-    from askexpert.commands.experts import Job, device_slots, run_jobs
+    from askexpert.pipeline.launcher import Job, device_slots, run_jobs
 
     assert device_slots(["0", "1"], 2) == ["0", "0", "1", "1"] and device_slots([], 3) == [None, None, None]
     # each job waits for the other to have started: one after another, the first would time out and fail
@@ -425,7 +425,7 @@ def test_jobs_still_running_are_stopped_when_the_launcher_fails(tmp_path):
     import os
     import sys
 
-    from askexpert.commands.experts import Job, launch_jobs
+    from askexpert.pipeline.launcher import Job, launch_jobs
 
     pid_file = tmp_path / "sleeper.pid"
     sleeper = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers.cli import assert_clean_failure, run_main
 
+from askexpert.collab.logits import batched_logits, in_batches
 from askexpert.collab.logits import file_sha256 as sha256
 from askexpert.modules.loading import load_classifier
 
@@ -73,6 +74,24 @@ def test_an_exported_model_takes_any_batch_of_stored_images_like_pytorch(exporte
         got = session.run(None, {"images": images.numpy()})[0]
         with torch.no_grad():
             assert torch.allclose(torch.from_numpy(got), model(images), atol=1e-4)
+
+
+def test_one_batched_loop_runs_a_module_or_an_onnx_session(exported) -> None:
+    """`batched_logits`, what export's verification, `route`, the logits cache and `partition` all run models with."""
+    run, out, _ = exported
+    model = load_classifier(str(run / "generalist" / "checkpoints" / "best.ckpt"))
+    session = ort.InferenceSession(str(out / "generalist.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert [len(batch) for batch in in_batches(images, 3)] == [3, 3, 1]
+    with torch.no_grad():
+        whole = model(images).float()
+    by_module = batched_logits(model, in_batches(images, 3))
+    by_session = batched_logits(
+        lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), in_batches(images, 3)
+    )
+    assert by_module.dtype == by_session.dtype == torch.float32 and by_module.shape == whole.shape
+    assert torch.allclose(by_module, whole, atol=1e-5) and torch.allclose(by_session, whole, atol=1e-4)
+    assert batched_logits(model, in_batches(images[:0], 3)).shape == (0, model.num_outputs)  # an empty split
 
 
 def test_an_export_is_refused_when_it_disagrees_or_would_overwrite(exported, tmp_path, capsys) -> None:

@@ -13,7 +13,8 @@ from conftest import REPO
 from helpers.cli import run_main
 from helpers.pipelines import write_configs
 
-from askexpert.commands.pipeline import explicit_data_keys, parser, prepare
+from askexpert.pipeline.prepare import prepare
+from askexpert.pipeline.settings import explicit_data_keys, parser
 
 
 def tiny_pipeline(folder: Path, **changes) -> Path:
@@ -70,7 +71,8 @@ def test_a_value_the_pipeline_sets_explicitly_wins_over_the_stage_file(tmp_path,
 
 
 def test_a_stage_files_relative_root_is_the_same_as_the_pipelines_absolute_one(tmp_path, monkeypatch):
-    from askexpert.commands.pipeline import FitStage, _fit_arguments
+    from askexpert.pipeline.settings import FitStage
+    from askexpert.pipeline.stage_arguments import fit_arguments as _fit_arguments
 
     monkeypatch.chdir(tmp_path)
     stage_file = tmp_path / "stage.yaml"

@@ -20,6 +20,7 @@ from helpers.cli import run_main
 
 from askexpert.commands.profile import measure_link
 from askexpert.deploy.relay import LinkRelay
+from askexpert.deploy.timing import percentiles, time_calls, time_for
 
 RTT_MS, UPLINK_MBPS, MODEL_S, SIZE = 20.0, 2.0, 0.002, 32
 # The relay runs in threads of the test process, on a shared 2-core machine: a busy moment adds milliseconds to a
@@ -114,3 +115,14 @@ def test_unreachable_link_is_one_line_and_writes_nothing(tmp_path, capsys):
         code, _, err = run_main(["profile", "--link", url, "--out", str(out)], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_the_timer_counts_only_the_timed_calls_and_percentiles_interpolate():
+    calls = []
+    times = time_calls(lambda: calls.append(time.sleep(0.002)), 3, warmups=2)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0.002 for t in times)
+    timed = time_for(lambda: time.sleep(0.01), 0.05)
+    assert 2 <= len(timed) <= 6 and all(t >= 0.01 for t in timed)
+    # linear interpolation between the closest ranks (numpy's default), what `edge` reports as p50/p95/p99
+    assert percentiles([4.0, 1.0, 3.0, 2.0], (50, 95, 99)) == pytest.approx({"p50": 2.5, "p95": 3.85, "p99": 3.97})
+    assert percentiles([7.0], (25, 75)) == {"p25": 7.0, "p75": 7.0}

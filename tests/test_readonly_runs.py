@@ -127,6 +127,32 @@ def test_the_calibration_split_sets_the_operating_point(run):
     assert "100 held out for calibration" in (run / "report.md").read_text()
 
 
+def test_the_run_reader_opens_a_run_as_every_command_that_reads_one_does(run, tmp_path):
+    from askexpert.errors import UserError
+    from askexpert.runs.reader import open_finished_run, open_run
+
+    before = snapshot(run)
+    finished = open_finished_run(str(run))
+    assert finished.settings.specialization == "progressive" and not finished.settings.static_baseline
+    report = json.loads((run / "report.json").read_text())
+    routing, threshold = finished.operating_point()
+    assert threshold == report["selected"]["threshold"]
+    assert routing == {key: report["routing"][key] for key in ("temperature_value", "gate", "top_k", "fusion")}
+    assert finished.partition().num_experts == 2
+    # every model the run trained, in path order: what `profile` found by searching the folder before
+    assert finished.model_checkpoints() == sorted(str(path) for path in run.rglob("checkpoints/best.ckpt"))
+    assert len(finished.model_checkpoints()) == 4  # generalist, base, 2 experts
+    # a stage that did not finish: `profile` still opens the run (and times what exists), no other command does
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(run / "pipeline.yaml", unfinished / "pipeline.yaml")
+    (unfinished / "stages.json").write_text(json.dumps({"generalist": {"done": False}}))
+    assert open_run(str(unfinished)).model_checkpoints() == []
+    with pytest.raises(UserError, match="stage generalist of .* has not finished"):
+        open_finished_run(str(unfinished))
+    assert changes(before, run) == ([], [])
+
+
 def _images(folder: Path) -> Path:
     from PIL import Image
 

@@ -9,7 +9,16 @@ import torch
 from helpers.routing import COVER, PROFILE
 
 from askexpert.collab.costs import CostModel, ModelCost, profile_from_dict
-from askexpert.collab.routing import GATES, NO_EXPERT, confidence, fit_temperature, fuse, select_experts
+from askexpert.collab.routing import (
+    GATES,
+    NO_EXPERT,
+    confidence,
+    decide,
+    fit_temperature,
+    fuse,
+    fused_answers,
+    select_experts,
+)
 from askexpert.collab.sweep import RoutedSamples, at_mask, choose_threshold, sweep
 from askexpert.collab.system import Budget, CollaborativeSystem, ExpertSet, RoutingConfig
 from askexpert.errors import UserError
@@ -85,6 +94,39 @@ def test_samples_without_any_covering_expert_stay_on_the_edge():
 def test_top_k_out_of_range(k):
     with pytest.raises(UserError, match="top_k must be between 1 and the number of classes"):
         select_experts(probs([0.5, 0.5, 0, 0, 0, 0]), COVER, top_k=k)
+
+
+# -- the one decision every caller makes --------------------------------------------------------------------
+@pytest.mark.parametrize("gate", GATES)
+def test_decide_is_temperature_gate_and_router_and_routes_only_unsure_covered_samples(gate):
+    logits = torch.randn(200, 4, generator=torch.Generator().manual_seed(0)) * 3
+    cover = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)  # classes 2, 3 uncovered: some samples have no expert
+    decision = decide(logits, cover, 1.7, gate, 1)
+    expected = (logits.double() / 1.7).softmax(-1)  # in float64, as the report, `route`, `export` and `edge` did
+    assert torch.equal(decision.probs, expected)
+    assert torch.equal(decision.confidence, confidence(expected, gate))
+    assert torch.equal(decision.expert, select_experts(expected, cover, 1))
+    assert (decision.expert == NO_EXPERT).any() and (decision.expert == 0).any()
+    for threshold in (0.0, 0.5, 1.0):
+        routes = decision.routes(threshold)
+        offloaded = (decision.confidence < threshold) & (decision.expert != NO_EXPERT)
+        assert torch.equal(routes != NO_EXPERT, offloaded)
+        assert torch.equal(routes[offloaded], decision.expert[offloaded])
+    assert (decision.routes(0.0) == NO_EXPERT).all()
+
+
+def test_fused_answers_ask_each_routed_expert_once_in_index_order():
+    edge = probs([0.6, 0.4, 0.0], [0.2, 0.3, 0.5], [0.0, 0.55, 0.45], [0.5, 0.2, 0.3])
+    routes = torch.tensor([1, NO_EXPERT, 0, 1])
+    asked = []
+
+    def expert_logits(e, rows):
+        asked.append((e, rows.tolist()))
+        return torch.log(probs(*[[0.1, 0.1, 0.8] if e else [0.8, 0.1, 0.1]] * len(rows)))
+
+    answers = fused_answers(edge, routes, expert_logits, "expert")
+    assert asked == [(0, [2]), (1, [0, 3])]
+    assert answers.tolist() == [2, 2, 0, 2]  # image 1 keeps the edge's answer
 
 
 # -- fusion ----------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ and leave the marker uncreated. Real checkpoints, including one written by an ea
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,11 +21,13 @@ import torch
 from conftest import REPO, TINY_ARGS, run_subprocess_env
 from helpers.cli import assert_clean_failure, run_main
 
+import askexpert.modules
 from askexpert.cli import cli_main
 from askexpert.collab import logits as logits_module
 from askexpert.errors import UserError
 from askexpert.files.checkpoint_io import AtomicCheckpointIO
-from askexpert.files.checkpoints import load_checkpoint
+from askexpert.files.checkpoints import ALLOWED_CLASS_PATHS, MODULE_CLASSES, check_class_path, load_checkpoint
+from askexpert.modules import loading
 from askexpert.modules.loading import load_classifier
 from datamodules.datamodule import ImageDataModule
 
@@ -120,11 +124,9 @@ def test_partition_generalist(planted, tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_expert_base_path(planted, tmp_path, capsys):
+def test_expert_base_path(planted, tiny_pipeline_run, tmp_path, capsys):
     path, marker = planted
-    partition = tmp_path / "partition.json"
-    data = ["--data.synthetic_train_per_class", "10", "--data.synthetic_test_per_class", "2"]
-    cli_main(["partition", "--method", "superclass", "--num_experts", "2", "--out", str(partition), *data])
+    partition = tiny_pipeline_run[1] / "partition.json"  # read-only
     run_dir = tmp_path / "expert"
     args = ["fit", *TINY_ARGS, "--model", "askexpert.modules.ExpertModule", "--model.base_path", str(path)]
     args += ["--partition", str(partition), "--expert_index", "0", "--trainer.default_root_dir", str(run_dir)]
@@ -165,6 +167,43 @@ def test_classes_named_in_a_checkpoint_are_only_our_modules(entries, run, tmp_pa
     code, _, err = run_main(args, capsys)
     assert_clean_failure(code, err, run_dir, named, "not an askexpert module")
     assert "this" not in sys.modules
+
+
+def test_the_allow_list_names_exactly_our_modules():
+    """MODULE_CLASSES is data (checkpoints.py must not import the modules): it has to follow askexpert.modules."""
+    assert sorted(MODULE_CLASSES) == sorted(askexpert.modules.__all__)
+    for name, defined in MODULE_CLASSES.items():
+        cls = getattr(askexpert.modules, name)
+        module, _, attribute = defined.rpartition(".")
+        assert getattr(importlib.import_module(module), attribute) is cls, defined
+        # what a checkpoint records as `askexpert_class` (ClassifierModule.on_save_checkpoint)
+        assert f"{cls.__module__}.{cls.__qualname__}" == defined
+    public = {f"askexpert.modules.{name}" for name in askexpert.modules.__all__}
+    assert ALLOWED_CLASS_PATHS == public | set(MODULE_CLASSES.values())
+    for path in ALLOWED_CLASS_PATHS:
+        assert check_class_path(path, "x.ckpt") == path
+
+
+@pytest.mark.parametrize(
+    "class_path",
+    [
+        "this.s",
+        "askexpert.modules.classifier.torch",  # a module of ours, but not one of its classes
+        "askexpert.modules.ExpertModule.__init__",
+        "askexpert.modules.expert.ExpertModule ",
+        ["askexpert.modules.ExpertModule"],
+    ],
+)
+def test_a_class_outside_the_list_is_refused_before_anything_is_imported(class_path, tmp_path, monkeypatch):
+    imported = []
+    monkeypatch.setattr(importlib, "import_module", lambda name, *args: imported.append(name))
+    path = tmp_path / "named.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "askexpert_class": class_path}, path)
+    refusal = f"checkpoint {path} names the class {class_path!r}, which is not an askexpert module"
+    for read in (load_checkpoint, load_classifier, lambda name: loading.module_class(class_path, name)):
+        with pytest.raises(UserError, match=f"^{re.escape(refusal)} .*; refusing to load it$"):
+            read(str(path))
+    assert imported == []
 
 
 def test_cached_logits_are_never_unpickled(run, tmp_path, capsys, monkeypatch):

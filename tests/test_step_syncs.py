@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from askexpert.callbacks.progress import IntervalProgressBar
-from askexpert.cli import AskExpertCLI, cli_main
+from askexpert.cli import cli_main
+from askexpert.lightning_cli.cli import AskExpertCLI
 
 REPO = Path(__file__).resolve().parent.parent
 INTERVAL = 5  # log_every_n_steps: "every step" and "every interval" differ by 5x

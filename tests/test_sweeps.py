@@ -110,15 +110,14 @@ def test_a_parameter_that_is_not_a_flag_is_refused(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def demo_checkout(tmp_path_factory):
-    """A folder that looks like an askexpert checkout after `make demo`, with a tiny base model and partition
-    (made once; each test works in its own copy)."""
-    from askexpert.cli import cli_main
-
+def demo_checkout(tmp_path_factory, tiny_pipeline_run):
+    """A folder that looks like an askexpert checkout after `make demo`: the base model and the partition of the
+    session's tiny pipeline as runs/demo/base and runs/demo/partition.json (copied once; each test works in its
+    own copy)."""
+    _, run = tiny_pipeline_run
     folder = tmp_path_factory.mktemp("checkout")
-    base = ["fit", "--config", str(REPO / "configs/base_demo.yaml"), *TINY_ARGS]
-    cli_main([*base, "--trainer.default_root_dir", str(folder / "runs/demo/base")])
-    cli_main(["partition", "--out", str(folder / "runs/demo/partition.json"), "--num_experts", "4"])
+    shutil.copytree(run / "base", folder / "runs" / "demo" / "base")
+    shutil.copy(run / "partition.json", folder / "runs" / "demo" / "partition.json")
     return folder
 
 

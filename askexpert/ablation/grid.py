@@ -23,7 +23,7 @@ RESERVED = ("config", "out", "overwrite", "seed")
 
 
 def pipeline_keys() -> list[str]:
-    from askexpert.commands.pipeline import parser
+    from askexpert.pipeline.settings import parser
 
     return [key for key in parser().get_defaults().keys() if key not in RESERVED]
 

@@ -1,7 +1,7 @@
 """Stages shared between the runs of an ablation, kept once under their identity.
 
 A pipeline stage's identity is the hash of its resolved config and its upstream identities (see
-`askexpert.commands.pipeline.plan_stages`), independent of the run folder. Two grid cells that train the same
+`askexpert.pipeline.stages`), independent of the run folder. Two grid cells that train the same
 generalist (same data, config and seed) therefore plan a stage with the same identity; the store keeps it once
 as `<store>/<stage name>-<identity>` and each cell's run folder links to it. `<name>-<identity>.done` marks a
 finished stage; a stage without it is resumed from its last checkpoint or retrained.
@@ -10,11 +10,11 @@ finished stage; a stage without it is resumed from its last checkpoint or retrai
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 
-from askexpert.files.atomic import atomic_write_text
+from askexpert.files.atomic import write_json
+from askexpert.pipeline.stages import Stage, StageKind
 from askexpert.runs.lock import locked
 
 
@@ -22,26 +22,32 @@ class StageStore:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
-    def path(self, stage) -> str:
-        name = f"{stage.name.replace('/', '-')}-{stage.identity}"
-        return os.path.join(self.root, name + (".json" if stage.fit_args is None else ""))
+    def path(self, stage: Stage) -> str:
+        """Where the store keeps a stage's artefact: a folder, or the partition's JSON file."""
+        suffix = ".json" if stage.kind is StageKind.PARTITION else ""
+        return os.path.join(self.root, self._name(stage) + suffix)
 
-    def _marker(self, stage) -> str:
-        return os.path.join(self.root, f"{stage.name.replace('/', '-')}-{stage.identity}.done")
+    def _marker(self, stage: Stage) -> str:
+        return os.path.join(self.root, self._name(stage) + ".done")
+
+    @staticmethod
+    def _name(stage: Stage) -> str:
+        """`<stage name, / as ->-<identity>`: the names of stores written before stay valid."""
+        return f"{stage.name.replace('/', '-')}-{stage.identity}"
 
     @property
     def logits(self) -> str:
         """One logits cache for every run: it is keyed by checkpoint hash, so sharing it is safe."""
         return os.path.join(self.root, "logits")
 
-    def is_done(self, stage) -> bool:
+    def is_done(self, stage: Stage) -> bool:
         return os.path.isfile(self._marker(stage))
 
-    def mark_done(self, stage) -> None:
-        text = json.dumps({"name": stage.name, "identity": stage.identity, "config": stage.config}, default=str)
-        atomic_write_text(self._marker(stage), text + "\n")
+    def mark_done(self, stage: Stage) -> None:
+        record = {"name": stage.name, "identity": stage.identity, "config": stage.config}
+        write_json(self._marker(stage), record, indent=None, default=str)
 
-    def mark_not_done(self, stage) -> None:
+    def mark_not_done(self, stage: Stage) -> None:
         """Before a stage (re)trains: a crash must not leave it marked done with a missing or older artefact."""
         with contextlib.suppress(FileNotFoundError):
             os.remove(self._marker(stage))

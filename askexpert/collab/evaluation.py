@@ -1,4 +1,5 @@
-"""Evaluate a pipeline run folder: cached logits -> collaborative system -> report dictionary and files.
+"""Evaluate a pipeline run folder: cached logits -> collaborative system -> report dictionary (`collab/report.py`
+writes it as files).
 
 The folder layout is fixed (`RunLayout`), so `pipeline` (which trains into it) and `evaluate --run DIR`
 (which re-reads it, e.g. with another gate or device profile) agree on where everything is.
@@ -246,35 +247,12 @@ def run_report(run: LoadedRun, routing: RoutingConfig, seed: int) -> dict:
     """The report dictionary of a loaded run under `routing`, opening with its sanity findings."""
     routing.check(run.datamodule.num_classes)
     result = run.system.evaluate(routing)
-    described = run.datamodule.describe()
     profile_entry = {**run.profile.describe(), "path": in_run(run.profile.path, run.layout.root)}
-    models = {
-        "generalist": run.generalist["meta"],
-        "base": run.base["meta"],
-        **{f: fs[0]["meta"] for f, fs in run.families.items()},
-    }
     has_static = STATIC in run.families and run.specialization != STATIC
     report = {
-        "data": {
-            "source": described["source"],
-            "root": described["root"],
-            "num_classes": described["num_classes"],
-            "train_size": described["train_size"],
-            "val_size": described["val_size"],
-            "test_size": described["test_size"],
-            **({"calib_size": described["calib_size"]} if "calib_size" in described else {}),
-            "stand_in": described["stand_in"],
-        },
-        "generalist": {
-            "model_name": run.generalist["meta"]["model_name"],
-            "params": run.generalist["meta"]["params"],
-            "test_acc": accuracy_on_test(run.generalist),
-        },
-        "base": {
-            "model_name": run.base["meta"]["model_name"],
-            "params": run.base["meta"]["params"],
-            "test_acc": accuracy_on_test(run.base),
-        },
+        "data": _data_entry(run.datamodule.describe()),
+        "generalist": _model_entry(run.generalist),
+        "base": _model_entry(run.base),
         "partition": {
             "path": in_run(run.layout.partition, run.layout.root),
             "method": run.partition.method,
@@ -283,18 +261,7 @@ def run_report(run: LoadedRun, routing: RoutingConfig, seed: int) -> dict:
         "experts": expert_entries(run, run.specialization),
         "static_experts": expert_entries(run, STATIC) if has_static else [],
         **result,
-        "costs": {
-            "profile": profile_entry,
-            "image_bytes": run.cost_model.image_bytes,
-            "models": {
-                name: {k: v for k, v in vars(run.model_cost(meta)).items() if k != "name"}
-                | {
-                    "model_name": meta["model_name"],
-                    "image_size": meta.get("image_size") or run.datamodule.hparams.image_size,
-                }
-                for name, meta in models.items()
-            },
-        },
+        "costs": _costs_entry(run, profile_entry),
         "provenance": {
             "packages": package_versions(),
             "git_revision": git_revision(),
@@ -305,3 +272,43 @@ def run_report(run: LoadedRun, routing: RoutingConfig, seed: int) -> dict:
     }
     # Warnings first, so that report.json opens with what a reader must know before trusting any number.
     return {"findings": findings(report), **report}
+
+
+def _data_entry(described: dict) -> dict:
+    """The report's data entry: what the data was (`ImageDataModule.describe`), split sizes included."""
+    keys = ("source", "root", "num_classes", "train_size", "val_size", "test_size")
+    return {
+        **{key: described[key] for key in keys},
+        **({"calib_size": described["calib_size"]} if "calib_size" in described else {}),
+        "stand_in": described["stand_in"],
+    }
+
+
+def _model_entry(found: dict) -> dict:
+    """The report's entry of an all-class model (the generalist, the base model) from its cached logits."""
+    return {
+        "model_name": found["meta"]["model_name"],
+        "params": found["meta"]["params"],
+        "test_acc": accuracy_on_test(found),
+    }
+
+
+def _costs_entry(run: LoadedRun, profile_entry: dict) -> dict:
+    """The report's costs: the profile, the image's bytes, and each model's cost (one expert per family)."""
+    models = {
+        "generalist": run.generalist["meta"],
+        "base": run.base["meta"],
+        **{f: fs[0]["meta"] for f, fs in run.families.items()},
+    }
+    return {
+        "profile": profile_entry,
+        "image_bytes": run.cost_model.image_bytes,
+        "models": {
+            name: {k: v for k, v in vars(run.model_cost(meta)).items() if k != "name"}
+            | {
+                "model_name": meta["model_name"],
+                "image_size": meta.get("image_size") or run.datamodule.hparams.image_size,
+            }
+            for name, meta in models.items()
+        },
+    }

@@ -1,4 +1,5 @@
-"""Run each model once per split and keep its logits on disk (`RUN/logits/<name>_<split>.safetensors`).
+"""Run each model once per split and keep its logits on disk (`RUN/logits/<name>_<split>.safetensors`), and the one
+batched-inference loop (`batched_logits`) that every command running a model over many images uses.
 
 Everything downstream (gates, thresholds, baselines, other profiles) is computed from these tensors, so
 `evaluate` with another gate or profile costs seconds. A cache file is reused only if it was computed from
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -72,16 +74,29 @@ def describe_model(model) -> dict:
     return info
 
 
+def in_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """`images` in consecutive slices of `batch_size` (the last one shorter)."""
+    return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+
+
 @torch.no_grad()
+def batched_logits(
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor]
+) -> torch.Tensor:
+    """(N, K) float32 logits on the CPU of `model` over `batches`, concatenated in order.
+
+    `model` is a torch module (each batch is moved to the module's device) or any function from a batch to logits
+    (an ONNX Runtime session's). No batch at all gives (0, K) for a module: a split may be empty.
+    """
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else None
+    outputs = [(model(batch) if device is None else model(batch.to(device))).float().cpu() for batch in batches]
+    return torch.cat(outputs) if outputs else torch.empty(0, model.num_outputs)
+
+
 def compute_logits(model, datamodule: ImageDataModule, split: str, label: str = "") -> torch.Tensor:
-    device = next(model.parameters()).device
-    outputs = []
-    loader = datamodule.dataloader(split)
-    for images, _ in tqdm(loader, desc=f"{label} {split}".strip(), leave=False, dynamic_ncols=True):
-        outputs.append(model(images.to(device)).float().cpu())
-    if not outputs:
-        return torch.empty(0, model.num_outputs)
-    return torch.cat(outputs)
+    """A model's logits on one split of the data, with a progress bar named `label` (what the cache stores)."""
+    loader = tqdm(datamodule.dataloader(split), desc=f"{label} {split}".strip(), leave=False, dynamic_ncols=True)
+    return batched_logits(model, (images for images, _ in loader))
 
 
 def cached_logits(

@@ -5,12 +5,11 @@ pareto.png (accuracy against latency and against edge energy), each written atom
 from __future__ import annotations
 
 import io
-import json
 import os
 
 from askexpert.collab.budgets import limits_text
 from askexpert.collab.sanity import OFFLOAD_EVERYTHING_MIN, OFFLOAD_NOTHING_MAX, Finding, findings
-from askexpert.files.atomic import atomic_write_bytes, atomic_write_text
+from askexpert.files.atomic import atomic_write_bytes, atomic_write_text, write_json
 
 # Rows of the headline table, in reading order: what the system is compared with, then the system.
 HEADLINE_ROWS = (
@@ -122,14 +121,30 @@ def claims(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    data, sel, routing = report["data"], report["selected"], report["routing"]
+    data = report["data"]
     label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
     lines = [
         f"# askexpert report ({label})",
         "",
         *findings_markdown(report),
-        "## Results",
+        *_results_section(report),
+        *_models_section(report),
+        *_costs_section(report),
+        *_sweep_section(report),
+    ]
+    p = report["provenance"]
+    lines += [
         "",
+        f"Revision {p['git_revision']}, seed {p['seed']}, {', '.join(f'{k} {v}' for k, v in p['packages'].items())}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _operating_point_text(report: dict) -> str:
+    """The sentence on the data and where and how the operating point was chosen."""
+    data, sel, routing = report["data"], report["selected"], report["routing"]
+    return (
         f"{data['num_classes']} classes, {data['train_size']} training and {data['test_size']} test images"
         + (f", {data['calib_size']} held out for calibration" if data.get("calib_size") else "")
         + ". "
@@ -143,7 +158,15 @@ def markdown(report: dict) -> str:
             if report.get("constrained")
             else ""
         )
-        + ".",
+        + "."
+    )
+
+
+def _results_section(report: dict) -> list[str]:
+    return [
+        "## Results",
+        "",
+        _operating_point_text(report),
         "",
         headline_table(report),
         "",
@@ -153,6 +176,11 @@ def markdown(report: dict) -> str:
         "",
         *[f"- {line}" for line in claims(report)],
         "",
+    ]
+
+
+def _models_section(report: dict) -> list[str]:
+    lines = [
         "## Models",
         "",
         "| model | architecture | params | classes | init | strategy | accuracy on its classes | generalist there |",
@@ -168,8 +196,12 @@ def markdown(report: dict) -> str:
             f"| {e['name']} | {e['model_name']} | {e['params']:,} | {len(e['classes'])} | {e['init']} "
             f"| {e['strategy']} | {100 * e['subset_test_acc']:.2f} % | {100 * e['generalist_subset_test_acc']:.2f} % |"
         )
+    return lines
+
+
+def _costs_section(report: dict) -> list[str]:
     costs = report["costs"]
-    lines += [
+    lines = [
         "",
         "## Costs per image",
         "",
@@ -187,25 +219,24 @@ def markdown(report: dict) -> str:
             else f"{c['edge_source']} / {c['near_edge_source']}"
         )
         lines.append(f"| {name} | {c['gflops']:.4f} | {c['edge_ms']:.2f} | {c['near_edge_ms']:.2f} | {how} |")
-    lines += [
+    return lines
+
+
+def _sweep_section(report: dict) -> list[str]:
+    """Every tenth row of the test sweep."""
+    lines = [
         "",
         "## Threshold sweep (test)",
         "",
         "| threshold | offload | accuracy | latency (ms) | edge energy (mJ) |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    lines.append("|---:|---:|---:|---:|---:|")
     for r in report["sweep"][::10]:
         lines.append(
             f"| {r['threshold']:.2f} | {100 * r['offload_ratio']:.1f} % | {100 * r['acc']:.2f} % | "
             f"{r['latency_ms']:.2f} | {r['energy_mj']:.2f} |"
         )
-    p = report["provenance"]
-    lines += [
-        "",
-        f"Revision {p['git_revision']}, seed {p['seed']}, {', '.join(f'{k} {v}' for k, v in p['packages'].items())}.",
-        "",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def pareto_figure(report: dict):
@@ -254,7 +285,7 @@ def write_report(report: dict, folder: str) -> dict[str, str]:
     plt.close(figure)
     atomic_write_bytes(paths["pareto.png"], buffer.getvalue())
     atomic_write_text(paths["report.md"], markdown(report))
-    atomic_write_text(paths["report.json"], json.dumps(report, indent=2) + "\n")
+    write_json(paths["report.json"], report)
     return paths
 
 

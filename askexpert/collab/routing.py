@@ -19,11 +19,19 @@ Fusion (`fuse`) of the final answer of an offloaded sample:
   generalist's answer;
 - `product`: normalised product of the edge and expert probabilities (both must agree to be confident);
 - `mean`: average of the two probability vectors.
+
+`decide` is the one place the generalist's logits become this decision (temperature, gate, expert), and
+`EdgeDecision.routes` the one place a threshold turns it into "offloaded to expert e": the evaluation, `route`,
+`export` (PyTorch, ONNX and int8 alike) and the `edge` client all call them, so they decide alike to the bit.
+Everything here works on torch tensors: the edge client turns ONNX Runtime's NumPy output into one (it ships
+with torch anyway, for these functions), rather than keep a NumPy copy of the router that could drift.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -130,3 +138,41 @@ def fuse(edge_probs: torch.Tensor, expert_logits: torch.Tensor, fusion: str = "e
     else:
         answer = (edge_probs + expert_probs).argmax(-1)
     return torch.where(said_other, edge_probs.argmax(-1), answer)
+
+
+@dataclass(frozen=True)
+class EdgeDecision:
+    """What the edge decides from the generalist's logits, before any threshold or expert answer."""
+
+    probs: torch.Tensor  # (N, C) float64: the temperature-scaled generalist probabilities
+    confidence: torch.Tensor  # (N,) the gate's value
+    expert: torch.Tensor  # (N,) the expert the router picks from the top-k (NO_EXPERT: none covers them)
+
+    def routes(self, threshold: float) -> torch.Tensor:
+        """(N,) the expert each sample is offloaded to at `threshold`, NO_EXPERT where it stays on the edge: a
+        sample is offloaded iff it is unsure (confidence < threshold) and some expert covers its top-k classes."""
+        offloaded = (self.confidence < threshold) & (self.expert != NO_EXPERT)
+        return torch.where(offloaded, self.expert, torch.full_like(self.expert, NO_EXPERT))
+
+
+def decide(generalist_logits: torch.Tensor, coverage: torch.Tensor, temperature: float, gate: str, top_k: int):
+    """The `EdgeDecision` for (N, C) generalist logits: softmax at `temperature` (in float64), the `gate`'s
+    confidence, and the expert chosen among the top-`top_k` classes of the partition's (E, C) `coverage`."""
+    probs = (generalist_logits.double() / temperature).softmax(-1)
+    return EdgeDecision(probs, confidence(probs, gate), select_experts(probs, coverage, top_k))
+
+
+def fused_answers(
+    probs: torch.Tensor,
+    routes: torch.Tensor,
+    expert_logits: Callable[[int, torch.Tensor], torch.Tensor],
+    fusion: str,
+) -> torch.Tensor:
+    """(N,) the system's answers: the generalist's top-1, or for the samples routed to expert e (`routes`, as
+    `EdgeDecision.routes` gives them) the fusion with `expert_logits(e, rows)`, that expert's logits of those
+    rows. Experts are asked one at a time, in index order (a caller may load each model only for its turn)."""
+    answer = probs.argmax(-1)
+    for e in routes[routes != NO_EXPERT].unique().tolist():
+        rows = torch.nonzero(routes == e).flatten()
+        answer[rows] = fuse(probs[rows], expert_logits(e, rows), fusion)
+    return answer

@@ -28,10 +28,9 @@ from askexpert.collab.routing import (
     check_gate,
     check_threshold,
     check_top_k,
-    confidence,
+    decide,
     fit_temperature,
     fuse,
-    select_experts,
 )
 from askexpert.collab.sweep import (
     RoutedSamples,
@@ -140,7 +139,10 @@ def _routed(
     costs: list[SampleCosts],
     edge: SampleCosts,
 ) -> RoutedSamples:
-    """RoutedSamples for an explicit per-sample expert `assignment` (NO_EXPERT: never offloaded)."""
+    """RoutedSamples for an explicit per-sample expert `assignment` (NO_EXPERT: never offloaded).
+
+    A sample with no expert gets confidence +inf, so `confidence < threshold` (the sweep's test, for every
+    threshold at once) is the rule of `EdgeDecision.routes`: unsure and covered by some expert."""
     has_expert = assignment != NO_EXPERT
     index = assignment.clamp_min(0)
     latency = torch.tensor([c.latency_ms for c in costs], dtype=torch.float64)[index]
@@ -209,12 +211,12 @@ class CollaborativeSystem:
         """(RoutedSamples, per-sample expert choice, (N, E) correctness, edge probabilities) for `split`."""
         experts = experts or self.experts
         labels = self.labels[split]
-        probs = (self.generalist[split].double() / temperature).softmax(-1)
-        conf = confidence(probs, config.gate)
-        chosen = select_experts(probs, self.coverage, config.top_k)
+        decision = decide(self.generalist[split], self.coverage, temperature, config.gate, config.top_k)
+        probs, chosen = decision.probs, decision.expert
         correct = _correct_per_expert(probs, experts, split, labels, config.fusion)
         edge_correct = probs.argmax(-1) == labels
-        return _routed(conf, edge_correct, correct, chosen, experts.costs, self.edge), chosen, correct, probs
+        routed = _routed(decision.confidence, edge_correct, correct, chosen, experts.costs, self.edge)
+        return routed, chosen, correct, probs
 
     # -- the whole evaluation ------------------------------------------------------------------------
     def evaluate(self, config: RoutingConfig, thresholds: torch.Tensor | None = None) -> dict:

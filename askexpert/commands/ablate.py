@@ -30,7 +30,10 @@ from askexpert.ablation import claims, results
 from askexpert.ablation import grid as grids
 from askexpert.ablation.store import StageStore
 from askexpert.errors import DivergenceError, UserError, find_user_error
-from askexpert.files.atomic import atomic_write_text
+from askexpert.files.atomic import atomic_write_text, write_json
+from askexpert.pipeline.prepare import prepare
+from askexpert.pipeline.runner import execute
+from askexpert.pipeline.settings import expert_count, find_config_file, parse_settings
 from askexpert.runs.lock import LOCK_FILE, locked
 
 SPEC_FILE = "ablation.json"
@@ -72,18 +75,16 @@ def _spec(args, pipeline_path: str) -> dict:
 
 def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str):
     """The pipeline settings of one (cell, seed): the pipeline config, then `fixed`, then the cell's values."""
-    from askexpert.commands.pipeline import explicit_data_keys
-    from askexpert.commands.pipeline import parser as pipeline_parser
-
     fixed_args, fixed_overrides = grids.cell_arguments(args.fixed)
     cell_args, cell_overrides = grids.cell_arguments(dict(cell.values))
     argv = ["--config", pipeline_path, *fixed_args, *cell_args, "--out", folder, "--seed", str(seed)]
-    settings = pipeline_parser().parse_args(argv)
+    settings, explicit = parse_settings(argv)
+    # a stage's overrides are a mapping: given on the command line, one would replace the config's, not add to it
     for overrides in (fixed_overrides, cell_overrides):
         for stage, values in overrides.items():
             section = settings.get(stage)
             section.overrides = {**(section.overrides or {}), **values}
-    return settings, explicit_data_keys(argv)
+    return settings, explicit
 
 
 def _routing_identity(routing: dict) -> dict:
@@ -144,8 +145,6 @@ def check_out_folder(out: str, spec: dict, overwrite: bool) -> None:
 
 def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
     """Every (cell, seed) checked and planned, nothing written."""
-    from askexpert.commands.pipeline import find_config_file, prepare
-
     grids.check_seeds(args.seeds)
     if not isinstance(args.fixed, dict):
         raise UserError(f"--fixed must map pipeline keys to values, got {args.fixed!r}")
@@ -189,8 +188,7 @@ def describe_plan(runs: list[PlannedRun], store: StageStore) -> str:
     unique = {stage.identity: stage for planned in runs for stage in planned.prepared.stages}
     kinds: dict[str, int] = {}
     for stage in unique.values():
-        kind = stage.name.split("/")[0]  # generalist, base, partition, experts
-        kinds[kind] = kinds.get(kind, 0) + 1
+        kinds[stage.kind.value] = kinds.get(stage.kind.value, 0) + 1
     todo = sum(not store.is_done(stage) for stage in unique.values())
     stage_counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items())
     cells = len({p.cell.name for p in runs})
@@ -226,7 +224,7 @@ def record_divergence(planned: PlannedRun, divergence: dict) -> dict:
         "diverged": divergence,
         "rows": [],
     }
-    atomic_write_text(os.path.join(planned.folder, CELL_FILE), json.dumps(record, indent=1, default=str) + "\n")
+    write_json(os.path.join(planned.folder, CELL_FILE), record, indent=1, default=str)
     return record
 
 
@@ -252,13 +250,11 @@ def _remove_stale(out: str, runs: list[PlannedRun]) -> None:
 def run_cell(planned: PlannedRun, store: StageStore) -> dict:
     from askexpert.collab.evaluation import evaluate_run
     from askexpert.collab.report import write_report
-    from askexpert.commands.pipeline import execute
 
     prepared = planned.prepared
     settings = prepared.settings
     execute(prepared, store)
     started = time.time()
-    part = settings.partition
     report = evaluate_run(
         dataclasses.replace(prepared.layout, shared_logits=True),
         settings.data.as_dict(),
@@ -267,7 +263,7 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
         copy.deepcopy(prepared.routing),
         settings.profile,
         settings.seed,
-        num_experts=len(part.experts) if part.experts else part.num_experts,
+        num_experts=expert_count(settings.partition),
     )
     write_report(report, planned.folder)
     rows = results.report_rows(report, planned.cell.columns(), planned.seed)
@@ -282,7 +278,7 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
         "stages": {s.name: {"identity": s.identity, "config": s.config} for s in prepared.stages},
         **results.cell_minutes(prepared.record, time.time() - started),
     }
-    atomic_write_text(os.path.join(planned.folder, CELL_FILE), json.dumps(record, indent=1, default=str) + "\n")
+    write_json(os.path.join(planned.folder, CELL_FILE), record, indent=1, default=str)
     return record
 
 
@@ -346,7 +342,7 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
     os.makedirs(out, exist_ok=True)
     if args.overwrite:
         _remove_stale(out, runs)
-    atomic_write_text(os.path.join(out, SPEC_FILE), json.dumps(spec, indent=2, default=str) + "\n")
+    write_json(os.path.join(out, SPEC_FILE), spec, indent=2, default=str)
     records = []
     diverged: dict[str, dict] = {}  # identity of a stage that diverged in this process -> where
     for number, planned in enumerate(runs, 1):

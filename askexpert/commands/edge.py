@@ -20,9 +20,6 @@ fallbacks, the breaker openings and the p50/p95/p99 latency.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 import time
@@ -32,13 +29,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
+from askexpert.collab.routing import NO_EXPERT, check_threshold, decide, fuse
 from askexpert.commands.route import COLUMNS as ROUTE_COLUMNS
+from askexpert.commands.route import EXTENSIONS, find_images, read_images, write_csv
 from askexpert.deploy.bundle import load_bundle
 from askexpert.deploy.client import ExpertClient, OffloadFailed
+from askexpert.deploy.timing import percentiles
 from askexpert.deploy.wire import check_token
 from askexpert.errors import UserError
-from askexpert.files.atomic import atomic_write_text
+from askexpert.files.atomic import write_json
 
 TOKEN_ENV = "ASKEXPERT_TOKEN"
 # route's columns, with what a deployment adds: whether the answer is a fallback, the measured latency, the
@@ -105,14 +104,13 @@ class EdgeRouter:
     def classify(self, image: np.ndarray) -> dict:
         start = time.perf_counter()
         logits = torch.from_numpy(self.generalist.run(None, {"images": image[None]})[0])
-        probs = (logits.double() / self.temperature).softmax(-1)
-        conf = confidence(probs, self.gate)
-        chosen = int(select_experts(probs, self.coverage, self.top_k)[0])
-        offloaded = bool(conf[0] < self.threshold) and chosen != NO_EXPERT
+        decision = decide(logits, self.coverage, self.temperature, self.gate, self.top_k)
+        probs, expert = decision.probs, int(decision.routes(self.threshold)[0])
+        offloaded = expert != NO_EXPERT
         answer, fallback, version, error = int(probs[0].argmax()), False, "", ""
         if offloaded:
             try:
-                reply = self.client.ask(f"expert_{chosen}", image)
+                reply = self.client.ask(f"expert_{expert}", image)
                 answer = int(fuse(probs, torch.tensor([reply["logits"]]), self.fusion)[0])
                 version = reply["model_version"]
             except OffloadFailed as why:
@@ -122,9 +120,9 @@ class EdgeRouter:
         return {
             "prediction": names[answer],
             "prediction_id": answer,
-            "confidence": round(float(conf[0]), 6),
+            "confidence": round(float(decision.confidence[0]), 6),
             "offloaded": offloaded,
-            "expert": chosen if offloaded else "",
+            "expert": expert if offloaded else "",
             "fallback": fallback,
             "latency_ms": round(1000 * (time.perf_counter() - start), 3),
             "generalist_prediction": names[int(top_i)],
@@ -148,7 +146,7 @@ def summarise(rows: list[dict], client: ExpertClient, labels: list[int | None]) 
         "requests_sent": client.attempts,
         "breaker_openings": client.breakers_opened(),
         "fallback_reasons": dict(Counter(r["error"] for r in rows if r["fallback"]).most_common()),
-        "latency_ms": {f"p{q}": round(float(np.percentile(latency, q)), 3) for q in (50, 95, 99)},
+        "latency_ms": {key: round(value, 3) for key, value in percentiles(latency, (50, 95, 99)).items()},
     }
 
 
@@ -163,8 +161,6 @@ def folder_labels(paths: list[str], root: str, class_names: list[str]) -> list[i
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.route import EXTENSIONS, find_images, read_images
-
     args = parser().parse_args(argv)
     check_args(args)
     bundle = load_bundle(args.export)
@@ -202,12 +198,8 @@ def run(argv: list[str]) -> dict:
         row["image"] = os.path.relpath(path, args.images)
     summary = summarise(rows, client, folder_labels(readable, args.images, bundle.class_names))
     summary.update(server=args.server, threshold=threshold, concurrency=args.concurrency, skipped=len(skipped))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(args.out, buffer.getvalue())
-    atomic_write_text(f"{os.path.splitext(args.out)[0]}.summary.json", json.dumps(summary, indent=2) + "\n")
+    write_csv(args.out, rows, COLUMNS)
+    write_json(f"{os.path.splitext(args.out)[0]}.summary.json", summary)
     _print_summary(summary, args.out)
     if summary["fallbacks"]:
         reasons = ", ".join(f"{n} x {why}" for why, n in summary["fallback_reasons"].items())

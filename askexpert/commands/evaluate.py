@@ -15,26 +15,7 @@ import os
 
 from askexpert.collab.system import RoutingConfig
 from askexpert.errors import UserError
-from askexpert.runs.layout import RunLayout
-
-
-def saved_settings(run_dir: str):
-    """The pipeline settings a run was made with (its `pipeline.yaml`)."""
-    from askexpert.commands.pipeline import parser as pipeline_parser
-
-    layout = RunLayout(run_dir)
-    if not os.path.isdir(run_dir):
-        raise UserError(f"run folder not found: {run_dir}")
-    if not os.path.isfile(layout.settings):
-        raise UserError(f"{run_dir} is not a pipeline run (no pipeline.yaml); run `python -m askexpert pipeline` first")
-    try:
-        return pipeline_parser().parse_path(layout.settings)
-    except UserError as err:  # the parser's reason ("arguments are required: out") names no file: say which
-        reason = str(err).split(" (see `")[0]
-        raise UserError(
-            f"{layout.settings} is damaged ({reason}); restore it, or run the pipeline again with the run's config "
-            "and --out (finished stages are skipped) to rewrite it"
-        ) from None
+from askexpert.runs.reader import open_finished_run
 
 
 def parser(defaults=None):
@@ -53,20 +34,15 @@ def parser(defaults=None):
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.pipeline import (
-        check_finished,
-        evaluate_and_report,
-        find_config_file,
-        recorded_profile,
-        routing_config,
-    )
+    from askexpert.pipeline.report import evaluate_and_report
+    from askexpert.pipeline.settings import find_config_file, recorded_profile, routing_config
     from askexpert.runs.lock import check_not_in_use
 
     # Two passes: the first finds the run (on the command line or in a --config file), the second parses
     # again with the run's own settings as defaults, so only what is given here replaces them.
     first = parser().parse_args(argv)
-    saved = saved_settings(first.run)
-    check_finished(RunLayout(first.run))
+    finished = open_finished_run(first.run)
+    saved = finished.settings
     # no lock (evaluate only adds a report and cached logits), but not while a pipeline or ablation still writes
     # the run: the report it is about to write would race this one
     check_not_in_use(first.run)
@@ -77,5 +53,4 @@ def run(argv: list[str]) -> dict:
     given = first.profile
     saved.profile = find_config_file(given, "device profile") if given else recorded_profile(first.run, saved.profile)
     saved.wandb_project = args.wandb_project
-    layout = RunLayout(args.run)
-    return evaluate_and_report(saved, layout, routing_config(args.routing), args.out)
+    return evaluate_and_report(saved, finished.layout, routing_config(args.routing), args.out)

@@ -17,7 +17,6 @@ the class names, every model's file, SHA-256, input and output, the verification
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -25,14 +24,14 @@ import warnings
 import torch
 
 from askexpert.collab.evaluation import check_expert_classes, package_versions
-from askexpert.collab.routing import NO_EXPERT, confidence, select_experts
-from askexpert.commands.route import operating_point
+from askexpert.collab.logits import batched_logits, in_batches
+from askexpert.collab.routing import NO_EXPERT, decide
 from askexpert.errors import UserError
 from askexpert.export.int8 import model_figures, quantize, system_figures
-from askexpert.files.atomic import atomic_write_text
+from askexpert.files.atomic import write_json
 from askexpert.files.hashing import file_sha256 as sha256
 from askexpert.modules.loading import load_classifier
-from askexpert.runs.layout import RunLayout
+from askexpert.runs.reader import open_finished_run
 
 FORMAT_VERSION = 1
 MIN_AGREEMENT = 0.999  # top-1 and routing decisions: what the issue asks of an export
@@ -75,21 +74,18 @@ def export_model(model, path: str, stored_size: int) -> None:
     onnx.checker.check_model(path, full_check=True)
 
 
-def batched(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
 def onnx_logits(path: str, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return batched(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), images, batch_size)
+    return batched_logits(
+        lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), in_batches(images, batch_size)
+    )
 
 
 def compare(model, path: str, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(PyTorch logits, ONNX Runtime logits, agreement figures) of one model on `images`."""
-    with torch.no_grad():
-        expected = batched(lambda x: model(x).float(), images, batch_size)
+    expected = batched_logits(model, in_batches(images, batch_size))
     got = onnx_logits(path, images, batch_size)
     same = (expected.argmax(-1) == got.argmax(-1)).float()
     figures = {
@@ -101,14 +97,6 @@ def compare(model, path: str, images: torch.Tensor, batch_size: int) -> tuple[to
     return expected, got, figures
 
 
-def routing_decisions(logits: torch.Tensor, routing: dict, threshold: float, coverage: torch.Tensor) -> torch.Tensor:
-    """Per image: the expert it is offloaded to, or NO_EXPERT (exactly as `route` decides)."""
-    probs = (logits.double() / routing["temperature_value"]).softmax(-1)
-    chosen = select_experts(probs, coverage, routing["top_k"])
-    offloaded = (confidence(probs, routing["gate"]) < threshold) & (chosen != NO_EXPERT)
-    return torch.where(offloaded, chosen, torch.full_like(chosen, NO_EXPERT))
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.isfile(out):
         raise UserError(f"--out {out} is a file; give a folder to write the export into")
@@ -117,24 +105,19 @@ def _check_out(out: str, overwrite: bool) -> None:
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.evaluate import saved_settings
-    from askexpert.commands.pipeline import check_finished
     from datamodules.datamodule import ImageDataModule
-    from datamodules.partitions import Partition
 
     args = parser().parse_args(argv)
     if args.atol <= 0 or args.batch_size < 1:
         raise UserError("--atol must be positive and --batch_size at least 1")
     _check_out(args.out, args.overwrite)
-    layout = RunLayout(args.run)
-    settings = saved_settings(args.run)
-    check_finished(layout)
-    routing, threshold = operating_point(args.run)
-    partition = Partition.load(layout.partition)
-    datamodule = ImageDataModule(**settings.data.as_dict())
+    finished = open_finished_run(args.run)
+    routing, threshold = finished.operating_point()
+    partition = finished.partition()
+    datamodule = ImageDataModule(**finished.settings.data.as_dict())
     images, labels = datamodule.tensors("test")[:2]
     stored = int(images.shape[-1])
-    family = settings.specialization
+    layout, family = finished.layout, finished.settings.specialization
     models = {"generalist": layout.best(layout.stage_dir("generalist"))}
     models.update({f"expert_{i}": layout.best(layout.expert_dir(family, i)) for i in range(partition.num_experts)})
 
@@ -147,7 +130,7 @@ def run(argv: list[str]) -> dict:
         sources = (partition, layout.partition)
         manifest = _export_all(models, sources, routing, threshold, (images, labels), stored, staging, args)
         manifest["class_names"] = list(datamodule.class_names)
-        atomic_write_text(os.path.join(staging, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+        write_json(os.path.join(staging, "manifest.json"), manifest)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)
         os.replace(staging, args.out)
@@ -158,53 +141,81 @@ def run(argv: list[str]) -> dict:
 
 
 def _export_all(models, partition_and_file, routing, threshold, test_set, stored, staging, args) -> dict:
-    partition, partition_file = partition_and_file
-    images, labels = test_set
-    coverage = partition.coverage()
+    """Export and verify every model into `staging`; the manifest (all but the class names)."""
+    partition = partition_and_file[0]
     entries, logits, int8_logits = {}, {}, {}
     for name, checkpoint in models.items():
-        model = load_classifier(checkpoint)
-        if name != "generalist":
-            index = int(name.split("_")[1])
-            check_expert_classes(model.hparams.get("subset"), partition, index, name, partition_file)
-        path = os.path.join(staging, f"{name}.onnx")
-        print(f"exporting {name} ({model.hparams.model_name}) ...", flush=True)
-        export_model(model, path, stored)
-        expected, got, figures = compare(model, path, images, args.batch_size)
-        logits[name] = (expected, got)
-        if figures["max_abs_logit_diff"] > args.atol or figures["top1_agreement"] < MIN_AGREEMENT:
-            raise UserError(
-                f"the ONNX export of {name} disagrees with PyTorch: max |logit diff| "
-                f"{figures['max_abs_logit_diff']:.2e} (allowed {args.atol:g}), same top-1 on "
-                f"{100 * figures['top1_agreement']:.2f} % of {figures['images']} test images (needed "
-                f"{100 * MIN_AGREEMENT:.1f} %); nothing was written"
-            )
-        h = model.hparams
-        entries[name] = {
-            "file": f"{name}.onnx",
-            "sha256": sha256(path),
-            "model_name": h.model_name,
-            "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, stored, stored]},
-            "output": {"name": "logits", "shape": ["batch", int(model.num_outputs)]},
-            "model_image_size": int(h.get("image_size", 32)),
-            "checkpoint_sha256": sha256(checkpoint),
-            "verification": figures,
-        }
-        if name != "generalist":
-            entries[name].update(subset=sorted(int(c) for c in h.subset), other_output=bool(h.get("other_output")))
-        if args.int8:
-            int8_path = os.path.join(staging, f"{name}.int8.onnx")
-            quantize(path, int8_path)
-            int8_logits[name] = onnx_logits(int8_path, images, args.batch_size)
-            inside = None if name == "generalist" else coverage[int(name.split("_")[1])][labels]
-            entries[name]["int8"] = {
-                "file": f"{name}.int8.onnx",
-                "sha256": sha256(int8_path),
-                "verification": model_figures(expected, got, int8_logits[name], labels, inside),
-            }
-        del model
-    torch_routes = routing_decisions(logits["generalist"][0], routing, threshold, coverage)
-    onnx_routes = routing_decisions(logits["generalist"][1], routing, threshold, coverage)
+        entries[name], logits[name], int8 = _export_model(
+            name, checkpoint, partition_and_file, test_set, stored, staging, args
+        )
+        if int8 is not None:
+            int8_logits[name] = int8
+    return {
+        "format_version": FORMAT_VERSION,
+        "operating_point": {"threshold": threshold, **routing},
+        "partition": {"num_experts": partition.num_experts, "experts": [list(e) for e in partition.experts]},
+        "models": entries,
+        "verification": _verify_routing(logits, int8_logits, routing, threshold, partition.coverage(), test_set, args),
+        "packages": {**package_versions(), **_onnx_versions()},
+    }
+
+
+def _export_model(name: str, checkpoint: str, partition_and_file, test_set, stored: int, staging: str, args):
+    """Export one model into `staging` and check it against PyTorch (refused beyond --atol or MIN_AGREEMENT).
+
+    Returns its manifest entry, its (PyTorch, ONNX) test logits and, with --int8, its int8 copy's test logits."""
+    partition, partition_file = partition_and_file
+    images, labels = test_set
+    model = load_classifier(checkpoint)
+    expert = None if name == "generalist" else int(name.split("_")[1])
+    if expert is not None:
+        check_expert_classes(model.hparams.get("subset"), partition, expert, name, partition_file)
+    path = os.path.join(staging, f"{name}.onnx")
+    print(f"exporting {name} ({model.hparams.model_name}) ...", flush=True)
+    export_model(model, path, stored)
+    expected, got, figures = compare(model, path, images, args.batch_size)
+    if figures["max_abs_logit_diff"] > args.atol or figures["top1_agreement"] < MIN_AGREEMENT:
+        raise UserError(
+            f"the ONNX export of {name} disagrees with PyTorch: max |logit diff| "
+            f"{figures['max_abs_logit_diff']:.2e} (allowed {args.atol:g}), same top-1 on "
+            f"{100 * figures['top1_agreement']:.2f} % of {figures['images']} test images (needed "
+            f"{100 * MIN_AGREEMENT:.1f} %); nothing was written"
+        )
+    h = model.hparams
+    entry = {
+        "file": f"{name}.onnx",
+        "sha256": sha256(path),
+        "model_name": h.model_name,
+        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", 3, stored, stored]},
+        "output": {"name": "logits", "shape": ["batch", int(model.num_outputs)]},
+        "model_image_size": int(h.get("image_size", 32)),
+        "checkpoint_sha256": sha256(checkpoint),
+        "verification": figures,
+    }
+    if expert is not None:
+        entry.update(subset=sorted(int(c) for c in h.subset), other_output=bool(h.get("other_output")))
+    if not args.int8:
+        return entry, (expected, got), None
+    int8_path = os.path.join(staging, f"{name}.int8.onnx")
+    quantize(path, int8_path)
+    int8 = onnx_logits(int8_path, images, args.batch_size)
+    inside = None if expert is None else partition.coverage()[expert][labels]
+    entry["int8"] = {
+        "file": f"{name}.int8.onnx",
+        "sha256": sha256(int8_path),
+        "verification": model_figures(expected, got, int8, labels, inside),
+    }
+    return entry, (expected, got), int8
+
+
+def _verify_routing(logits: dict, int8_logits: dict, routing: dict, threshold: float, coverage, test_set, args) -> dict:
+    """The ONNX generalist's routing decisions against PyTorch's (refused below MIN_AGREEMENT), and with --int8 the
+    int8 system's figures."""
+    images, labels = test_set
+    point = (routing["temperature_value"], routing["gate"], routing["top_k"])
+    torch_routes = decide(logits["generalist"][0], coverage, *point).routes(threshold)
+    onnx_decision = decide(logits["generalist"][1], coverage, *point)
+    onnx_routes = onnx_decision.routes(threshold)
     flips = int((torch_routes != onnx_routes).sum())
     gate = {
         "images": len(images),
@@ -220,18 +231,13 @@ def _export_all(models, partition_and_file, routing, threshold, test_set, stored
         )
     verification = {"atol": args.atol, "min_agreement": MIN_AGREEMENT, "routing": gate}
     if args.int8:
-        int8_routes = routing_decisions(int8_logits["generalist"], routing, threshold, coverage)
+        int8_decision = decide(int8_logits["generalist"], coverage, *point)
         fp32 = {name: got for name, (_, got) in logits.items()}
-        routes = (torch_routes, onnx_routes, int8_routes)
-        verification["int8"] = system_figures(fp32, int8_logits, *routes, routing, labels)
-    return {
-        "format_version": FORMAT_VERSION,
-        "operating_point": {"threshold": threshold, **routing},
-        "partition": {"num_experts": partition.num_experts, "experts": [list(e) for e in partition.experts]},
-        "models": entries,
-        "verification": verification,
-        "packages": {**package_versions(), **_onnx_versions()},
-    }
+        decisions = (onnx_decision, int8_decision)
+        verification["int8"] = system_figures(
+            fp32, int8_logits, torch_routes, decisions, threshold, routing["fusion"], labels
+        )
+    return verification
 
 
 def _onnx_versions() -> dict[str, str]:

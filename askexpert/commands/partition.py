@@ -18,6 +18,7 @@ import os
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from askexpert.collab.logits import batched_logits
 from askexpert.errors import UserError, check_output_path
 from askexpert.files.checkpoints import check_same_classes, load_checkpoint
 from askexpert.modules.loading import load_classifier
@@ -70,7 +71,6 @@ def generalist_data(checkpoint: str, data: dict, explicit: dict) -> dict:
     return {**data, **settings}
 
 
-@torch.no_grad()
 def validation_confusion(checkpoint: str, datamodule: ImageDataModule) -> torch.Tensor:
     """(C, C) counts of true class (rows) vs the generalist's prediction (columns) on the validation split."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,10 +78,10 @@ def validation_confusion(checkpoint: str, datamodule: ImageDataModule) -> torch.
     check_same_classes(model, datamodule, f"generalist {checkpoint}")
     if datamodule.split_sizes()["val"] == 0:
         raise UserError("a confusion partition needs a validation split: set --data.val_fraction above 0")
-    matrix = MulticlassConfusionMatrix(datamodule.num_classes).to(device)
-    for images, labels in datamodule.dataloader("val"):
-        matrix.update(model(images.to(device))[:, : datamodule.num_classes], labels.to(device))
-    return matrix.compute().cpu()
+    logits = batched_logits(model, (images for images, _ in datamodule.dataloader("val")))
+    matrix = MulticlassConfusionMatrix(datamodule.num_classes)
+    matrix.update(logits[:, : datamodule.num_classes], datamodule.tensors("val")[1])
+    return matrix.compute()
 
 
 def partition_from_settings(settings, datamodule: ImageDataModule, confusion: torch.Tensor | None) -> Partition:

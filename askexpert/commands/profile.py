@@ -23,7 +23,7 @@ import datetime
 import logging
 import os
 import platform
-import time
+import statistics
 
 import timm
 import torch
@@ -31,6 +31,7 @@ import yaml
 
 from askexpert.collab.costs import load_profile, measured_key
 from askexpert.deploy.metrics import sample_sum
+from askexpert.deploy.timing import percentiles, time_calls
 from askexpert.errors import UserError, check_output_path
 from askexpert.files.atomic import atomic_write_text
 
@@ -38,8 +39,8 @@ ROLES = ("edge", "near_edge", "both")
 
 
 def parser():
-    from askexpert.commands.pipeline import DEFAULT_PROFILE
     from askexpert.parsers import command_parser
+    from askexpert.pipeline.settings import DEFAULT_PROFILE
 
     p = command_parser(
         "profile", "Time each model at batch 1 on this machine; write a device profile.", with_data=False
@@ -62,17 +63,16 @@ def parser():
 
 
 def run_models(run_dir: str) -> list[tuple[str, int, int]]:
-    """(model name, head width, image size) of every model of a pipeline run, without duplicates."""
-    import glob
-
-    from askexpert.commands.evaluate import saved_settings
+    """(model name, head width, image size) of every model of a pipeline run trained so far, without duplicates
+    (a run still training has its first models timed)."""
     from askexpert.files.checkpoints import load_checkpoint
+    from askexpert.runs.reader import open_run
 
-    settings = saved_settings(run_dir)
+    run = open_run(run_dir)
     found = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "**", "checkpoints", "best.ckpt"), recursive=True)):
+    for path in run.model_checkpoints():
         h = load_checkpoint(path, mmap=True).get("hyper_parameters", {})
-        size = int(h.get("image_size") or settings.data.image_size)  # the size the model computes at
+        size = int(h.get("image_size") or run.settings.data.image_size)  # the size the model computes at
         entry = (h["model_name"], int(h["num_classes"]) + int(bool(h.get("other_output"))), size)
         if entry not in found:
             found.append(entry)
@@ -181,62 +181,77 @@ def measure_link(url: str, token: str | None = None, requests: int = 50) -> dict
     in `note`, when transfer is not positive or within the spread of the POST times, or when the server does
     not tell its image size. Other clients of the server during the measurement skew the server's times.
     """
-    import base64
-    import statistics
-
     import httpx
-    import numpy as np
-
-    def check(reply, path):
-        if reply.status_code == 401:
-            raise UserError(f"{url} answered 401 to {path}: give the server's token with --link_token")
-        if reply.status_code != 200:
-            raise UserError(f"{url}{path} answered {reply.status_code}: {reply.text[:200].strip()}")
-        return reply
-
-    def timed(send) -> tuple[list[float], str, str]:
-        """(seconds of each of `requests` calls after WARMUPS, /metrics before, /metrics after)."""
-        for _ in range(WARMUPS):
-            send()
-        before = metrics_page()
-        times = []
-        for _ in range(requests):
-            start = time.perf_counter()
-            send()
-            times.append(time.perf_counter() - start)
-        return times, before, metrics_page()
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     # trust_env=False: a proxy from the environment would be measured instead of the link
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10.0, trust_env=False) as client:
-
-        def metrics_page() -> str:
-            reply = client.get("/metrics")  # a server without it (or another program): no server times
-            return reply.text if reply.status_code == 200 else ""
-
         try:
-            health, before, after = timed(lambda: check(client.get("/health"), "/health"))
-            server_s = _server_mean_s(before, after, "askexpert_request_seconds", 'path="/health"')
-            rtt = max(statistics.median(health) - server_s, 0.0)
-            result = {"rtt_ms": rtt * 1e3, "health_server_ms": server_s * 1e3, "uplink_mbps": None}
-            result["requests"] = requests
-            model = check(client.get("/info"), "/info").json().get("model") or {}
-            if not model.get("stored_size") or not model.get("experts"):
+            rtt, result = _round_trip(client, url, requests)
+            request = _upload_request(client, url)
+            if request is None:
                 result["note"] = f"{url}/info does not give the image size (an older askexpert serve?)"
                 return result
-            size = int(model["stored_size"])
-            image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8).tobytes()
-            body = {"expert": model["experts"][0], "image": base64.b64encode(image).decode("ascii")}
-            request = client.build_request("POST", "/predict", json=body)
-            posts, before, after = timed(lambda: check(client.send(request), "/predict"))
+            posts, before, after = _timed(client, lambda: _checked(client.send(request), url, "/predict"), requests)
         except httpx.HTTPError as err:
             raise UserError(f"cannot measure the link to {url}: {type(err).__name__}: {err}") from None
         except (ValueError, AttributeError):  # /info is not an askexpert server's
             raise UserError(f"{url} is not an askexpert server (its /info is not what `serve` answers)") from None
+    return _add_uplink(result, rtt, posts, (before, after), request)
+
+
+def _checked(reply, url: str, path: str):
+    """`reply`, refused unless it is a 200 (a 401 asks for the token)."""
+    if reply.status_code == 401:
+        raise UserError(f"{url} answered 401 to {path}: give the server's token with --link_token")
+    if reply.status_code != 200:
+        raise UserError(f"{url}{path} answered {reply.status_code}: {reply.text[:200].strip()}")
+    return reply
+
+
+def _metrics_page(client) -> str:
+    reply = client.get("/metrics")  # a server without it (or another program): no server times
+    return reply.text if reply.status_code == 200 else ""
+
+
+def _timed(client, send, requests: int) -> tuple[list[float], str, str]:
+    """(seconds of each of `requests` calls of `send` after WARMUPS, /metrics before, /metrics after)."""
+    for _ in range(WARMUPS):
+        send()
+    before = _metrics_page(client)
+    return time_calls(send, requests), before, _metrics_page(client)
+
+
+def _round_trip(client, url: str, requests: int) -> tuple[float, dict]:
+    """(rtt in seconds, the result's first fields): the median GET /health less the server's own time for it."""
+    health, before, after = _timed(client, lambda: _checked(client.get("/health"), url, "/health"), requests)
+    server_s = _server_mean_s(before, after, "askexpert_request_seconds", 'path="/health"')
+    rtt = max(statistics.median(health) - server_s, 0.0)
+    return rtt, {"rtt_ms": rtt * 1e3, "health_server_ms": server_s * 1e3, "uplink_mbps": None, "requests": requests}
+
+
+def _upload_request(client, url: str):
+    """A valid POST /predict (a random image of the size `GET /info` gives), or None when /info does not say."""
+    import base64
+
+    import numpy as np
+
+    model = _checked(client.get("/info"), url, "/info").json().get("model") or {}
+    if not model.get("stored_size") or not model.get("experts"):
+        return None
+    size = int(model["stored_size"])
+    image = np.random.default_rng(0).integers(0, 256, (3, size, size), dtype=np.uint8).tobytes()
+    body = {"expert": model["experts"][0], "image": base64.b64encode(image).decode("ascii")}
+    return client.build_request("POST", "/predict", json=body)
+
+
+def _add_uplink(result: dict, rtt: float, posts: list[float], metrics: tuple[str, str], request) -> dict:
+    """`result` with the upload's figures: the effective uplink, or a note on why it is not measurable."""
+    before, after = metrics
     model_s = _server_mean_s(before, after, "askexpert_expert_seconds")
     post_s = statistics.median(posts)
     transfer = post_s - rtt - model_s
-    q1, _, q3 = statistics.quantiles(posts, n=4)
+    q1, q3 = percentiles(posts, (25, 75)).values()
     result.update(post_ms=post_s * 1e3, model_ms=model_s * 1e3, request_bytes=_wire_bytes(request))
     # shown, not used: the server's own time per /predict (from its headers on, so it holds part of the transfer)
     result["in_server_ms"] = _server_mean_s(before, after, "askexpert_request_seconds", 'path="/predict"') * 1e3
@@ -302,7 +317,7 @@ def put_link(url: str, link: dict, profile: dict) -> str:
 
 
 def run(argv: list[str]) -> dict:
-    from askexpert.commands.pipeline import find_config_file
+    from askexpert.pipeline.settings import find_config_file
 
     args = parser().parse_args(argv)
     check_arguments(args)

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
+from functools import partial
 
 import torch
 
 from askexpert.collab.evaluation import check_expert_classes
-from askexpert.collab.routing import NO_EXPERT, check_threshold, confidence, fuse, select_experts
+from askexpert.collab.logits import batched_logits, in_batches
+from askexpert.collab.routing import NO_EXPERT, check_threshold, decide, fused_answers
 from askexpert.errors import UserError
 from askexpert.files.atomic import atomic_write_text
 from askexpert.modules.loading import load_classifier
-from askexpert.runs.layout import RunLayout
+from askexpert.runs.reader import PipelineRun, open_finished_run
 from datamodules.datamodule import stored_image_size
 from datamodules.partitions import Partition
 
@@ -50,22 +51,6 @@ def parser():
     p.add_argument("--threshold", type=float | None, default=None, help="override the run's selected threshold")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     return p
-
-
-def operating_point(run_dir: str) -> tuple[dict, float]:
-    """The routing settings (temperature value, gate, top-k, fusion) and threshold the run's report selected."""
-    report_path = os.path.join(run_dir, "report.json")
-    if not os.path.isfile(report_path):
-        raise UserError(f"{run_dir} has no report.json yet: finish it with `python -m askexpert pipeline` first")
-    try:
-        with open(report_path, encoding="utf-8") as f:
-            report = json.load(f)
-        routing, threshold = report["routing"], float(report["selected"]["threshold"])
-        return {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}, threshold
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise UserError(
-            f"{report_path} is damaged; write it again with `python -m askexpert evaluate --run {run_dir}`"
-        ) from None
 
 
 def find_images(folder: str) -> list[str]:
@@ -96,40 +81,25 @@ def read_images(paths: list[str], image_size: int) -> tuple[torch.Tensor, list[s
     return torch.stack(images), readable, skipped
 
 
-@torch.no_grad()
-def _logits(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.cat(
-        [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
-    )
+def write_csv(path: str, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """The one-row-per-image CSV of `route` and `edge`, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
-def run(argv: list[str]) -> list[dict]:
-    from askexpert.commands.evaluate import saved_settings
-
-    args = parser().parse_args(argv)
+def _check_args(args) -> None:
     check_threshold(args.threshold)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    layout = RunLayout(args.run)
-    settings = saved_settings(args.run)
-    from askexpert.commands.pipeline import check_finished
 
-    check_finished(layout)
-    routing, threshold = operating_point(args.run)
-    if os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a folder; give a CSV file name")
-    if args.threshold is not None:
-        threshold = args.threshold
-    paths = find_images(args.images)
-    # decoded at the size the run's data is stored at (what an edge device holds and sends); the models resize
-    data = settings.data
-    stored = stored_image_size(data.source, getattr(data, "stored_size", None), data.image_size)
-    images, readable, skipped = read_images(paths, stored)
-    if not readable:
-        raise UserError(f"no readable image in {args.images} (looked for {', '.join(EXTENSIONS)})")
-    partition = Partition.load(layout.partition)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def _generalist(run: PipelineRun, partition: Partition, device: str):
+    """The run's generalist (on `device`) and its class names, refused if it does not answer the partition's
+    classes."""
+    layout = run.layout
     generalist = load_classifier(layout.best(layout.stage_dir("generalist")), map_location=device)
     if generalist.hparams.num_classes != partition.num_classes:
         raise UserError(
@@ -138,40 +108,65 @@ def run(argv: list[str]) -> list[dict]:
         )
     class_names = list(generalist.hparams.class_names or partition.class_names)
     partition.check_classes(class_names, "the run's generalist")
-    probs = (_logits(generalist, images, args.batch_size).double() / routing["temperature_value"]).softmax(-1)
-    conf = confidence(probs, routing["gate"])
-    chosen = select_experts(probs, partition.coverage(), routing["top_k"])
-    offloaded = (conf < threshold) & (chosen != NO_EXPERT)
-    answer = probs.argmax(-1)
-    for e in chosen[offloaded].unique().tolist():
-        expert = load_classifier(layout.best(layout.expert_dir(settings.specialization, e)), map_location=device)
-        check_expert_classes(
-            expert.hparams.get("subset"), partition, e, f"{settings.specialization}_{e}", layout.partition
-        )
-        rows = torch.nonzero(offloaded & (chosen == e)).flatten()
-        answer[rows] = fuse(probs[rows], _logits(expert, images[rows], args.batch_size), routing["fusion"])
-        del expert
-    top_p, top_i = probs.max(-1)
+    return generalist, class_names
+
+
+def _expert_logits(run: PipelineRun, partition: Partition, images, batch_size: int, device: str, e: int, rows):
+    """Expert `e`'s logits of `images[rows]`, its model loaded (and its classes checked) for this call only."""
+    family, layout = run.settings.specialization, run.layout
+    expert = load_classifier(layout.best(layout.expert_dir(family, e)), map_location=device)
+    check_expert_classes(expert.hparams.get("subset"), partition, e, f"{family}_{e}", layout.partition)
+    return batched_logits(expert, in_batches(images[rows], batch_size))
+
+
+def _rows(paths: list[str], folder: str, answer, decision, routes, class_names: list[str]) -> list[dict]:
+    """The CSV rows (COLUMNS) of the images at `paths`."""
+    top_p, top_i = decision.probs.max(-1)
     results = []
-    for i, path in enumerate(readable):
+    for i, path in enumerate(paths):
+        offloaded = bool(routes[i] != NO_EXPERT)
         results.append(
             {
-                "image": os.path.relpath(path, args.images),
+                "image": os.path.relpath(path, folder),
                 "prediction": class_names[int(answer[i])],
                 "prediction_id": int(answer[i]),
-                "confidence": round(float(conf[i]), 6),
-                "offloaded": bool(offloaded[i]),
-                "expert": int(chosen[i]) if offloaded[i] else "",
+                "confidence": round(float(decision.confidence[i]), 6),
+                "offloaded": offloaded,
+                "expert": int(routes[i]) if offloaded else "",
                 "generalist_prediction": class_names[int(top_i[i])],
                 "generalist_probability": round(float(top_p[i]), 6),
             }
         )
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(results)
-    atomic_write_text(args.out, buffer.getvalue())
-    sent = int(offloaded.sum())
+    return results
+
+
+def run(argv: list[str]) -> list[dict]:
+    args = parser().parse_args(argv)
+    _check_args(args)
+    finished = open_finished_run(args.run)
+    routing, threshold = finished.operating_point()
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; give a CSV file name")
+    if args.threshold is not None:
+        threshold = args.threshold
+    paths = find_images(args.images)
+    # decoded at the size the run's data is stored at (what an edge device holds and sends); the models resize
+    data = finished.settings.data
+    stored = stored_image_size(data.source, getattr(data, "stored_size", None), data.image_size)
+    images, readable, skipped = read_images(paths, stored)
+    if not readable:
+        raise UserError(f"no readable image in {args.images} (looked for {', '.join(EXTENSIONS)})")
+    partition = finished.partition()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generalist, class_names = _generalist(finished, partition, device)
+    logits = batched_logits(generalist, in_batches(images, args.batch_size))
+    decision = decide(logits, partition.coverage(), routing["temperature_value"], routing["gate"], routing["top_k"])
+    routes = decision.routes(threshold)
+    expert_logits = partial(_expert_logits, finished, partition, images, args.batch_size, device)
+    answer = fused_answers(decision.probs, routes, expert_logits, routing["fusion"])
+    results = _rows(readable, args.images, answer, decision, routes, class_names)
+    write_csv(args.out, results, COLUMNS)
+    sent = int((routes != NO_EXPERT).sum())
     print(f"{len(results)} images classified, {sent} offloaded to experts (threshold {threshold:.2f}) -> {args.out}")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]}")

@@ -39,41 +39,43 @@ async def bounded_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def build_app(
-    batcher: Batcher,
-    stored_size: int,
-    token: str | None,
-    max_body_bytes: int,
-    timeout_s: float,
-    info: Callable[[], dict],
-) -> Starlette:
-    def refused(request: Request) -> Response | None:
-        if not token or token_matches(request.headers.get("authorization", ""), token):
+class _Endpoints:
+    """The app's request handlers, with what they share: the Batcher, the contract's image size, the token and
+    the limits."""
+
+    def __init__(self, batcher, stored_size, token, max_body_bytes, timeout_s, info) -> None:
+        self.batcher, self.stored_size, self.token = batcher, stored_size, token
+        self.max_body_bytes, self.timeout_s, self.info = max_body_bytes, timeout_s, info
+
+    def refused(self, request: Request) -> Response | None:
+        if not self.token or token_matches(request.headers.get("authorization", ""), self.token):
             return None
         return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
 
+    @staticmethod
     def stopped() -> Response:
         # never expected; if it happens, say so at once rather than answer every request 504 after timeout_s
         return JSONResponse({"detail": "the batching thread stopped; restart the server"}, status_code=503)
 
-    async def predict(request: Request) -> Response:
-        if denied := refused(request):
+    async def predict(self, request: Request) -> Response:
+        if denied := self.refused(request):
             return denied
+        timeout_s = self.timeout_s
         try:
             async with asyncio.timeout(timeout_s):  # a stalled upload must not hold a handler (or the drain)
-                body = await bounded_body(request, max_body_bytes)
+                body = await bounded_body(request, self.max_body_bytes)
         except TimeoutError:
             return JSONResponse({"detail": f"the request was not received within {timeout_s:g} s"}, status_code=408)
         if body is None:
-            return JSONResponse({"detail": f"request larger than {max_body_bytes} bytes"}, status_code=413)
+            return JSONResponse({"detail": f"request larger than {self.max_body_bytes} bytes"}, status_code=413)
         try:
             parsed = ExpertRequest.model_validate_json(body)
         except ValidationError as err:
             return JSONResponse({"detail": short_errors(err.errors())}, status_code=422)
-        if not batcher.alive:
-            return stopped()
+        if not self.batcher.alive:
+            return self.stopped()
         try:
-            pending = batcher.submit((parsed.expert, parsed.pixels(stored_size)))
+            pending = self.batcher.submit((parsed.expert, parsed.pixels(self.stored_size)))
         except RuntimeError:  # shutting down: uvicorn has stopped accepting, so only a straggler sees this
             return JSONResponse({"detail": "the server is shutting down"}, status_code=503)
         try:
@@ -84,21 +86,31 @@ def build_app(
             return JSONResponse({"detail": "inference failed"}, status_code=500)
         return JSONResponse(reply(expert, version, logits))
 
-    async def health(request: Request) -> Response:
-        return refused(request) or (PlainTextResponse("ok") if batcher.alive else stopped())
+    async def health(self, request: Request) -> Response:
+        return self.refused(request) or (PlainTextResponse("ok") if self.batcher.alive else self.stopped())
 
-    async def metrics(request: Request) -> Response:
-        return refused(request) or Response(exposition(), media_type="text/plain; version=0.0.4")
+    async def metrics(self, request: Request) -> Response:
+        return self.refused(request) or Response(exposition(), media_type="text/plain; version=0.0.4")
 
-    async def server_info(request: Request) -> Response:
-        return refused(request) or JSONResponse(info())
+    async def server_info(self, request: Request) -> Response:
+        return self.refused(request) or JSONResponse(self.info())
 
+
+def build_app(
+    batcher: Batcher,
+    stored_size: int,
+    token: str | None,
+    max_body_bytes: int,
+    timeout_s: float,
+    info: Callable[[], dict],
+) -> Starlette:
+    endpoints = _Endpoints(batcher, stored_size, token, max_body_bytes, timeout_s, info)
     app = Starlette(
         routes=[
-            Route("/predict", predict, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
-            Route("/info", server_info, methods=["GET"]),
+            Route("/predict", endpoints.predict, methods=["POST"]),
+            Route("/health", endpoints.health, methods=["GET"]),
+            Route("/metrics", endpoints.metrics, methods=["GET"]),
+            Route("/info", endpoints.server_info, methods=["GET"]),
         ]
     )
     app.add_middleware(RequestMetricsMiddleware)

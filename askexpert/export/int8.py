@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import torch
 
-from askexpert.collab.routing import NO_EXPERT, fuse
+from askexpert.collab.routing import NO_EXPERT, EdgeDecision, fused_answers
 from askexpert.errors import UserError
 
 
@@ -62,19 +63,22 @@ def model_figures(torch_logits, fp32_logits, int8_logits, labels, inside=None) -
     }
 
 
-def system_answers(logits: dict[str, torch.Tensor], routes: torch.Tensor, routing: dict) -> torch.Tensor:
+def _rows_of(logits: dict[str, torch.Tensor], expert: int, rows: torch.Tensor) -> torch.Tensor:
+    return logits[f"expert_{expert}"][rows]
+
+
+def system_answers(logits: dict[str, torch.Tensor], decision: EdgeDecision, routes: torch.Tensor, fusion: str):
     """The system's answer per image: the generalist's, or the fusion with the expert it was routed to."""
-    probs = (logits["generalist"].double() / routing["temperature_value"]).softmax(-1)
-    answer = probs.argmax(-1)
-    for e in routes[routes != NO_EXPERT].unique().tolist():
-        rows = torch.nonzero(routes == e).flatten()
-        answer[rows] = fuse(probs[rows], logits[f"expert_{e}"][rows], routing["fusion"])
-    return answer
+    return fused_answers(decision.probs, routes, partial(_rows_of, logits), fusion)
 
 
-def system_figures(fp32: dict, int8: dict, torch_routes, fp32_routes, int8_routes, routing, labels) -> dict:
-    fp32_acc = float((system_answers(fp32, fp32_routes, routing) == labels).double().mean())
-    int8_acc = float((system_answers(int8, int8_routes, routing) == labels).double().mean())
+def system_figures(fp32: dict, int8: dict, torch_routes, decisions, threshold: float, fusion: str, labels) -> dict:
+    """The int8 system against PyTorch's routing and the fp32 (ONNX) system's accuracy. `decisions`: the fp32 and
+    the int8 generalist's `EdgeDecision`."""
+    fp32_decision, int8_decision = decisions
+    fp32_routes, int8_routes = fp32_decision.routes(threshold), int8_decision.routes(threshold)
+    fp32_acc = float((system_answers(fp32, fp32_decision, fp32_routes, fusion) == labels).double().mean())
+    int8_acc = float((system_answers(int8, int8_decision, int8_routes, fusion) == labels).double().mean())
     return {
         "images": len(labels),
         "routing_flips": int((torch_routes != int8_routes).sum()),

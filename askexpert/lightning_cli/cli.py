@@ -1,0 +1,98 @@
+"""`AskExpertCLI`: the LightningCLI of `fit`, `validate`, `test` and `predict`.
+
+Only LightningCLI's hooks live here, each calling the module that does the job: the parser
+(askexpert/lightning_cli/parser.py), the checkpoint check (ckpt_path.py), the config rewrites (config.py), the
+Trainer's house callbacks (trainer.py), the checks and lock around a run (preflight.py) and the results JSON
+(report.py).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from askexpert.callbacks import AtomicSaveConfigCallback
+from askexpert.files.checkpoints import strip_training_state
+from askexpert.lightning_cli.ckpt_path import resolve_ckpt_path
+from askexpert.lightning_cli.config import EVALUATION_COMMANDS, rewrite_config
+from askexpert.lightning_cli.parser import AskExpertArgumentParser, add_askexpert_arguments
+from askexpert.lightning_cli.preflight import check_before_run, prepare_weights, run_folder_lock
+from askexpert.lightning_cli.report import report_results
+from askexpert.lightning_cli.trainer import DEFAULT_ROOT_DIR, add_house_parts
+from askexpert.modules import ClassifierModule, ExpertModule
+from askexpert.runs.folder import last_checkpoint, sweep_run
+from datamodules.datamodule import ImageDataModule
+
+
+class AskExpertCLI(LightningCLI):
+    """LightningCLI with askexpert's defaults: fixed run folders, linked data/model sizes, clear errors."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        self._new_wandb_id: tuple[str, str] | None = None
+        # only the process's own `fit` is a sweep run: not the stages a pipeline or ablation runs in-process
+        self._sweep = sweep_run() if args is None else None
+        super().__init__(
+            model_class=ClassifierModule,
+            subclass_mode_model=True,
+            datamodule_class=ImageDataModule,
+            save_config_callback=AtomicSaveConfigCallback,  # config.yaml written atomically, like every file
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+            trainer_defaults={"default_root_dir": DEFAULT_ROOT_DIR, "log_every_n_steps": 10},
+            seed_everything_default=0,
+            parser_kwargs={"parser_mode": "omegaconf+"},  # ${...} interpolation across all --config files
+            parser_class=AskExpertArgumentParser,
+            auto_configure_optimizers=False,  # modules configure their own AdamW + schedule
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_askexpert_arguments(parser)
+
+    # -- before anything is built ------------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint file before LightningCLI unpickles it (a broken file gets one clear line)."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            resolve_ckpt_path(self.config[subcommand], subcommand)
+        super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in EVALUATION_COMMANDS:  # an evaluation saves no config.yaml (config.configure_evaluation)
+            self.save_config_callback = None
+        self._new_wandb_id = rewrite_config(config, self.subcommand, self._sweep)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+        # the one place the Trainer is built: tests and benchmarks patch this method to add a probe callback
+        return super()._instantiate_trainer(config, add_house_parts(config, callbacks))
+
+    # -- running -----------------------------------------------------------------------------------
+    def _run_subcommand(self, subcommand: str) -> None:
+        config = self.config[subcommand]
+        expert = isinstance(self.model, ExpertModule)
+        if not expert and (subcommand == "fit" or not config.get("ckpt_path")):
+            # `validate`/`test`/`predict` without a checkpoint evaluate the initial (pretrained) model itself
+            prepare_weights(self.model, resume=bool(config.get("ckpt_path")))
+        # Load and check all data before the run writes anything into its folder.
+        self.datamodule.prepare_data()
+        self.datamodule.setup()
+        strategy = self.config_init[subcommand].get("specialization")  # the built SpecializationStrategy, if any
+        check_before_run(subcommand, config, self.model, self.datamodule, self.trainer, strategy)
+        if expert and subcommand == "fit":
+            prepare_weights(self.model, resume=bool(config.get("ckpt_path")))
+        resuming = subcommand == "fit" and bool(config.get("ckpt_path"))
+        with run_folder_lock(subcommand, self.trainer, resuming, self._new_wandb_id):
+            super()._run_subcommand(subcommand)
+
+    def after_fit(self) -> None:
+        # A finished expert keeps weights only in last.ckpt too: N experts x optimizer state adds up on disk.
+        if isinstance(self.model, ExpertModule) and not self.trainer.interrupted:
+            found = last_checkpoint(self.trainer.default_root_dir)
+            if found:
+                strip_training_state(found)
+
+    def after_validate(self) -> None:
+        report_results("val", self.trainer, self.model, self.datamodule)
+
+    def after_test(self) -> None:
+        report_results("test", self.trainer, self.model, self.datamodule)
