@@ -18,6 +18,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from askexpert.errors import UserError, one_line_for_user
 from askexpert.lightning_cli.cli import AskExpertCLI
+
+# LIGHTNING_COMMANDS (the Trainer subcommands and their help) lives with their parser, which names them in its errors
 from askexpert.lightning_cli.parser import LIGHTNING_COMMANDS, map_specialization_names
 
 

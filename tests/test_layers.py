@@ -98,7 +98,8 @@ def graph(table: dict[str, list[Import]]) -> dict[str, list[str]]:
 
 
 def cycles(arrows: dict[str, list[str]]) -> list[list[str]]:
-    """One cycle (first module repeated at the end) through each group of modules that import each other."""
+    """A cycle (its first module repeated at the end) for each arrow back onto the path of a depth-first walk:
+    at least one through every group of modules that import each other, none when there is no such group."""
     found, state = [], {}  # state: 1 on the current path, 2 finished
     for start in sorted(arrows):
         if start in state:
@@ -133,11 +134,13 @@ def line_of(importer: str, target: str) -> str:
 def violations(importers: tuple[str, ...], forbidden: tuple[str, ...], allowed=lambda importer, target: False):
     """`path:line: importer imports target` for each import of a module in `importers` that reaches `forbidden`."""
     return sorted(
-        f"{line_of(name, i.target)}: {name} imports {i.target}"
-        for name, found in import_table().items()
-        if within(name, importers)
-        for i in found
-        if within(i.target, forbidden) and not allowed(name, i.target)
+        {
+            f"{line_of(name, i.target)}: {name} imports {i.target}"
+            for name, found in import_table().items()
+            if within(name, importers)
+            for i in found
+            if within(i.target, forbidden) and not allowed(name, i.target)
+        }
     )
 
 
@@ -254,7 +257,7 @@ def test_atomic_writes_and_the_run_lock_need_the_standard_library_only() -> None
     # the check sees what a module pulls in through askexpert: checkpoints need torch
     assert any(
         line.endswith(f"imports torch ({line_of('askexpert.files.checkpoints', 'torch')})")
-        for line in (outside_the_standard_library("askexpert.files.checkpoints"))
+        for line in outside_the_standard_library("askexpert.files.checkpoints")
     )
 
 

@@ -280,7 +280,7 @@ def test_an_exported_lock_variable_lets_no_second_writer_in(tmp_path, monkeypatc
 
 
 def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypatch):
-    import askexpert.files.checkpoint_io as checkpoint_io
+    import askexpert.files.checkpoints as checkpoints
     from askexpert.errors import os_error_message
     from askexpert.files.checkpoints import save_torch_file
 
@@ -301,7 +301,7 @@ def test_a_full_disk_while_saving_a_checkpoint_names_the_file(tmp_path, monkeypa
         def __exit__(self, *exc):
             self.handle.close()
 
-    monkeypatch.setattr(checkpoint_io, "open", FullDisk, raising=False)
+    monkeypatch.setattr(checkpoints, "open", FullDisk, raising=False)
     with pytest.raises(OSError) as raised:
         save_torch_file({"w": torch.zeros(1000)}, str(target))
     assert raised.value.filename == str(target)

@@ -1,7 +1,5 @@
 """askexpert/ablation/store.py: a stage kept once under its identity, its done marker, and the relative links that
-put it into each run folder. (Two ablations on one store: tests/test_ablate.py.)
-
-A stage here is what the store reads of one (name, identity, config, and `fit_args`, None for the partition)."""
+put it into each run folder. (Two ablations on one store: tests/test_ablate.py.)"""
 
 from __future__ import annotations
 
@@ -9,15 +7,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from askexpert.ablation.store import StageStore
+from askexpert.pipeline.stages import Stage, StageKind
 
 
-def stage(name: str, identity: str = "0123abcd", partition: bool = False, **config) -> SimpleNamespace:
-    return SimpleNamespace(name=name, identity=identity, config=config, fit_args=None if partition else ["fit"])
+def stage(name: str, identity: str = "0123abcd", **config) -> Stage:
+    """A planned stage as the store sees it (its kind is the first part of its name)."""
+    return Stage(name, StageKind(name.split("/")[0]), config, [], identity=identity)
 
 
 def test_where_each_kind_of_stage_is_kept(tmp_path, monkeypatch) -> None:
@@ -26,7 +25,7 @@ def test_where_each_kind_of_stage_is_kept(tmp_path, monkeypatch) -> None:
     assert store.root == str(tmp_path / "store")  # absolute: runs in other folders link to it
     assert store.path(stage("generalist")) == str(tmp_path / "store" / "generalist-0123abcd")
     assert store.path(stage("experts/1", "ff")) == str(tmp_path / "store" / "experts-1-ff")
-    assert store.path(stage("partition", "9a", partition=True)) == str(tmp_path / "store" / "partition-9a.json")
+    assert store.path(stage("partition", "9a")) == str(tmp_path / "store" / "partition-9a.json")
     assert store.logits == str(tmp_path / "store" / "logits")
     assert store.path(stage("base", "a")) != store.path(stage("base", "b"))
 
@@ -81,7 +80,7 @@ def test_linking_again_changes_nothing_or_replaces_what_is_there(tmp_path) -> No
     assert logits.is_symlink() and os.readlink(logits) == "../store/logits"
     report = tmp_path / "run" / "partition.json"
     report.write_text("{}")
-    store.link(store.path(stage("partition", "3", partition=True)), str(report))
+    store.link(store.path(stage("partition", "3")), str(report))
     assert report.is_symlink() and os.readlink(report) == "../store/partition-3.json"
 
 

@@ -38,6 +38,7 @@ from askexpert.deploy.timing import percentiles
 from askexpert.deploy.wire import check_token
 from askexpert.errors import UserError
 from askexpert.files.atomic import write_json
+from datamodules.partitions import Partition
 
 TOKEN_ENV = "ASKEXPERT_TOKEN"
 # route's columns, with what a deployment adds: whether the answer is a fallback, the measured latency, the
@@ -96,10 +97,7 @@ class EdgeRouter:
             op["top_k"],
             op["fusion"],
         )
-        experts = bundle.manifest["partition"]["experts"]
-        self.coverage = torch.zeros(len(experts), len(bundle.class_names), dtype=torch.bool)
-        for e, classes in enumerate(experts):
-            self.coverage[e, classes] = True
+        self.coverage = Partition(bundle.manifest["partition"]["experts"], bundle.class_names).coverage()
 
     def classify(self, image: np.ndarray) -> dict:
         start = time.perf_counter()
