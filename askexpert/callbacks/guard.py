@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from askexpert.errors import DivergenceError
+from askexpert.files.checkpoints import all_finite
 
 MAX_CHECK_INTERVAL = 10  # steps between two reads of the device-side flags, at most
 SCALER_PATIENCE = 20  # consecutive non-finite losses under fp16's loss scaler that count as divergence
@@ -56,12 +57,6 @@ def total_grad_norm(parameters) -> torch.Tensor | None:
         return get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
     norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def all_finite(tensors) -> bool:
-    """Whether every floating-point tensor is finite, with one host sync for all of them."""
-    flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 class NonFiniteGuard(Callback):

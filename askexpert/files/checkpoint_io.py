@@ -30,9 +30,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from askexpert.callbacks.guard import all_finite
 from askexpert.errors import DivergenceError
-from askexpert.files.checkpoints import CHECKPOINT_GLOBALS, load_checkpoint, save_torch_file
+from askexpert.files.checkpoints import CHECKPOINT_GLOBALS, all_finite, load_checkpoint, save_torch_file
 
 
 def _is_local(path: _PATH) -> bool:

@@ -184,3 +184,9 @@ def save_torch_file(obj: Any, path: str) -> None:
             if err.filename is not None or err.errno is None:
                 raise
             raise OSError(err.errno, err.strerror, path) from None
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor is finite, with one host sync for all of them."""
+    flags = [torch.isfinite(t).all() for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
