@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from askexpert.errors import UserError, one_line_for_user
-from askexpert.lightning_cli.cli import AskExpertCLI
 
 # LIGHTNING_COMMANDS (the Trainer subcommands and their help) lives with their parser, which names them in its errors
-from askexpert.lightning_cli.parser import LIGHTNING_COMMANDS, map_specialization_names
+from askexpert.lightning_cli.cli import run_lightning_command
+from askexpert.lightning_cli.parser import LIGHTNING_COMMANDS
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,7 @@ def cli_main(args: list[str] | None = None):
     if command not in LIGHTNING_COMMANDS:
         known = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
         raise UserError(f"unknown command {command!r}; commands: {known}")
-    mapped = map_specialization_names(argv)
-    if args is None:  # LightningCLI warns when given args while sys.argv holds others: run from sys.argv
-        sys.argv[1:] = mapped
-        return AskExpertCLI(args=None)
-    return AskExpertCLI(args=mapped)
+    return run_lightning_command(argv, from_sys_argv=args is None)
 
 
 def main() -> None:
@@ -108,10 +104,3 @@ def main() -> None:
             raise
         print(f"askexpert: error: {found[0]}", file=sys.stderr)
         sys.exit(found[1])
-
-
-# TEMPORARY (issue 23 in progress): re-exported for askexpert/pipeline and commands/experts until the lead points them at askexpert.lightning_cli  # noqa: E501
-# They import AskExpertCLI, check_image_size, map_specialization_names and cli_main from here: cli_main is this
-# module's own, AskExpertCLI and map_specialization_names are imported above because cli_main uses them, and
-# check_image_size is the one name this module holds only for them.
-from askexpert.lightning_cli.preflight import check_image_size  # noqa: E402, F401

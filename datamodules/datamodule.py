@@ -333,8 +333,8 @@ class ImageDataModule(pl.LightningDataModule):
             collate_fn=keep_batch,
             # Not persistent: a persistent loader draws its workers' base seed from the global generator once per
             # run, so a resumed run (which builds its loaders again) would draw once more than an uninterrupted one
-            # and every random stream after it would differ (askexpert/callbacks/rng.py). Restarting workers costs little:
-            # they only index in-memory tensors.
+            # and every random stream after it would differ (askexpert/callbacks/rng.py). Restarting workers costs
+            # little: they only index in-memory tensors.
         )
 
     def train_dataloader(self) -> DataLoader:

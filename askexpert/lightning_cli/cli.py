@@ -8,13 +8,15 @@ Trainer's house callbacks (trainer.py), the checks and lock around a run (prefli
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from askexpert.callbacks import AtomicSaveConfigCallback
 from askexpert.files.checkpoints import strip_training_state
 from askexpert.lightning_cli.ckpt_path import resolve_ckpt_path
 from askexpert.lightning_cli.config import EVALUATION_COMMANDS, rewrite_config
-from askexpert.lightning_cli.parser import AskExpertArgumentParser, add_askexpert_arguments
+from askexpert.lightning_cli.parser import AskExpertArgumentParser, add_askexpert_arguments, map_specialization_names
 from askexpert.lightning_cli.preflight import check_before_run, prepare_weights, run_folder_lock
 from askexpert.lightning_cli.report import report_results
 from askexpert.lightning_cli.trainer import DEFAULT_ROOT_DIR, add_house_parts
@@ -96,3 +98,16 @@ class AskExpertCLI(LightningCLI):
 
     def after_test(self) -> None:
         report_results("test", self.trainer, self.model, self.datamodule)
+
+
+def run_lightning_command(argv: list[str], from_sys_argv: bool = False) -> AskExpertCLI:
+    """`fit`, `validate`, `test` or `predict` (`argv[0]`) with its arguments, as `python -m askexpert` runs it: a
+    strategy's short name (`--specialization progressive`) becomes its class path first. The dispatcher and the
+    pipeline's in-process stages (and their `--print_config` resolution) all come through here.
+    `from_sys_argv`: the arguments are the process's own (LightningCLI warns when given arguments while
+    `sys.argv` holds others)."""
+    mapped = map_specialization_names(argv)
+    if from_sys_argv:
+        sys.argv[1:] = mapped
+        return AskExpertCLI(args=None)
+    return AskExpertCLI(args=mapped)

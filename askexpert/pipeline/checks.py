@@ -14,6 +14,7 @@ import strategies
 from askexpert.collab.evaluation import expert_families
 from askexpert.collab.system import NO_CALIBRATION_SPLIT, RoutingConfig
 from askexpert.errors import UserError
+from askexpert.pipeline.partitioning import partition_from_settings
 from askexpert.pipeline.settings import section_of
 from askexpert.pipeline.stages import Stage
 from askexpert.runs.layout import RunLayout
@@ -63,9 +64,6 @@ def check_partition_settings(part, datamodule: ImageDataModule) -> None:
                 f"--partition.num_experts {part.num_experts} is more than the {datamodule.num_classes} classes"
             )
         return
-    # still in a command's module (issue 23: library code must not import a command; it is to move)
-    from askexpert.commands.partition import partition_from_settings
-
     partition_from_settings(part, datamodule, confusion=None)  # overlap needs the trained generalist: not here
 
 

@@ -18,6 +18,9 @@ import warnings
 import yaml
 
 from askexpert.errors import UserError, find_user_error
+from askexpert.lightning_cli.cli import AskExpertCLI, run_lightning_command
+from askexpert.lightning_cli.parser import map_specialization_names
+from askexpert.lightning_cli.preflight import check_image_size
 
 # A dry run checks a GPU config on any machine: same model and data, a plain one-device CPU trainer.
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto"]
@@ -44,12 +47,10 @@ def quiet():
 def print_config(fit_args: list[str]) -> dict:
     """The config `fit_args` (`["fit", ...]`) resolve to, as `--print_config` shows it; nothing runs or is
     written. A bad argument raises the parser's UserError."""
-    from askexpert.cli import cli_main
-
     buffer = io.StringIO()
     with quiet(), contextlib.redirect_stdout(buffer):
         try:
-            cli_main([*fit_args, "--print_config"])
+            run_lightning_command([*fit_args, "--print_config"])
         except SystemExit as exit_:
             if exit_.code not in (0, None):
                 raise UserError(f"the arguments for `fit` are not valid (exit status {exit_.code})") from None
@@ -91,8 +92,6 @@ def _instantiate(args: list[str]) -> None:
     """Build the stage's model, data and trainer without running them, so a bad value (a negative lr, an
     unknown model) fails now rather than after the stages before it trained."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from askexpert.cli import AskExpertCLI, check_image_size, map_specialization_names
 
     try:
         cli = AskExpertCLI(args=map_specialization_names(args), run=False)

@@ -20,6 +20,7 @@ from typing import Any
 from askexpert.errors import DivergenceError, UserError
 from askexpert.files.atomic import atomic_write_bytes, atomic_write_text
 from askexpert.files.checkpoints import check_checkpoint_file, has_training_state
+from askexpert.lightning_cli.cli import run_lightning_command
 from askexpert.pipeline.launcher import (
     Job,
     device_slots,
@@ -30,6 +31,7 @@ from askexpert.pipeline.launcher import (
     launch_jobs,
     visible_gpus,
 )
+from askexpert.pipeline.partitioning import partition_from_settings, validation_confusion
 from askexpert.pipeline.prepare import PreparedRun
 from askexpert.pipeline.record import is_done, mark_diverged, mark_done, save_record, started_entry
 from askexpert.pipeline.stages import Stage, StageKind
@@ -225,9 +227,6 @@ def _build_partition(prepared: PreparedRun, stage: Stage, store) -> None:
 
 
 def run_partition(settings, layout: RunLayout, path: str | None = None) -> None:
-    # still in a command's module (issue 23: library code must not import a command; they are to move)
-    from askexpert.commands.partition import partition_from_settings, validation_confusion
-
     part = settings.partition
     datamodule = ImageDataModule(**settings.data.as_dict())
     confusion = None
@@ -241,11 +240,9 @@ def run_partition(settings, layout: RunLayout, path: str | None = None) -> None:
 
 
 def run_fit(stage: Stage, layout: RunLayout, resume: bool) -> None:
-    from askexpert.cli import cli_main
-
     with warnings.catch_warnings():  # in-process on purpose: LightningCLI's advice to use sys.argv does not apply
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli_main(stage.fit_command(resume))
+        run_lightning_command(stage.fit_command(resume))
     if not os.path.isfile(layout.best(layout.stage_dir(stage.name))):
         raise UserError(f"stage {stage.name} finished without a best checkpoint (was validation disabled?)")
 
