@@ -112,6 +112,7 @@ class Probes:
         from askexpert.collab import logits
         from askexpert.commands import pipeline
         from askexpert.lightning_cli.cli import AskExpertCLI
+        from askexpert.pipeline import runner
 
         self.stages: list[dict] = []
         self.blocks: dict[str, float] = defaultdict(float)
@@ -139,14 +140,14 @@ class Probes:
                 probes._current = None
                 probes.stages.append(record)
 
-        original_run_fit = pipeline.run_fit
-        self._patch(pipeline, "run_fit", run_fit)
-        for name, label in (("prepare", "plan (resolve every stage)"), ("run_partition", "partition")):
-            self._patch(pipeline, name, self._timed(getattr(pipeline, name), label))
+        # the stage runners where the runner looks them up; planning and evaluation where the command does
+        original_run_fit = runner.run_fit
+        self._patch(runner, "run_fit", run_fit)
+        self._patch(runner, "run_partition", self._timed(runner.run_partition, "partition"))
+        side = self._timed(runner._run_side_by_side, "experts side by side (subprocesses)")
+        self._patch(runner, "_run_side_by_side", side)
+        self._patch(pipeline, "prepare", self._timed(pipeline.prepare, "plan (resolve every stage)"))
         self._patch(pipeline, "evaluate_and_report", self._timed(pipeline.evaluate_and_report, "evaluation"))
-        if hasattr(pipeline, "_run_side_by_side"):
-            side = self._timed(pipeline._run_side_by_side, "experts side by side (subprocesses)")
-            self._patch(pipeline, "_run_side_by_side", side)
 
         def compute_logits(model, datamodule, split, label=""):
             start = time.perf_counter()
