@@ -179,13 +179,17 @@ def _results_section(report: dict) -> list[str]:
     ]
 
 
+def _table_start(title: str, header: str, rule: str, intro: str | None = None) -> list[str]:
+    """A section's heading and its table's first two rows, with a sentence between them where one is given."""
+    return [f"## {title}", "", *([intro, ""] if intro else []), header, rule]
+
+
 def _models_section(report: dict) -> list[str]:
-    lines = [
-        "## Models",
-        "",
+    lines = _table_start(
+        "Models",
         "| model | architecture | params | classes | init | strategy | accuracy on its classes | generalist there |",
         "|---|---|---:|---:|---|---|---:|---:|",
-    ]
+    )
     g = report["generalist"]
     lines.append(f"| generalist | {g['model_name']} | {g['params']:,} | all | | | {100 * g['test_acc']:.2f} % | |")
     if report.get("base"):
@@ -201,17 +205,13 @@ def _models_section(report: dict) -> list[str]:
 
 def _costs_section(report: dict) -> list[str]:
     costs = report["costs"]
-    lines = [
-        "",
-        "## Costs per image",
-        "",
-        f"Profile `{costs['profile']['name']}` ({costs['profile']['path']}): edge {costs['profile']['edge']}, "
-        f"near-edge {costs['profile']['near_edge']}, link {costs['profile']['link']}; "
-        f"{costs['image_bytes']:.0f} bytes per image.",
-        "",
-        "| model | GFLOPs | edge (ms) | near-edge (ms) | how |",
-        "|---|---:|---:|---:|---|",
-    ]
+    profile = costs["profile"]
+    intro = (
+        f"Profile `{profile['name']}` ({profile['path']}): edge {profile['edge']}, near-edge {profile['near_edge']}, "
+        f"link {profile['link']}; {costs['image_bytes']:.0f} bytes per image."
+    )
+    header = "| model | GFLOPs | edge (ms) | near-edge (ms) | how |"
+    lines = ["", *_table_start("Costs per image", header, "|---|---:|---:|---:|---|", intro)]
     for name, c in costs["models"].items():
         how = (
             c["edge_source"]
@@ -224,13 +224,8 @@ def _costs_section(report: dict) -> list[str]:
 
 def _sweep_section(report: dict) -> list[str]:
     """Every tenth row of the test sweep."""
-    lines = [
-        "",
-        "## Threshold sweep (test)",
-        "",
-        "| threshold | offload | accuracy | latency (ms) | edge energy (mJ) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
+    header = "| threshold | offload | accuracy | latency (ms) | edge energy (mJ) |"
+    lines = ["", *_table_start("Threshold sweep (test)", header, "|---:|---:|---:|---:|---:|")]
     for r in report["sweep"][::10]:
         lines.append(
             f"| {r['threshold']:.2f} | {100 * r['offload_ratio']:.1f} % | {100 * r['acc']:.2f} % | "

@@ -1,1 +1,1 @@
-"""Run folders: their layout, their lock, the W&B id they keep and the record of their stages."""
+"""Run folders: their fixed layout, their lock, the W&B id they keep, and reading a finished run back."""
