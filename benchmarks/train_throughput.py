@@ -289,7 +289,10 @@ def cli_step(
     the CLI installs), with no validation split; timed like `full_step`. `details` receives what was used."""
     from lightning.pytorch.callbacks import ProgressBar
 
-    from askexpert.lightning_cli.cli import AskExpertCLI
+    try:
+        from askexpert.lightning_cli.cli import AskExpertCLI
+    except ImportError:  # a checkout from before 2026-12 (`--checkout`, overhead_before_after.py)
+        from askexpert.cli import AskExpertCLI
 
     total = warmup + steps + (sync_steps + 1 if sync_steps else 0)
     per_class = max(10, -(-batch * total // 100))

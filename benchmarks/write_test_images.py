@@ -24,7 +24,7 @@ def main() -> None:
         sys.exit(f"error: {args.out} exists")
     from PIL import Image
 
-    from askexpert.runs.reader import read_settings
+    from askexpert.pipeline.finished_run import read_settings
     from datamodules.datamodule import ImageDataModule
 
     datamodule = ImageDataModule(**read_settings(args.run).data.as_dict())

@@ -37,11 +37,11 @@ def finished_cells(ablation: Path) -> list[tuple[dict, int, Path]]:
 def load_compared_run(folder: Path):
     """(its saved settings, the loaded run) of a finished run that trained static experts beside its own, with
     cached logits (no model runs once they exist); None for any other run."""
-    from askexpert.collab.evaluation import STATIC, load_run
+    from askexpert.collab.evaluation import load_run
     from askexpert.errors import UserError
+    from askexpert.pipeline.finished_run import read_settings
     from askexpert.pipeline.settings import recorded_profile
-    from askexpert.runs.layout import RunLayout
-    from askexpert.runs.reader import read_settings
+    from askexpert.runs.layout import STATIC, RunLayout
 
     try:
         settings = read_settings(str(folder))

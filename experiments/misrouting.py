@@ -80,8 +80,8 @@ def at_the_router(system, config, report: dict) -> dict:
 
 def run_curves(folder: Path) -> dict | None:
     """Both families' accuracy against the misrouting rate for one run (None without static experts beside)."""
-    from askexpert.collab.evaluation import STATIC
     from askexpert.pipeline.settings import routing_config
+    from askexpert.runs.layout import STATIC
 
     opened = load_compared_run(folder)
     if opened is None:

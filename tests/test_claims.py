@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from test_pipeline import finished  # noqa: F401  (the session's finished tiny pipeline run)
 
 from askexpert.ablation import claims, results
 from askexpert.collab.sweep import choose_threshold

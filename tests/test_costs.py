@@ -35,8 +35,8 @@ def counted_flops(model_name: str, num_outputs: int, image_size: int) -> int:
 
     Attention's two matmuls (2 * N * N * D multiply-adds per block) are not in it: gflops_per_image runs the
     network on the CPU, where torch's scaled-dot-product attention takes a kernel (flash attention for CPU) that
-    torch's FlopCounterMode has no formula for (torch 2.14). So the published figures leave them out, although
-    gflops_per_image's docstring says "matmuls and attention"."""
+    torch's FlopCounterMode has no formula for (torch 2.14). So the published figures leave them out, as
+    gflops_per_image's docstring says."""
     arch = ARCHITECTURES[model_name]
     width, patch, depth = arch["embed_dim"], arch["patch_size"], arch["depth"]
     tokens = (image_size // patch) ** 2

@@ -98,7 +98,7 @@ def images(tiny_pipeline_run, tmp_path_factory):
     """The tiny run's 200 test images as PNG files in folders named after their classes."""
     from PIL import Image
 
-    from askexpert.runs.reader import read_settings
+    from askexpert.pipeline.finished_run import read_settings
     from datamodules.datamodule import ImageDataModule
 
     _, run = tiny_pipeline_run

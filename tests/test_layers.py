@@ -204,6 +204,28 @@ def test_no_import_cycle_between_our_modules() -> None:
     assert not found, "import cycles:\n" + "\n".join(shown)
 
 
+def room(module: str) -> str:
+    """The room of the house a module is in: a sub-package or top-level module of askexpert (askexpert.pipeline,
+    askexpert.errors), or strategies / datamodules as a whole."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "askexpert" else parts[0]
+
+
+def room_arrows() -> dict[str, list[str]]:
+    arrows: dict[str, set[str]] = {}
+    for importer, targets in graph(import_table()).items():
+        arrows.setdefault(room(importer), set())
+        arrows[room(importer)].update(room(t) for t in targets if room(t) != room(importer))
+    return {name: sorted(found) for name, found in arrows.items()}
+
+
+def test_the_rooms_point_one_way() -> None:
+    """Between rooms as between modules: no two rooms reach each other, so each can be read knowing only those
+    below it (docs/architecture.md draws the order)."""
+    found = cycles(room_arrows())
+    assert not found, "rooms that import each other:\n" + "\n".join(" -> ".join(cycle) for cycle in found)
+
+
 def test_library_parts_never_import_a_command() -> None:
     found = violations(LIBRARY, COMMANDS)
     assert not found, "library code imports a command (commands are built from the library, never the other way):\n" + (

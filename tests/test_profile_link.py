@@ -126,3 +126,9 @@ def test_the_timer_counts_only_the_timed_calls_and_percentiles_interpolate():
     # linear interpolation between the closest ranks (numpy's default), what `edge` reports as p50/p95/p99
     assert percentiles([4.0, 1.0, 3.0, 2.0], (50, 95, 99)) == pytest.approx({"p50": 2.5, "p95": 3.85, "p99": 3.97})
     assert percentiles([7.0], (25, 75)) == {"p25": 7.0, "p75": 7.0}
+
+
+def test_exclusive_quartiles_are_what_profile_link_has_always_judged_the_spread_by():
+    # statistics.quantiles' default: for 1..10 the quartiles are 2.75 and 8.25 (linear interpolation: 3.25, 7.75)
+    assert percentiles(range(1, 11), (25, 75), method="exclusive") == pytest.approx({"p25": 2.75, "p75": 8.25})
+    assert percentiles(range(1, 11), (25, 75)) == pytest.approx({"p25": 3.25, "p75": 7.75})

@@ -129,7 +129,7 @@ def test_the_calibration_split_sets_the_operating_point(run):
 
 def test_the_run_reader_opens_a_run_as_every_command_that_reads_one_does(run, tmp_path):
     from askexpert.errors import UserError
-    from askexpert.runs.reader import open_finished_run, open_run
+    from askexpert.pipeline.finished_run import open_finished_run, open_run
 
     before = snapshot(run)
     finished = open_finished_run(str(run))

@@ -175,8 +175,11 @@ def load_profile(path: str) -> Profile:
 
 @lru_cache(maxsize=32)
 def gflops_per_image(model_name: str, num_outputs: int, image_size: int = 32) -> float:
-    """Forward GFLOPs of one image at `image_size` (torch's FLOP counter: 2 per multiply-add, matmuls and
-    attention), the model built for that size as training builds it (a ViT's token count follows the size)."""
+    """Forward GFLOPs of one image at `image_size` (torch's FLOP counter: 2 per multiply-add of convolutions and
+    linear layers), the model built for that size as training builds it (a ViT's token count follows the size).
+    Attention's own two matmuls are not counted: on the CPU, scaled-dot-product attention runs a kernel the counter
+    has no formula for (torch 2.14). For the registry's 32-px ViTs (16 or 64 tokens) they are about 4-6 % of a
+    block's multiply-adds, so the figures (and every latency and energy derived from them) are that much low."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from askexpert.models import create_network

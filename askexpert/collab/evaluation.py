@@ -20,13 +20,12 @@ from askexpert.collab.logits import cached_logits
 from askexpert.collab.sanity import findings
 from askexpert.collab.system import CollaborativeSystem, ExpertSet, RoutingConfig
 from askexpert.errors import UserError
-from askexpert.runs.layout import RunLayout
+from askexpert.runs.layout import STATIC, RunLayout, expert_families
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import Partition
 
 SPLITS = ("val", "test")
 CALIB = "calib"  # the calibration split, when the data has one (`--data.calib_fraction`)
-STATIC = "static"
 PACKAGES = ("askexpert", "torch", "lightning", "timm", "torchmetrics")
 
 
@@ -101,14 +100,6 @@ def images_of(labels: torch.Tensor, classes: list[int]) -> int:
     """How many of `labels` are in `classes`: the n of an expert's own-class accuracy (its standard error in
     `collab/sanity.py`)."""
     return int(torch.isin(labels, torch.tensor(classes, dtype=labels.dtype)).sum())
-
-
-def expert_families(specialization: str, static_baseline: bool) -> list[str]:
-    """The expert folders a run trains: its strategy's, and static ones for the baseline."""
-    families = [specialization]
-    if static_baseline and specialization != STATIC:
-        families.append(STATIC)
-    return families
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 
 from askexpert.collab.system import RoutingConfig
 from askexpert.errors import UserError
-from askexpert.runs.reader import open_finished_run
+from askexpert.pipeline.finished_run import open_finished_run
 
 
 def parser(defaults=None):

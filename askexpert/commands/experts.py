@@ -100,7 +100,7 @@ def run(argv: list[str]) -> list[Job]:
     folders = {i: os.path.join(args.root, f"expert{i}") for i in chosen}
     # resolved once in this process, so a typo fails here instead of once per expert in a subprocess
     config = print_config(expert_fit_arguments(fit_args, args.partition, chosen[0], folders[chosen[0]]))
-    devices = gpus_for(config.get("trainer") or {}, devices)  # CPU experts share the cores: one at a time
+    devices = gpus_for(config.get("trainer") or {}, lambda: devices)  # CPU experts share the cores: one at a time
     concurrent = len(devices) > 1 or args.per_device > 1
     one_device = ["--trainer.devices", "1"] if concurrent and devices else []  # each subprocess sees one GPU
     jobs = [

@@ -31,7 +31,7 @@ from askexpert.export.int8 import model_figures, quantize, system_figures
 from askexpert.files.atomic import write_json
 from askexpert.files.hashing import file_sha256 as sha256
 from askexpert.modules.loading import load_classifier
-from askexpert.runs.reader import open_finished_run
+from askexpert.pipeline.finished_run import open_finished_run
 
 FORMAT_VERSION = 1
 MIN_AGREEMENT = 0.999  # top-1 and routing decisions: what the issue asks of an export

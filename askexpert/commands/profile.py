@@ -66,7 +66,7 @@ def run_models(run_dir: str) -> list[tuple[str, int, int]]:
     """(model name, head width, image size) of every model of a pipeline run trained so far, without duplicates
     (a run still training has its first models timed)."""
     from askexpert.files.checkpoints import load_checkpoint
-    from askexpert.runs.reader import open_run
+    from askexpert.pipeline.finished_run import open_run
 
     run = open_run(run_dir)
     found = []
@@ -251,7 +251,7 @@ def _add_uplink(result: dict, rtt: float, posts: list[float], metrics: tuple[str
     model_s = _server_mean_s(before, after, "askexpert_expert_seconds")
     post_s = statistics.median(posts)
     transfer = post_s - rtt - model_s
-    q1, q3 = percentiles(posts, (25, 75)).values()
+    q1, q3 = percentiles(posts, (25, 75), method="exclusive").values()
     result.update(post_ms=post_s * 1e3, model_ms=model_s * 1e3, request_bytes=_wire_bytes(request))
     # shown, not used: the server's own time per /predict (from its headers on, so it holds part of the transfer)
     result["in_server_ms"] = _server_mean_s(before, after, "askexpert_request_seconds", 'path="/predict"') * 1e3

@@ -24,7 +24,7 @@ from askexpert.collab.routing import NO_EXPERT, check_threshold, decide, fused_a
 from askexpert.errors import UserError
 from askexpert.files.atomic import atomic_write_text
 from askexpert.modules.loading import load_classifier
-from askexpert.runs.reader import PipelineRun, open_finished_run
+from askexpert.pipeline.finished_run import PipelineRun, open_finished_run
 from datamodules.datamodule import stored_image_size
 from datamodules.partitions import Partition
 

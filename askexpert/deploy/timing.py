@@ -9,6 +9,7 @@ interpolation between the closest ranks, as `numpy.percentile`, of which that me
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterable
 
@@ -37,7 +38,14 @@ def time_for(call: Callable[[], object], seconds: float) -> list[float]:
     return times
 
 
-def percentiles(values: Iterable[float], qs: Iterable[float]) -> dict[str, float]:
-    """{"p50": ..., ...}: the `qs` percentiles of `values` (at least one value)."""
+def percentiles(values: Iterable[float], qs: Iterable[float], method: str = "linear") -> dict[str, float]:
+    """{"p50": ..., ...}: the `qs` percentiles of `values` (at least one value).
+
+    `method`: "linear" (numpy's default), or "exclusive": `statistics.quantiles`' default, which extrapolates past
+    the extremes of a small sample (whole-number percentiles only). `profile --link` has always judged the
+    uplink's spread by its exclusive quartiles, and its note must not change with this helper."""
+    if method == "exclusive":
+        cuts = statistics.quantiles(list(values), n=100)  # the 1st to the 99th percentile
+        return {f"p{q:g}": cuts[int(q) - 1] for q in qs}
     values = np.asarray(values, dtype=np.float64)
-    return {f"p{q:g}": float(np.percentile(values, q)) for q in qs}
+    return {f"p{q:g}": float(np.percentile(values, q, method=method)) for q in qs}

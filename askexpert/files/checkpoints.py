@@ -41,11 +41,11 @@ CHECKPOINT_GLOBALS: list = []
 # LightningCLI's `_class_path` say) and by their defining path (what `askexpert_class` records). Data, not an
 # import of `askexpert.modules`: the modules read checkpoints through this file. tests/test_safe_loading.py checks
 # it against `askexpert.modules.__all__`, so a new module cannot be forgotten here.
-MODULE_CLASSES: dict[str, str] = {
-    "ClassifierModule": "askexpert.modules.classifier.ClassifierModule",
-    "GeneralistModule": "askexpert.modules.generalist.GeneralistModule",
+MODULE_CLASSES: dict[str, str] = {  # in the order of `askexpert.modules.__all__`, which the refusal lists
     "BaseModule": "askexpert.modules.base_model.BaseModule",
+    "ClassifierModule": "askexpert.modules.classifier.ClassifierModule",
     "ExpertModule": "askexpert.modules.expert.ExpertModule",
+    "GeneralistModule": "askexpert.modules.generalist.GeneralistModule",
 }
 ALLOWED_CLASS_PATHS: frozenset[str] = frozenset(
     path for name, defined in MODULE_CLASSES.items() for path in (f"askexpert.modules.{name}", defined)

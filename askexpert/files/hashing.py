@@ -1,4 +1,5 @@
-"""Content hashes of files (torch-free: the expert server's workers import it)."""
+"""Content hashes of files, read in blocks: what keys the logits cache to a checkpoint's content rather than its path
+(collab/logits.py) and what the export manifest records. Standard library only."""
 
 from __future__ import annotations
 

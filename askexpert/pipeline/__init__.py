@@ -8,8 +8,11 @@ In the order a run uses them:
 - `stages`: the planned stages, each with its kind, resolved config and identity;
 - `checks`: everything checked before anything trains; `prepare`: normalise, check and plan, writing nothing;
 - `record`: stages.json, what is done; `runner`: each stage skipped, resumed or trained;
+- `partitioning`: the experts' partition from the settings (and the generalist's confusion), shared with the
+  `partition` command;
 - `launcher`: child `fit` processes, a few per GPU (shared with the `experts` command);
-- `dry_run`: the plan as a table; `report`: the evaluation's report files and headline.
+- `dry_run`: the plan as a table; `report`: the evaluation's report files and headline;
+- `finished_run`: a run read back by the commands that use its models (`evaluate`, `route`, `export`, `profile`).
 
 The `ablate` command runs each of its cells with these same parts, so they are library code, not the command's.
 """

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 
 import strategies
-from askexpert.collab.evaluation import expert_families
 from askexpert.collab.system import NO_CALIBRATION_SPLIT, RoutingConfig
 from askexpert.errors import UserError
 from askexpert.pipeline.partitioning import partition_from_settings
 from askexpert.pipeline.settings import section_of
 from askexpert.pipeline.stages import Stage
-from askexpert.runs.layout import RunLayout
+from askexpert.runs.layout import RunLayout, expert_families
 from askexpert.runs.lock import LOCK_FILE
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS
@@ -96,8 +95,7 @@ def check_out_folder(
 ) -> list[str]:
     """Names of stages whose recorded config differs; refuses them (and foreign folders: files other than
     `own_files`, the caller's records) unless overwrite. A stage that diverged is not done: a new config for it
-    is what the user is expected to try."""
-    check_out_is_a_folder(layout)
+    is what the user is expected to try. (`prepare` has checked that --out is a folder, if it exists.)"""
     if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - {*own_files, LOCK_FILE}:
         # even with --overwrite: only a pipeline's own stages are ever deleted
         raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")

@@ -55,10 +55,10 @@ def visible_gpus() -> list[str]:
     return visible[:count] if visible else [str(i) for i in range(count)]
 
 
-def gpus_for(trainer: dict, gpus: list[str]) -> list[str]:
-    """The GPUs children with this resolved `trainer` config are spread over: `gpus`, or none when the trainer
-    does not run on CUDA (CPU children share this machine's cores)."""
-    return gpus if trainer.get("accelerator") in CUDA_ACCELERATORS else []
+def gpus_for(trainer: dict, gpus: Callable[[], list[str]]) -> list[str]:
+    """The GPUs children with this resolved `trainer` config are spread over: `gpus()`, or none when the trainer
+    does not run on CUDA (CPU children share this machine's cores; the GPUs are then not even looked for)."""
+    return gpus() if trainer.get("accelerator") in CUDA_ACCELERATORS else []
 
 
 def device_slots(devices: list[str], per_device: int = 1) -> list[str | None]:

@@ -44,16 +44,19 @@ def quiet():
             logger.setLevel(level)
 
 
-def print_config(fit_args: list[str]) -> dict:
+def print_config(
+    fit_args: list[str], invalid: str = "the arguments for `fit` are not valid (exit status {code})"
+) -> dict:
     """The config `fit_args` (`["fit", ...]`) resolve to, as `--print_config` shows it; nothing runs or is
-    written. A bad argument raises the parser's UserError."""
+    written. A bad argument raises the parser's UserError; a parser that exits instead raises `invalid` (each
+    caller keeps the words its users have always seen)."""
     buffer = io.StringIO()
     with quiet(), contextlib.redirect_stdout(buffer):
         try:
             run_lightning_command([*fit_args, "--print_config"])
         except SystemExit as exit_:
             if exit_.code not in (0, None):
-                raise UserError(f"the arguments for `fit` are not valid (exit status {exit_.code})") from None
+                raise UserError(invalid.format(code=exit_.code)) from None
     return yaml.safe_load(buffer.getvalue()) or {}
 
 
@@ -62,7 +65,7 @@ def resolve_fit(args: list[str], what: str, cpu_trainer: bool = False) -> dict:
     building its model, data and trainer; raises UserError, naming the stage `what`, for bad arguments or values.
     `cpu_trainer`: build the trainer on the CPU (dry runs)."""
     try:
-        config = print_config(args)
+        config = print_config(args, invalid="its arguments are not valid")
         config.pop("ckpt_path", None)
         with quiet():
             _instantiate(instantiation_arguments(args, cpu_trainer))

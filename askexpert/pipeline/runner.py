@@ -278,7 +278,7 @@ def _run_side_by_side(prepared: PreparedRun, stages: list[tuple[Stage, bool]], p
     save_record(layout, prepared.record)
     jobs = [fit_job(stage.name, stage.fit_command(resume), layout.stage_dir(stage.name)) for stage, resume in stages]
     results = _SideBySide(prepared, {stage.name: stage for stage, _ in stages}, store)
-    gpus = gpus_for(_trainer_config(prepared, stages[0][0]), visible_gpus())
+    gpus = gpus_for(_trainer_config(prepared, stages[0][0]), visible_gpus)
     codes = launch_jobs(jobs, device_slots(gpus, parallel), on_done=results.job_done)
     if results.diverged:
         raise results.diverged[0]

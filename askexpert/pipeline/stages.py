@@ -18,12 +18,11 @@ from enum import Enum
 from typing import Any
 
 import strategies
-from askexpert.collab.evaluation import expert_families
 from askexpert.errors import UserError
 from askexpert.pipeline.resolve import resolve_fit_cached
 from askexpert.pipeline.settings import DATASET_KEYS, FORMER_MODEL_DEFAULTS, LATER_DATA_DEFAULTS, LATER_MODEL_DEFAULTS
 from askexpert.pipeline.stage_arguments import expert_arguments, fit_arguments
-from askexpert.runs.layout import RunLayout
+from askexpert.runs.layout import RunLayout, expert_families
 
 
 class StageKind(Enum):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+STATIC = "static"  # the static experts' family (folder experts/static/): the baseline a run trains beside its own
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -37,3 +39,11 @@ class RunLayout:
     @property
     def settings(self) -> str:
         return os.path.join(self.root, "pipeline.yaml")
+
+
+def expert_families(specialization: str, static_baseline: bool) -> list[str]:
+    """The expert folders a run trains: its strategy's, and static ones for the baseline."""
+    families = [specialization]
+    if static_baseline and specialization != STATIC:
+        families.append(STATIC)
+    return families

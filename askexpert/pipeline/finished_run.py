@@ -14,12 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from askexpert.collab.evaluation import expert_families
 from askexpert.errors import UserError
 from askexpert.pipeline.record import check_finished
 from askexpert.pipeline.settings import expert_count
 from askexpert.pipeline.settings import parser as pipeline_parser
-from askexpert.runs.layout import RunLayout
+from askexpert.runs.layout import RunLayout, expert_families
 from datamodules.partitions import Partition
 
 
