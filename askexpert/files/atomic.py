@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 # -- atomic writes -----------------------------------------------------------------------------------------
-# .<name>.<pid>.<8 hex>.tmp: ours and files/checkpoints.save_torch_file's; .tmp-*: mkstemp's (before fsync); *.ckpt.tmp: an
-# older strip_training_state's
+# .<name>.<pid>.<8 hex>.tmp: ours and files/checkpoints.save_torch_file's; .tmp-*: mkstemp's (before fsync);
+# *.ckpt.tmp: an older strip_training_state's
 TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$|^\.tmp-|\.ckpt\.tmp$")
 
 
