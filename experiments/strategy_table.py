@@ -66,7 +66,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def trained(config: str, root: Path, seed: int, tiny: list[str], reuse: bool):
     """The all-class model of `config` for this seed: trained now, or loaded when `reuse` finds it finished."""
-    results = root / "eval" / "test_results.json"  # where `test` writes (callbacks.evaluation_dir)
+    results = root / "eval" / "test_results.json"  # where `test` writes (runs.folder.evaluation_dir)
     if reuse and results.exists():
         return load_classifier(str(root / "checkpoints" / "best.ckpt"))
     model = fit(["--config", config], root, seed, tiny).model

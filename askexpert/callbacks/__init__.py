@@ -13,14 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import SaveConfigCallback
 
 from askexpert.files.atomic import atomic_path, atomic_write_text
-
-EVALUATION_SUBDIR = "eval"
-
-
-def evaluation_dir(root: str) -> str:
-    """Where `validate`, `test` and `predict` write by default: `<root>/eval`, never the run folder itself, whose
-    config.yaml, hparams.yaml, metrics.csv and checkpoints belong to its training (a finished run stays as it was)."""
-    return os.path.join(root, EVALUATION_SUBDIR)
+from askexpert.runs.folder import evaluation_dir
 
 
 class PredictionCSVWriter(BasePredictionWriter):

@@ -13,11 +13,17 @@ import os
 from jsonargparse import Namespace
 
 import strategies
-from askexpert.callbacks import evaluation_dir
 from askexpert.errors import UserError
 from askexpert.lightning_cli.ckpt_path import checkpoint_hparams
 from askexpert.modules import ExpertModule
-from askexpert.runs.folder import CSV_LOGGER, WANDB_LOGGERS, checkpoint_dir, wandb_run_id, wandb_should_be_offline
+from askexpert.runs.folder import (
+    CSV_LOGGER,
+    WANDB_LOGGERS,
+    checkpoint_dir,
+    evaluation_dir,
+    wandb_run_id,
+    wandb_should_be_offline,
+)
 from datamodules.partitions import Partition
 
 # Subcommands that read a checkpoint and write only under `<root>/eval` (see `configure_evaluation`).

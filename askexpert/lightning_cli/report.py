@@ -7,8 +7,8 @@ import os
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
-from askexpert.callbacks import evaluation_dir
 from askexpert.files.atomic import write_json
+from askexpert.runs.folder import evaluation_dir
 
 
 def report_results(stage: str, trainer: Trainer, model: LightningModule, datamodule: LightningDataModule) -> None:

@@ -16,6 +16,7 @@ from askexpert.files.atomic import atomic_write_text
 
 WANDB_ID_FILE = "wandb_id.txt"
 CHECKPOINT_SUBDIR = "checkpoints"
+EVALUATION_SUBDIR = "eval"
 CSV_LOGGER = "askexpert.loggers.RunCSVLogger"
 WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
 
@@ -55,3 +56,9 @@ def sweep_run() -> tuple[str, str] | None:
     """(sweep id, run id) when a W&B sweep agent started this process (it sets both variables), else None."""
     sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
     return (sweep_id, run_id) if sweep_id and run_id else None
+
+
+def evaluation_dir(root: str) -> str:
+    """Where `validate`, `test` and `predict` write by default: `<root>/eval`, never the run folder itself, whose
+    config.yaml, hparams.yaml, metrics.csv and checkpoints belong to its training (a finished run stays as it was)."""
+    return os.path.join(root, EVALUATION_SUBDIR)
