@@ -8,6 +8,10 @@ Per sample (all times in ms, powers in W, so W x ms = mJ):
     edge energy   = P_edge_active * edge
                     + [offloaded] * (P_radio * transfer + P_edge_idle * (transfer + RTT + expert))
     system energy = edge energy + [offloaded] * P_near_active * expert
+A sample asked of two experts (the second expert, docs/collaborative.md) goes as the `edge` client sends it: two
+concurrent requests, so the image crosses the uplink twice (one radio: 2 x transfer), the round trip and the
+per-request overhead are paid once (in parallel), and the near-edge accelerator computes both experts (one
+after the other on one accelerator: expert_a + expert_b); the edge waits for both.
 The edge device stays on (idle power) while it sends and waits for the network and the expert, and its
 radio adds P_radio while sending (Huang et al.'s model is the radio's power above the idle baseline). The
 near-edge accelerator is charged only for the time it computes for this sample (it is shared: its idle
@@ -245,4 +249,14 @@ class CostModel:
         wait = p.link.rtt_ms + p.link.overhead_ms + model.near_edge_ms
         edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * (transfer + wait)
         system_energy = edge_energy + p.near_edge.active_power_w * model.near_edge_ms
+        return SampleCosts(transfer + wait, edge_energy, system_energy)
+
+    def offload_pair(self, a: ModelCost, b: ModelCost) -> SampleCosts:
+        """The extra cost of asking two experts at once (two concurrent requests; the module's text)."""
+        p = self.profile
+        transfer = 2 * p.link.transfer_ms(self.image_bytes)
+        compute = a.near_edge_ms + b.near_edge_ms
+        wait = p.link.rtt_ms + p.link.overhead_ms + compute
+        edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * (transfer + wait)
+        system_energy = edge_energy + p.near_edge.active_power_w * compute
         return SampleCosts(transfer + wait, edge_energy, system_energy)

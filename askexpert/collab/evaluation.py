@@ -123,8 +123,9 @@ class LoadedRun:
 
     def expert_set(self, family: str) -> ExpertSet:
         members = self.families[family]
-        costs = [self.cost_model.offload(self.model_cost(m["meta"])) for m in members]
-        return ExpertSet(family, [m["logits"] for m in members], costs)
+        models = [self.model_cost(m["meta"]) for m in members]
+        costs = [self.cost_model.offload(model) for model in models]
+        return ExpertSet(family, [m["logits"] for m in members], costs, models)
 
 
 def _run_logits(layout: RunLayout, name: str, stage_dir: str, expert, partition, datamodule, splits) -> dict:

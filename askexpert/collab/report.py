@@ -55,15 +55,32 @@ def findings_markdown(report: dict) -> list[str]:
     return lines
 
 
+def second_expert_label(point: dict, suffix: str = "") -> str:
+    """The headline label of a two-expert point: its margin, its fusion and how often it asks two experts."""
+    return (
+        f"**askexpert + second expert**{suffix} (margin {point['margin']:.2f}, `{point['fusion']}` fusion, "
+        f"{100 * point['second_ratio']:.1f} % of images asked of two)"
+    )
+
+
 def headline_rows(report: dict) -> list[tuple[str, dict]]:
     found = {**report["baselines"], "selected": report["selected"]}
-    rows = [(label, found[key]) for key, label in HEADLINE_ROWS if key in found]
+    rows = []
+    for key, label in HEADLINE_ROWS:
+        if key in found:
+            rows.append((label, found[key]))
+        if key == "selected" and "second_expert" in report:  # next to the one-expert system and the oracle
+            rows.append((second_expert_label(report["second_expert"]), report["second_expert"]))
     point = report.get("constrained")
     if point:  # the second operating point, chosen under its budget on the same split as the selected one
         limits = limits_text(point["budget"])
         if "static_experts" in point:
             rows.append((f"static experts, same threshold as below ({limits})", point["static_experts"]))
         rows.append((f"**askexpert under budget** ({limits})", point))
+        if "second_expert" in point:
+            rows.append(
+                (second_expert_label(point["second_expert"], f" under budget ({limits})"), point["second_expert"])
+            )
     return rows
 
 
@@ -104,7 +121,11 @@ def claims(report: dict) -> list[str]:
         )
     if "full_offload" in b:
         out.append(f"edge energy vs offloading everything: {_relative(s['energy_mj'], b['full_offload']['energy_mj'])}")
+    if "second_expert" in report:
+        out.append(second_expert_claim(report["second_expert"], s, "at the selected point's budget"))
     point = report.get("constrained")
+    if point and "second_expert" in point:
+        out.append(second_expert_claim(point["second_expert"], point, f"under {limits_text(point['budget'])}"))
     if point:
         text = (
             f"under the budget ({limits_text(point['budget'])}): {100 * point['acc']:.2f} % at "
@@ -118,6 +139,17 @@ def claims(report: dict) -> list[str]:
             text += f", edge energy {_relative(point['energy_mj'], b['full_offload']['energy_mj'])} vs full offload"
         out.append(text)
     return out
+
+
+def second_expert_claim(pair: dict, one: dict, where: str) -> str:
+    """The two-expert system against the one-expert system chosen under the same limits."""
+    return (
+        f"second expert {where}: {100 * pair['acc']:.2f} % at {100 * pair['offload_ratio']:.1f} % offload "
+        f"({100 * pair['second_ratio']:.1f} % asked of two), {100 * (pair['acc'] - one['acc']):+.2f} points vs one "
+        f"expert ({100 * one['acc']:.2f} % at {100 * one['offload_ratio']:.1f} %); "
+        f"latency {_relative(pair['latency_ms'], one['latency_ms'])}, "
+        f"system energy {_relative(pair['system_energy_mj'], one['system_energy_mj'])}"
+    )
 
 
 def markdown(report: dict) -> str:

@@ -20,6 +20,16 @@ Fusion (`fuse`) of the final answer of an offloaded sample:
 - `product`: normalised product of the edge and expert probabilities (both must agree to be confident);
 - `mean`: average of the two probability vectors.
 
+A second expert (`second_expert`, optional): when the top-k mass of an offloaded sample is split between two
+experts, both are asked. The split is measured by the *mass gap*: (mass of the chosen expert - mass of the
+runner-up) / the top-k mass, in [0, 1] (0: a dead heat; 1: the runner-up holds nothing). Both are asked iff the
+sample is offloaded, a runner-up exists and gap < margin, so margin 0 never asks a second expert and margin 1 asks
+one whenever a runner-up holds some mass: the margin is swept like the threshold. The runner-up is the expert of
+highest mass after the chosen one (lowest index on ties). Their answers are fused (`fuse_two`) by `mass` (each
+expert's class probabilities weighted by the top-k mass it owns), `expert` (equal weights), `product` or `mean`
+(with the generalist, as for one expert); an expert that answers "other" (dustbin) drops out of the fusion, and
+when both do the generalist answers.
+
 `decide` is the one place the generalist's logits become this decision (temperature, gate, expert), and
 `EdgeDecision.routes` the one place a threshold turns it into "offloaded to expert e": the evaluation, `route`,
 `export` (PyTorch, ONNX and int8 alike) and the `edge` client all call them, so they decide alike to the bit.
@@ -39,6 +49,7 @@ from askexpert.errors import UserError
 
 GATES = ("max_prob", "margin", "entropy")
 FUSIONS = ("expert", "product", "mean")
+SECOND_FUSIONS = ("mass", "expert", "product", "mean")
 NO_EXPERT = -1
 
 
@@ -50,6 +61,16 @@ def check_gate(gate: str) -> None:
 def check_fusion(fusion: str) -> None:
     if fusion not in FUSIONS:
         raise UserError(f"unknown fusion {fusion!r}; fusions: {', '.join(FUSIONS)}")
+
+
+def check_second_fusion(fusion: str) -> None:
+    if fusion not in SECOND_FUSIONS:
+        raise UserError(f"unknown second-expert fusion {fusion!r}; fusions: {', '.join(SECOND_FUSIONS)}")
+
+
+def check_margin(margin: float | None) -> None:
+    if margin is not None and not 0.0 <= margin <= 1.0:
+        raise UserError(f"the second expert's margin must be in [0, 1], got {margin}")
 
 
 def check_threshold(threshold: float | None) -> None:
@@ -94,27 +115,54 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 50)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def select_experts(probs: torch.Tensor, coverage: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(N,) index of the expert each sample would go to (NO_EXPERT if no expert covers its top-k classes).
-
-    `probs` is (N, C); `coverage` is the partition's (E, C) bool table.
-    """
+def expert_masses(probs: torch.Tensor, coverage: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, E) probability mass of the top-k classes each expert owns, (N,) the top-k mass), for (N, C) `probs`
+    and the partition's (E, C) bool `coverage`."""
     num_classes = probs.shape[-1]
     check_top_k(top_k, num_classes)
     if coverage.shape[-1] != num_classes:
         raise UserError(f"the partition covers {coverage.shape[-1]} classes but the generalist answers {num_classes}")
     owners = coverage.T.to(probs.dtype)  # (C, E)
     top_p, top_i = probs.topk(top_k, dim=-1)  # (N, k)
-    mass = (top_p.unsqueeze(-1) * owners[top_i]).sum(1)  # (N, E): probability mass of the top-k per expert
+    return (top_p.unsqueeze(-1) * owners[top_i]).sum(1), top_p.sum(-1)
+
+
+def select_experts(probs: torch.Tensor, coverage: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(N,) index of the expert each sample would go to (NO_EXPERT if no expert covers its top-k classes).
+
+    `probs` is (N, C); `coverage` is the partition's (E, C) bool table.
+    """
+    mass, _ = expert_masses(probs, coverage, top_k)
+    return _chosen(probs, coverage, top_k, mass)
+
+
+def _chosen(probs: torch.Tensor, coverage: torch.Tensor, top_k: int, mass: torch.Tensor) -> torch.Tensor:
+    """The expert of most top-k `mass`, ties broken as the module says."""
+    owners = coverage.T.to(probs.dtype)  # (C, E)
+    top1 = probs.topk(top_k, dim=-1).indices[:, 0]  # as expert_masses ranks them (ties: the same order)
     best = mass.max(-1, keepdim=True).values
     tied = mass >= best * (1 - 1e-6)
-    owns_top1 = owners[top_i[:, 0]] > 0
+    owns_top1 = owners[top1] > 0
     total = probs @ owners  # (N, E): mass over all of each expert's classes, the second tie-break
     # lexicographic key: tied at the best mass, then owns top-1, then total mass (in [0, 1]); argmax takes the
     # first (lowest index) of equal keys
     key = tied.to(probs.dtype) * 4 + owns_top1.to(probs.dtype) * 2 + total
     chosen = key.argmax(-1)
     return torch.where(best.squeeze(-1) > 0, chosen, torch.full_like(chosen, NO_EXPERT))
+
+
+def runner_up(mass: torch.Tensor, topk_mass: torch.Tensor, chosen: torch.Tensor):
+    """((N,) the expert of most top-k mass after `chosen` (NO_EXPERT: none holds any), (N,) the mass gap between
+    the two as a share of the top-k mass (+inf without a runner-up), (N, 2) their masses)."""
+    others = mass.scatter(1, chosen.clamp_min(0)[:, None], -1.0)  # the chosen expert can't be its own runner-up
+    second_mass, second = others.max(-1)
+    has_second = (second_mass > 0) & (chosen != NO_EXPERT)
+    second = torch.where(has_second, second, torch.full_like(second, NO_EXPERT))
+    first_mass = mass.gather(1, chosen.clamp_min(0)[:, None]).squeeze(1)
+    second_mass = second_mass.clamp_min(0)
+    gap = (first_mass - second_mass) / topk_mass.clamp_min(1e-12)
+    gap = torch.where(has_second, gap.clamp(0.0, 1.0), torch.full_like(gap, float("inf")))
+    return second, gap, torch.stack([first_mass, second_mass], dim=1)
 
 
 def class_probs(expert_logits: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +188,31 @@ def fuse(edge_probs: torch.Tensor, expert_logits: torch.Tensor, fusion: str = "e
     return torch.where(said_other, edge_probs.argmax(-1), answer)
 
 
+def fuse_two(
+    edge_probs: torch.Tensor,
+    first_logits: torch.Tensor,
+    second_logits: torch.Tensor,
+    mass: torch.Tensor,
+    fusion: str = "mass",
+) -> torch.Tensor:
+    """(N,) final answer for samples answered by two experts (`second_expert` in the module's text): `mass` is
+    (N, 2), the top-k mass each owns (the `mass` fusion's weights)."""
+    check_second_fusion(fusion)
+    num_classes = edge_probs.shape[-1]
+    (p1, other1), (p2, other2) = class_probs(first_logits, num_classes), class_probs(second_logits, num_classes)
+    p1, p2 = p1.to(edge_probs.dtype), p2.to(edge_probs.dtype)
+    keep1, keep2 = (~other1).to(edge_probs.dtype)[:, None], (~other2).to(edge_probs.dtype)[:, None]
+    if fusion in ("mass", "expert"):
+        weights = mass.to(edge_probs.dtype) if fusion == "mass" else torch.ones_like(mass, dtype=edge_probs.dtype)
+        score = keep1 * weights[:, :1] * p1 + keep2 * weights[:, 1:] * p2
+    elif fusion == "product":
+        log = torch.log
+        score = log(edge_probs.clamp_min(1e-12)) + keep1 * log(p1.clamp_min(1e-12)) + keep2 * log(p2.clamp_min(1e-12))
+    else:
+        score = edge_probs + keep1 * p1 + keep2 * p2
+    return torch.where(other1 & other2, edge_probs.argmax(-1), score.argmax(-1))
+
+
 @dataclass(frozen=True)
 class EdgeDecision:
     """What the edge decides from the generalist's logits, before any threshold or expert answer."""
@@ -147,6 +220,9 @@ class EdgeDecision:
     probs: torch.Tensor  # (N, C) float64: the temperature-scaled generalist probabilities
     confidence: torch.Tensor  # (N,) the gate's value
     expert: torch.Tensor  # (N,) the expert the router picks from the top-k (NO_EXPERT: none covers them)
+    second: torch.Tensor  # (N,) the runner-up expert (NO_EXPERT: none holds top-k mass)
+    gap: torch.Tensor  # (N,) mass gap between the two, as a share of the top-k mass (+inf: no runner-up)
+    mass: torch.Tensor  # (N, 2) top-k mass of the chosen expert and of the runner-up
 
     def routes(self, threshold: float) -> torch.Tensor:
         """(N,) the expert each sample is offloaded to at `threshold`, NO_EXPERT where it stays on the edge: a
@@ -154,12 +230,24 @@ class EdgeDecision:
         offloaded = (self.confidence < threshold) & (self.expert != NO_EXPERT)
         return torch.where(offloaded, self.expert, torch.full_like(self.expert, NO_EXPERT))
 
+    def second_routes(self, threshold: float, margin: float | None) -> torch.Tensor:
+        """(N,) the second expert each sample is also sent to (NO_EXPERT: none): offloaded at `threshold`, with a
+        runner-up, and a mass gap below `margin` (None or 0: never)."""
+        if not margin:
+            return torch.full_like(self.expert, NO_EXPERT)
+        asked = (self.routes(threshold) != NO_EXPERT) & (self.gap < margin)
+        return torch.where(asked, self.second, torch.full_like(self.second, NO_EXPERT))
+
 
 def decide(generalist_logits: torch.Tensor, coverage: torch.Tensor, temperature: float, gate: str, top_k: int):
     """The `EdgeDecision` for (N, C) generalist logits: softmax at `temperature` (in float64), the `gate`'s
-    confidence, and the expert chosen among the top-`top_k` classes of the partition's (E, C) `coverage`."""
+    confidence, and the expert chosen among the top-`top_k` classes of the partition's (E, C) `coverage` (with
+    its runner-up, for a second expert)."""
     probs = (generalist_logits.double() / temperature).softmax(-1)
-    return EdgeDecision(probs, confidence(probs, gate), select_experts(probs, coverage, top_k))
+    mass, topk_mass = expert_masses(probs, coverage, top_k)
+    chosen = _chosen(probs, coverage, top_k, mass)
+    second, gap, pair_mass = runner_up(mass, topk_mass, chosen)
+    return EdgeDecision(probs, confidence(probs, gate), chosen, second, gap, pair_mass)
 
 
 def fused_answers(
@@ -167,12 +255,32 @@ def fused_answers(
     routes: torch.Tensor,
     expert_logits: Callable[[int, torch.Tensor], torch.Tensor],
     fusion: str,
+    second: tuple[torch.Tensor, torch.Tensor, str] | None = None,
 ) -> torch.Tensor:
     """(N,) the system's answers: the generalist's top-1, or for the samples routed to expert e (`routes`, as
     `EdgeDecision.routes` gives them) the fusion with `expert_logits(e, rows)`, that expert's logits of those
-    rows. Experts are asked one at a time, in index order (a caller may load each model only for its turn)."""
+    rows. `second`, when given, is (second routes as `EdgeDecision.second_routes` gives them, the decision's
+    (N, 2) mass, the second-expert fusion): those samples fuse both experts' answers (`fuse_two`). Each expert is
+    asked once, for all its rows, in index order (a caller may load each model only for its turn)."""
     answer = probs.argmax(-1)
-    for e in routes[routes != NO_EXPERT].unique().tolist():
-        rows = torch.nonzero(routes == e).flatten()
-        answer[rows] = fuse(probs[rows], expert_logits(e, rows), fusion)
+    second_routes = torch.full_like(routes, NO_EXPERT) if second is None else second[0]
+    both = second_routes != NO_EXPERT
+    first_logits = second_logits = None  # (N, width) once the first expert has answered
+    for e in torch.cat([routes[routes != NO_EXPERT], second_routes[both]]).unique().tolist():
+        as_first, as_second = torch.nonzero(routes == e).flatten(), torch.nonzero(second_routes == e).flatten()
+        rows = torch.cat([as_first, as_second]).unique()  # sorted: searchsorted finds each row's answer
+        logits = expert_logits(e, rows)
+        if first_logits is None:
+            first_logits = logits.new_zeros(len(routes), logits.shape[-1])
+            second_logits = logits.new_zeros(len(routes), logits.shape[-1])
+        first_logits[as_first] = logits[torch.searchsorted(rows, as_first)]
+        second_logits[as_second] = logits[torch.searchsorted(rows, as_second)]
+    alone = torch.nonzero((routes != NO_EXPERT) & ~both).flatten()
+    if len(alone):
+        answer[alone] = fuse(probs[alone], first_logits[alone], fusion)
+    paired = torch.nonzero(both).flatten()
+    if len(paired):
+        answer[paired] = fuse_two(
+            probs[paired], first_logits[paired], second_logits[paired], second[1][paired], second[2]
+        )
     return answer

@@ -5,6 +5,11 @@ is reduced to: its confidence, whether the edge answer is right, whether the off
 what offloading it adds in latency and energy. Sorting the samples by confidence turns "offload every sample
 below tau" into a prefix of that order, and cumulative sums give every threshold's totals in one
 `searchsorted`: O(N log N + T) instead of O(N x T).
+
+With a second expert (`sweep_two`) a sample also has a mass gap, and below a margin m an offloaded sample is
+answered (and paid) as a pair. Its totals are the one-expert totals plus, for each m, the prefix sums of
+[gap < m] x (pair value - single value) in the same confidence order: an (M, N) cumulative sum read at the same
+T prefix lengths, so τ x margin costs O(M N + T M), still no loop over settings.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from askexpert.collab.costs import SampleCosts
 from askexpert.errors import UserError
 
 METRICS = ("threshold", "offload_ratio", "acc", "latency_ms", "energy_mj", "system_energy_mj")
+PAIR_METRICS = (*METRICS, "margin", "second_ratio")
+
+
+@dataclass
+class PairedSamples:
+    """Per sample, what asking the runner-up expert too would give: the mass gap (+inf: no runner-up), whether
+    the two-expert answer is right, and what the pair adds instead of the one expert."""
+
+    gap: torch.Tensor  # (N,)
+    second: torch.Tensor  # (N,) the runner-up expert (NO_EXPERT: none)
+    correct: torch.Tensor  # (N,) bool
+    latency_ms: torch.Tensor  # (N,)
+    energy_mj: torch.Tensor  # (N,)
+    system_energy_mj: torch.Tensor  # (N,)
 
 
 @dataclass
@@ -31,6 +50,7 @@ class RoutedSamples:
     offload_energy_mj: torch.Tensor  # (N,) edge device
     offload_system_energy_mj: torch.Tensor  # (N,) edge + near-edge
     edge: SampleCosts  # what every sample costs on the edge first
+    pair: PairedSamples | None = None  # what asking a second expert would change (None: not evaluated)
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -67,25 +87,80 @@ def sweep(samples: RoutedSamples, thresholds: torch.Tensor | None = None) -> dic
     }
 
 
-def at_mask(samples: RoutedSamples, offloaded: torch.Tensor, offload_correct: torch.Tensor | None = None) -> dict:
-    """The metrics when exactly the samples in `offloaded` go to the near-edge (answers from `offload_correct`)."""
+def at_mask(
+    samples: RoutedSamples,
+    offloaded: torch.Tensor,
+    offload_correct: torch.Tensor | None = None,
+    paired: torch.Tensor | None = None,
+) -> dict:
+    """The metrics when exactly the samples in `offloaded` go to the near-edge (answers from `offload_correct`),
+    those in `paired` (a subset) to two experts (`samples.pair`)."""
     correct = samples.offload_correct if offload_correct is None else offload_correct
+    latency, energy = samples.offload_latency_ms, samples.offload_energy_mj
+    system = samples.offload_system_energy_mj
+    if paired is not None:
+        pair, paired = samples.pair, paired & offloaded
+        correct = torch.where(paired, pair.correct, correct)
+        latency = torch.where(paired, pair.latency_ms, latency)
+        energy = torch.where(paired, pair.energy_mj, energy)
+        system = torch.where(paired, pair.system_energy_mj, system)
     n = len(samples)
     off = offloaded.double()
-    return {
+    point = {
         "offload_ratio": float(off.mean()),
         "acc": float(torch.where(offloaded, correct, samples.edge_correct).double().mean()),
-        "latency_ms": samples.edge.latency_ms + float((off * samples.offload_latency_ms).sum()) / n,
-        "energy_mj": samples.edge.edge_energy_mj + float((off * samples.offload_energy_mj).sum()) / n,
-        "system_energy_mj": samples.edge.system_energy_mj + float((off * samples.offload_system_energy_mj).sum()) / n,
+        "latency_ms": samples.edge.latency_ms + float((off * latency).sum()) / n,
+        "energy_mj": samples.edge.edge_energy_mj + float((off * energy).sum()) / n,
+        "system_energy_mj": samples.edge.system_energy_mj + float((off * system).sum()) / n,
     }
+    if paired is not None:
+        point["second_ratio"] = float(paired.double().mean())
+    return point
+
+
+def default_margins(steps: int = 21) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+
+
+def sweep_two(
+    samples: RoutedSamples, thresholds: torch.Tensor | None = None, margins: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Every metric of `PAIR_METRICS` for every (threshold, margin), flattened threshold-major (T x M rows): a
+    sample is offloaded iff confidence < threshold, and asked of two experts iff also gap < margin."""
+    if samples.pair is None:
+        raise UserError("the second-expert sweep needs the samples' runner-up answers (RoutedSamples.pair)")
+    margins = default_margins() if margins is None else margins.to(torch.float64)
+    one = sweep(samples, thresholds)
+    pair = samples.pair
+    confidence = samples.confidence.to(torch.float64)
+    order = confidence.argsort()
+    offloaded = torch.searchsorted(confidence[order], one["threshold"], side="left")  # prefix lengths, as in `sweep`
+    asked = pair.gap.to(torch.float64)[order][None, :] < margins[:, None]  # (M, N) in confidence order
+
+    def extra(pair_value: torch.Tensor, single_value: torch.Tensor) -> torch.Tensor:
+        """(T, M): what pairing adds to a total, for every threshold and margin."""
+        delta = (pair_value.double() - single_value.double())[order][None, :] * asked
+        totals = torch.cat([delta.new_zeros(len(margins), 1), delta.cumsum(1)], dim=1)  # (M, N + 1)
+        return totals[:, offloaded].T
+
+    n, m = len(samples), len(margins)
+    table = {key: value[:, None].expand(-1, m) for key, value in one.items()}
+    table["acc"] = table["acc"] + extra(pair.correct, samples.offload_correct) / n
+    table["latency_ms"] = table["latency_ms"] + extra(pair.latency_ms, samples.offload_latency_ms) / n
+    table["energy_mj"] = table["energy_mj"] + extra(pair.energy_mj, samples.offload_energy_mj) / n
+    table["system_energy_mj"] = (
+        table["system_energy_mj"] + extra(pair.system_energy_mj, samples.offload_system_energy_mj) / n
+    )
+    table["second_ratio"] = extra(torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) / n
+    table["margin"] = margins[None, :].expand(len(one["threshold"]), -1)
+    return {key: value.reshape(-1).contiguous() for key, value in table.items()}
 
 
 def choose_threshold(
     table: dict[str, torch.Tensor], budget: dict[str, float | None] | None = None, name: str = "budget"
 ) -> int:
-    """Index of the most accurate threshold within the budget (ties: the one offloading least); `name` is the
-    option the budget came from, for the error when no threshold meets it."""
+    """Index of the most accurate threshold within the budget (ties: the one offloading least, then the one
+    asking fewest second experts); `name` is the option the budget came from, for the error when none meets it."""
     active = check_budget(budget, name)
     allowed = torch.ones_like(table["acc"], dtype=torch.bool)
     for key, limit in active.items():
@@ -97,11 +172,15 @@ def choose_threshold(
     acc = torch.where(allowed, table["acc"], torch.full_like(table["acc"], -1.0))
     best = acc.max()
     candidates = torch.nonzero(acc >= best - 1e-12).flatten()
-    return int(candidates[table["offload_ratio"][candidates].argmin()])
+    offload = table["offload_ratio"][candidates]
+    candidates = candidates[offload <= offload.min() + 1e-12]
+    if "second_ratio" in table:
+        candidates = candidates[table["second_ratio"][candidates].argmin()][None]
+    return int(candidates[0])
 
 
 def row(table: dict[str, torch.Tensor], index: int) -> dict[str, float]:
-    return {key: float(table[key][index]) for key in METRICS}
+    return {key: float(table[key][index]) for key in (PAIR_METRICS if "margin" in table else METRICS)}
 
 
 def rows(table: dict[str, torch.Tensor]) -> list[dict[str, float]]:

@@ -12,6 +12,10 @@ Baselines (each {acc, offload_ratio, latency_ms, energy_mj, system_energy_mj}, o
   an owner that answers right if there is one, and where the router's own choice was right it keeps that
   answer, so it bounds every expert selection from above, the learned one included;
 - `static_experts`: the same router, threshold and samples, answered by static experts of the same init.
+
+With `--routing.second_expert.enabled`, the two-expert system is its own operating point (`second_expert`, and
+`constrained.second_expert` under the constrained budget), chosen on the same split under the same limits
+(`collab/second_expert.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from askexpert.collab.routing import (
     fit_temperature,
     fuse,
 )
+from askexpert.collab.second_expert import SecondExpert, choose_point, operating_point, pair_costs, paired_samples
 from askexpert.collab.sweep import (
     RoutedSamples,
     at_mask,
@@ -79,6 +84,7 @@ class RoutingConfig:
         constrained: limits of a second operating point, also chosen on the calibration split and reported
             next to the selected one (`constrained` in the report, with the static experts at its threshold);
             unset: none. It answers "what does the system keep under a budget" without a second evaluation.
+        second_expert: ask the runner-up expert too when the top-k mass is split (`SecondExpert`).
         seed: seed of the random_expert baseline.
     """
 
@@ -89,6 +95,7 @@ class RoutingConfig:
     fusion: str = "expert"
     budget: Budget = field(default_factory=lambda: Budget())
     constrained: Budget = field(default_factory=lambda: Budget())
+    second_expert: SecondExpert = field(default_factory=lambda: SecondExpert())
     seed: int = 0
 
     def check(self, num_classes: int) -> None:
@@ -98,6 +105,7 @@ class RoutingConfig:
         check_fusion(self.fusion)
         check_budget(self.budget_dict())
         check_budget(self.constrained_dict(), "constrained budget")
+        self.second_expert.check()
 
     def budget_dict(self) -> dict[str, float]:
         return _active_limits(self.budget)
@@ -105,7 +113,8 @@ class RoutingConfig:
     def needs_calibration(self) -> bool:
         """Whether this routing reads the calibration split: to choose τ (for the selected or the constrained
         point) or to fit the temperature."""
-        return self.threshold is None or bool(self.temperature) or bool(self.constrained_dict())
+        chooses_margin = self.second_expert.enabled and self.second_expert.margin is None
+        return self.threshold is None or bool(self.temperature) or bool(self.constrained_dict()) or chooses_margin
 
     def constrained_dict(self) -> dict[str, float]:
         return _active_limits(self.constrained)
@@ -124,6 +133,7 @@ class ExpertSet:
     name: str
     logits: list[dict[str, torch.Tensor]]  # per expert: {split: (N, C or C+1)}
     costs: list[SampleCosts]  # per expert: the extra cost of offloading one sample to it
+    models: list[ModelCost] | None = None  # per expert: its model's cost (what asking two experts costs)
 
 
 def _correct_per_expert(edge_probs: torch.Tensor, experts: ExpertSet, split: str, labels: torch.Tensor, fusion: str):
@@ -216,6 +226,10 @@ class CollaborativeSystem:
         correct = _correct_per_expert(probs, experts, split, labels, config.fusion)
         edge_correct = probs.argmax(-1) == labels
         routed = _routed(decision.confidence, edge_correct, correct, chosen, experts.costs, self.edge)
+        if config.second_expert.enabled:
+            costs = pair_costs(self.cost_model, experts.models)
+            logits = [e[split] for e in experts.logits]
+            routed.pair = paired_samples(decision, logits, labels, costs, config.second_expert.fusion)
         return routed, chosen, correct, probs
 
     # -- the whole evaluation ------------------------------------------------------------------------
@@ -228,7 +242,8 @@ class CollaborativeSystem:
         test, chosen, correct, _ = self.route("test", config, temperature)
         test_table = sweep(test, thresholds)
         calib_table = None
-        if config.threshold is None or config.constrained_dict():
+        chooses_margin = config.second_expert.enabled and config.second_expert.margin is None
+        if config.threshold is None or config.constrained_dict() or chooses_margin:
             calib, *_ = self.route(split, config, temperature)
             calib_table = sweep(calib, selection_grid(calib.confidence, thresholds))
         if config.threshold is None:
@@ -259,9 +274,46 @@ class CollaborativeSystem:
             report["constrained"] = self.operating_point(
                 config, temperature, test, chosen, constrained_threshold, split, limits
             )
+        if config.second_expert.enabled:
+            self.add_second_expert(
+                report, config, test, chosen, calib if calib_table is not None else None, thresholds, split
+            )
         if calib_table is not None:
             report["calibration"] = self.calibration_scores(config, temperature, split, calib, report)
         return report
+
+    def add_second_expert(self, report: dict, config: RoutingConfig, test, chosen, calib, thresholds, split) -> None:
+        """The two-expert operating points (`second_expert`, and under the constrained budget), chosen on `split`
+        under the same limits as the one-expert points."""
+        setting = config.second_expert
+
+        def point(limits: dict, name: str, threshold: float | None) -> dict:
+            if threshold is not None and setting.margin is not None:  # both given: nothing to choose
+                tau, margin, chosen_on = float(threshold), float(setting.margin), "given"
+            else:
+                grid = selection_grid(calib.confidence, thresholds)
+                tau, margin = choose_point(calib, setting, grid, threshold, limits, name)
+                chosen_on = split
+            owns_class = self.pair_routing_accuracy(test, chosen)
+            return operating_point(test, tau, margin, setting.fusion, chosen_on, owns_class)
+
+        report["second_expert"] = point(config.budget_dict(), "routing.budget", config.threshold)
+        if config.constrained_dict():
+            report["constrained"]["second_expert"] = point(config.constrained_dict(), "routing.constrained", None)
+
+    def pair_routing_accuracy(self, test: RoutedSamples, chosen: torch.Tensor):
+        """routing_acc of a two-expert point: share of the offloaded test samples of which some asked expert owns
+        the true class (None: none offloaded)."""
+        labels = self.labels["test"]
+        first = self.coverage[chosen.clamp_min(0), labels] & (chosen != NO_EXPERT)
+
+        def owns(offloaded: torch.Tensor, paired: torch.Tensor):
+            if not offloaded.any():
+                return None
+            second = self.coverage[test.pair.second.clamp_min(0), labels] & paired
+            return float((first | second)[offloaded].double().mean())
+
+        return owns
 
     def calibration_scores(self, config, temperature, split: str, calib: RoutedSamples, report: dict) -> dict:
         """The chosen operating points scored on the split that chose them: what tuning may compare (test

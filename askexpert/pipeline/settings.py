@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import strategies
+from askexpert.collab.second_expert import SecondExpert
 from askexpert.collab.system import Budget, RoutingConfig
 from askexpert.errors import UserError
 
@@ -155,7 +156,10 @@ def routing_config(namespace) -> RoutingConfig:
         if not isinstance(found, dict):
             raise UserError(f"'routing.{key}' must be a mapping (offload_ratio, latency_ms, energy_mj), got {found!r}")
         limits[key] = Budget(**found)
-    return RoutingConfig(**{**values, **limits})
+    second = values.get("second_expert") or {}
+    if not isinstance(second, dict):
+        raise UserError(f"'routing.second_expert' must be a mapping (enabled, margin, fusion), got {second!r}")
+    return RoutingConfig(**{**values, **limits, "second_expert": SecondExpert(**second)})
 
 
 def expert_count(partition) -> int:
