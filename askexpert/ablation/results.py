@@ -42,6 +42,21 @@ CONTEXT = [
     "edge_only_energy_mj",
     "other_test_acc",
     "static_other_test_acc",
+    # the second expert (`--routing.second_expert.enabled`): its own point, chosen under the same limits
+    "second_system_acc",
+    "second_offload_ratio",
+    "second_ratio",
+    "second_margin",
+    "second_latency_ms",
+    "second_energy_mj",
+    "second_system_energy_mj",
+    "second_routing_acc",
+    "constrained_second_system_acc",
+    "constrained_second_offload_ratio",
+    "constrained_second_ratio",
+    "constrained_second_margin",
+    "constrained_second_latency_ms",
+    "constrained_second_system_energy_mj",
 ]
 # per-setting table columns: (csv column, header, scale)
 TABLE = [
@@ -101,6 +116,8 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         "calib_static_system_acc": calib.get("static_experts_acc", ""),
         "edge_only_latency_ms": get("edge_only", "latency_ms"),
         "edge_only_energy_mj": get("edge_only", "energy_mj"),
+        **_second_expert_columns(report.get("second_expert") or {}, "second_"),
+        **_second_expert_columns(point.get("second_expert") or {}, "constrained_second_"),
     }
     # static experts of the same run, by index: expert i and static expert i own the same classes
     static = {e["name"].rsplit("_", 1)[-1]: e for e in report.get("static_experts") or []}
@@ -120,6 +137,14 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         }
         for expert, twin in zip(report["experts"], twins, strict=True)
     ]
+
+
+def _second_expert_columns(pair: dict, prefix: str) -> dict:
+    """The two-expert point's columns ("" where the run evaluated none)."""
+    keys = {"system_acc": "acc", "offload_ratio": "offload_ratio", "ratio": "second_ratio", "margin": "margin"}
+    keys |= {k: k for k in ("latency_ms", "energy_mj", "system_energy_mj", "routing_acc")}
+    columns = {f"{prefix}{name}": pair.get(key, "") for name, key in keys.items()}
+    return {name: ("" if value is None else value) for name, value in columns.items() if name in CONTEXT}
 
 
 def _static_twin(static: dict[str, dict], expert: dict) -> dict | None:

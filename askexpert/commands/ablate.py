@@ -88,11 +88,13 @@ def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str
 
 
 def _routing_identity(routing: dict) -> dict:
-    """The routing settings as a cell's identity sees them: an unset `constrained` point (added later) is left
-    out, so cells finished before it existed stay done."""
+    """The routing settings as a cell's identity sees them: an unset `constrained` point and a disabled second
+    expert (both added later) are left out, so cells finished before they existed stay done."""
     constrained = routing.get("constrained") or {}
     if not any(value is not None for value in constrained.values()):
         routing = {key: value for key, value in routing.items() if key != "constrained"}
+    if not (routing.get("second_expert") or {}).get("enabled"):
+        routing = {key: value for key, value in routing.items() if key != "second_expert"}
     return routing
 
 
