@@ -43,6 +43,7 @@ INCLUDED = {
     "evidence_routing": "experiments/routing_search.py",
     "evidence_misrouting": "experiments/misrouting.py",
     "evidence_costs": "experiments/cost_projection.py",
+    "evidence_second_expert": "experiments/second_expert.py",
 }
 
 

@@ -153,3 +153,30 @@ def test_an_unset_constrained_point_leaves_a_cells_identity_as_it_was():
     assert _routing_identity(unset) == before
     chosen = {**before, "constrained": {"offload_ratio": 0.25, "latency_ms": None, "energy_mj": None}}
     assert _routing_identity(chosen) == chosen
+
+
+def test_second_expert_rows_from_evaluate_on_a_trained_run(tiny_pipeline_run, tmp_path):
+    """`evaluate --routing.second_expert.enabled true` on the session run: both points, their report rows and
+    the ablation's columns (the one-expert figures unchanged by it)."""
+    from askexpert.cli import cli_main
+
+    _, out = tiny_pipeline_run
+    args = ["evaluate", "--run", str(out), "--out", str(tmp_path), "--routing.constrained.offload_ratio", "0.3"]
+    cli_main([*args, "--routing.second_expert.enabled", "true", "--routing.second_expert.fusion", "expert"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    original = json.loads((out / "report.json").read_text())
+    assert report["selected"] == original["selected"]
+    pair, constrained = report["second_expert"], report["constrained"]["second_expert"]
+    assert pair["fusion"] == constrained["fusion"] == "expert" and pair["chosen_on"] == "val"
+    assert constrained["second_ratio"] <= constrained["offload_ratio"] and 0 <= pair["margin"] <= 1
+    assert report["routing"]["second_expert"] == {"enabled": True, "margin": None, "fusion": "expert"}
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.count("**askexpert + second expert**") == 2 and "second expert under offload <= 30 %" in markdown
+    row = results.report_rows(report, {"partition.method": "superclass"}, seed=0)[0]
+    assert row["second_system_acc"] == pair["acc"] and row["second_ratio"] == pair["second_ratio"]
+    assert row["constrained_second_system_acc"] == constrained["acc"]
+    assert row["constrained_second_margin"] == constrained["margin"]
+    assert set(results.header(["partition.method"])) >= set(row)
+    # a run evaluated without it has empty columns, not zeros
+    plain = results.report_rows(original, {"partition.method": "superclass"}, seed=0)[0]
+    assert plain["second_system_acc"] == "" and plain["constrained_second_system_acc"] == ""

@@ -51,12 +51,15 @@ CONTEXT = [
     "second_energy_mj",
     "second_system_energy_mj",
     "second_routing_acc",
+    "constrained_system_energy_mj",
     "constrained_second_system_acc",
     "constrained_second_offload_ratio",
     "constrained_second_ratio",
     "constrained_second_margin",
     "constrained_second_latency_ms",
+    "constrained_second_energy_mj",
     "constrained_second_system_energy_mj",
+    "constrained_second_routing_acc",
 ]
 # per-setting table columns: (csv column, header, scale)
 TABLE = [
@@ -108,6 +111,7 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         "constrained_offload_ratio": at_point("offload_ratio"),
         "constrained_latency_ms": at_point("latency_ms"),
         "constrained_energy_mj": at_point("energy_mj"),
+        "constrained_system_energy_mj": at_point("system_energy_mj"),
         "constrained_routing_acc": at_point("routing_acc"),
         "constrained_static_acc": point["static_experts"]["acc"] if "static_experts" in point else "",
         "constrained_budget": limits_text(point["budget"]) if point else "",
