@@ -2,8 +2,8 @@
 
 `fit`, `validate`, `test` and `predict` are LightningCLI subcommands (built from the Trainer's methods; the
 LightningCLI itself: askexpert/lightning_cli/). Every other command (`partition`, `experts`, `pipeline`, `evaluate`,
-`ablate`, `route`, `profile`, `export`, `serve`, `edge`) registers in `EXTRA_COMMANDS` with its own jsonargparse
-parser; this module's dispatcher hands each its arguments.
+`ablate`, `route`, `profile`, `export`, `serve`, `edge`, `adapt`) registers in `EXTRA_COMMANDS` with its own
+jsonargparse parser; this module's dispatcher hands each its arguments.
 `main()` turns a `UserError` into one line on stderr and exit status 2 (3 for a diverged training run).
 """
 
@@ -64,6 +64,10 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "serve": Command("serve an export's experts over HTTP", _lazy("askexpert.commands.serve")),
     "edge": Command(
         "the edge side: generalist here, unsure images offloaded to a server, to CSV", _lazy("askexpert.commands.edge")
+    ),
+    "adapt": Command(
+        "fine-tune the generalist on its experts' answers, round by round (adapt.csv)",
+        _lazy("askexpert.commands.adapt"),
     ),
 }
 

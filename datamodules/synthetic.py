@@ -51,7 +51,9 @@ _LIMB, _BODY, _HEAD, _ACCENT = range(_NUM_PARTS)
 _CUE_DIMS = 4  # stripe frequency, stripe angle, head aspect, accent colour
 _CUE_SPACING = 1.6  # distance between sibling cue centres (in cue units)
 _CUE_NOISE = 0.5  # per-image cue noise; with the spacing above, the exact-cue Bayes accuracy is 0.84
-_SPLITS = {"train": 0, "test": 1}
+# generator stream per split: "stream" is the unlabelled deployment stream of `adapt` (askexpert/adapt/stream.py),
+# another stream of the same world, so it never repeats a training or test image; train and test keep their keys
+_SPLITS = {"train": 0, "test": 1, "stream": 2}
 
 
 def synthetic_metadata() -> tuple[list[str], list[str], list[int]]:
@@ -83,6 +85,19 @@ def make_synthetic(
         class_to_superclass=class_to_superclass,
         stand_in=True,
     )
+
+
+def make_synthetic_stream(per_class: int, seed: int = 0, image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, labels) of `per_class` images per class of the "stream" split: the deployment stream that
+    `python -m askexpert adapt` simulates. Same classes and distribution as `make_synthetic(seed=seed)`, drawn
+    from generator streams of their own, so no stream image is a training or test image. Image-major like the
+    other splits (a larger stream extends a smaller one)."""
+    _check_args(train_per_class=1, test_per_class=1, seed=seed, image_size=image_size)
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise UserError(f"make_synthetic_stream: per_class must be a positive int, got {per_class!r}")
+    _world()
+    with _one_thread_per_worker() as workers, ThreadPoolExecutor(workers) as pool:
+        return _make_split("stream", per_class, seed, image_size, pool)
 
 
 def fine_accuracy_ceiling(samples_per_class: int = 2000, seed: int = 0) -> float:

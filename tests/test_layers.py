@@ -25,7 +25,7 @@ PACKAGES = ("askexpert", "strategies", "datamodules")
 # packages of strategies and data.
 LIBRARY = (
     *(f"askexpert.{part}" for part in ("ablation", "collab", "deploy", "files", "runs", "models", "modules")),
-    *(f"askexpert.{part}" for part in ("callbacks", "export", "pipeline", "parsers", "errors", "loggers")),
+    *(f"askexpert.{part}" for part in ("callbacks", "export", "pipeline", "parsers", "errors", "loggers", "adapt")),
     "strategies",
     "datamodules",
 )

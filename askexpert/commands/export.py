@@ -13,6 +13,12 @@ unless every model passes (the folder is built aside and renamed into place).
 
 EXPORT/manifest.json records the operating point (threshold, gate, temperature, top-k, fusion), the partition,
 the class names, every model's file, SHA-256, input and output, the verification figures and package versions.
+
+A second expert (`--second_expert auto`, the default): when the run's report has a two-expert point (`evaluate
+--routing.second_expert.enabled true`), that point is deployed: the operating point's threshold is its own and
+`operating_point.second_expert` = {margin, fusion} tells `edge` to ask the runner-up expert too; the routing check
+then counts an image whose second expert differs as a flip too. Without one (or with `off`) the key is absent and
+the manifest is byte for byte what it was before the option existed, so the export's version is unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 
 from askexpert.collab.evaluation import check_expert_classes, package_versions
 from askexpert.collab.logits import batched_logits, in_batches
-from askexpert.collab.routing import NO_EXPERT, decide
+from askexpert.collab.routing import NO_EXPERT, EdgeDecision, decide
 from askexpert.errors import UserError
 from askexpert.export.int8 import model_figures, quantize, system_figures
 from askexpert.files.atomic import write_json
@@ -34,6 +40,7 @@ from askexpert.modules.loading import load_classifier
 from askexpert.pipeline.finished_run import open_finished_run
 
 FORMAT_VERSION = 1
+SECOND_EXPERT_CHOICES = ("auto", "off")
 MIN_AGREEMENT = 0.999  # top-1 and routing decisions: what the issue asks of an export
 OPSET = 18
 
@@ -48,6 +55,12 @@ def parser():
     p.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit| difference ONNX vs PyTorch")
     p.add_argument("--batch_size", type=int, default=256, help="images per verification batch")
     p.add_argument("--int8", type=bool, default=False, help="also write int8 copies (dynamic quantization), measured")
+    p.add_argument(
+        "--second_expert",
+        type=str,
+        default="auto",
+        help="auto: deploy the report's two-expert point when it has one; off: the one-expert point",
+    )
     return p
 
 
@@ -110,9 +123,13 @@ def run(argv: list[str]) -> dict:
     args = parser().parse_args(argv)
     if args.atol <= 0 or args.batch_size < 1:
         raise UserError("--atol must be positive and --batch_size at least 1")
+    if args.second_expert not in SECOND_EXPERT_CHOICES:
+        raise UserError(f"--second_expert must be auto or off, got {args.second_expert!r}")
     _check_out(args.out, args.overwrite)
     finished = open_finished_run(args.run)
-    routing, threshold = finished.operating_point()
+    routing, threshold = finished.operating_point(second_expert=args.second_expert == "auto")
+    if routing.get("second_expert") is None:
+        routing.pop("second_expert", None)  # one expert: the manifest (and so the version) as before the option
     partition = finished.partition()
     datamodule = ImageDataModule(**finished.settings.data.as_dict())
     images, labels = datamodule.tensors("test")[:2]
@@ -208,15 +225,22 @@ def _export_model(name: str, checkpoint: str, partition_and_file, test_set, stor
     return entry, (expected, got), int8
 
 
+def _routes(decision: EdgeDecision, threshold: float, pair: dict | None):
+    """(routes, second routes) of `decision`: the second routes are all NO_EXPERT without a second expert."""
+    return decision.routes(threshold), decision.second_routes(threshold, pair["margin"] if pair else None)
+
+
 def _verify_routing(logits: dict, int8_logits: dict, routing: dict, threshold: float, coverage, test_set, args) -> dict:
     """The ONNX generalist's routing decisions against PyTorch's (refused below MIN_AGREEMENT), and with --int8 the
-    int8 system's figures."""
+    int8 system's figures. A decision is the expert and, with a second expert, the second one: either differing
+    is a flip (it changes which experts answer)."""
     images, labels = test_set
     point = (routing["temperature_value"], routing["gate"], routing["top_k"])
-    torch_routes = decide(logits["generalist"][0], coverage, *point).routes(threshold)
+    pair = routing.get("second_expert")
+    torch_routes, torch_second = _routes(decide(logits["generalist"][0], coverage, *point), threshold, pair)
     onnx_decision = decide(logits["generalist"][1], coverage, *point)
-    onnx_routes = onnx_decision.routes(threshold)
-    flips = int((torch_routes != onnx_routes).sum())
+    onnx_routes, onnx_second = _routes(onnx_decision, threshold, pair)
+    flips = int(((torch_routes != onnx_routes) | (torch_second != onnx_second)).sum())
     gate = {
         "images": len(images),
         "routing_flips": flips,
@@ -224,6 +248,10 @@ def _verify_routing(logits: dict, int8_logits: dict, routing: dict, threshold: f
         "offloaded_torch": int((torch_routes != NO_EXPERT).sum()),
         "offloaded_onnx": int((onnx_routes != NO_EXPERT).sum()),
     }
+    if pair is not None:  # only then: a one-expert manifest stays as it was
+        gate["second_routing_flips"] = int((torch_second != onnx_second).sum())
+        gate["asked_two_torch"] = int((torch_second != NO_EXPERT).sum())
+        gate["asked_two_onnx"] = int((onnx_second != NO_EXPERT).sum())
     if gate["routing_agreement"] < MIN_AGREEMENT:
         raise UserError(
             f"the ONNX generalist routes {flips} of {len(images)} test images differently from PyTorch "
@@ -235,7 +263,7 @@ def _verify_routing(logits: dict, int8_logits: dict, routing: dict, threshold: f
         fp32 = {name: got for name, (_, got) in logits.items()}
         decisions = (onnx_decision, int8_decision)
         verification["int8"] = system_figures(
-            fp32, int8_logits, torch_routes, decisions, threshold, routing["fusion"], labels
+            fp32, int8_logits, torch_routes, decisions, threshold, routing["fusion"], labels, pair, torch_second
         )
     return verification
 
@@ -255,10 +283,18 @@ def _print_summary(manifest: dict, out: str) -> None:
             f"max |logit diff| {v['max_abs_logit_diff']:.1e}"
         )
     gate = manifest["verification"]["routing"]
+    pair = manifest["operating_point"].get("second_expert")
+    two = f", {gate['asked_two_onnx']} of them to two experts" if pair else ""
     print(
         f"routing: {gate['routing_flips']} of {gate['images']} test images routed differently "
-        f"({gate['offloaded_onnx']} offloaded with ONNX, {gate['offloaded_torch']} with PyTorch) -> {out}"
+        f"({gate['offloaded_onnx']} offloaded with ONNX{two}, {gate['offloaded_torch']} with PyTorch) -> {out}"
     )
+    if pair:
+        point = manifest["operating_point"]
+        print(
+            f"deployed the two-expert point: threshold {point['threshold']:.2f}, margin {pair['margin']:.2f}, "
+            f"`{pair['fusion']}` fusion (--second_expert off deploys the one-expert point)"
+        )
     if "int8" not in manifest["verification"]:
         return
     for name, entry in manifest["models"].items():

@@ -142,6 +142,8 @@ def load_bundle(folder: str) -> ExportBundle:
                 str(entry["int8"]["file"]), str(entry["int8"]["sha256"])
         op = manifest["operating_point"]
         float(op["threshold"]), float(op["temperature_value"]), str(op["gate"]), int(op["top_k"]), str(op["fusion"])
+        if op.get("second_expert") is not None:  # absent in one-expert exports (and in those made before it)
+            float(op["second_expert"]["margin"]), str(op["second_expert"]["fusion"])
         [list(map(int, e)) for e in manifest["partition"]["experts"]]
         list(manifest["class_names"])
     except OSError as err:

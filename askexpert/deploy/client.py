@@ -3,12 +3,17 @@
 An offloaded image either gets the expert's reply within the deadlines or an `OffloadFailed` saying why
 (connect, read, HTTP status, open breaker, bad reply); the caller then answers with the generalist. There are
 no retries: the edge waits on every reply, and a second try would double the worst-case latency.
+
+`ask_each` asks several experts for the same image at once (the second expert, docs/deploy.md): each request has
+the same deadlines and its own breaker, so the image waits for the slower of the two, never for their sum, and one
+expert's failure leaves the other's answer.
 """
 
 from __future__ import annotations
 
 import base64
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -48,6 +53,8 @@ class ExpertClient:
         self.widths = widths or {}
         self.attempts = 0  # requests that went out (not refused by a breaker)
         self._lock = threading.Lock()
+        # the extra requests of `ask_each` (the first goes out on the caller's thread): one per caller in flight
+        self._pool = ThreadPoolExecutor(max_workers=max_connections, thread_name_prefix="askexpert-ask")
 
     def ask(self, expert: str, image: np.ndarray) -> dict:
         """The expert's reply ({"logits", "model_version", ...}) for one stored uint8 image (3, S, S)."""
@@ -93,6 +100,19 @@ class ExpertClient:
             raise OffloadFailed(f"server holds export version {version}, this edge {self.version}")
         return reply
 
+    def ask_each(self, experts: list[str], image: np.ndarray) -> list[dict | OffloadFailed]:
+        """Each expert's reply for one image, or the `OffloadFailed` saying why it got none, in `experts`' order: all
+        asked concurrently, each under the client's deadlines. A refused token or request (`UserError`) is raised."""
+        futures = [self._pool.submit(self._outcome, expert, image) for expert in experts[1:]]
+        first = self._outcome(experts[0], image) if experts else None
+        return ([first] if experts else []) + [future.result() for future in futures]
+
+    def _outcome(self, expert: str, image: np.ndarray) -> dict | OffloadFailed:
+        try:
+            return self.ask(expert, image)
+        except OffloadFailed as why:
+            return why
+
     def check_server(self) -> str | None:
         """None when the server answers /health; a reason when it cannot be reached. A refused token is fatal."""
         try:
@@ -107,4 +127,5 @@ class ExpertClient:
         return sum(b.opened for b in self.breakers.values())
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self.http.close()

@@ -9,8 +9,9 @@ load it.
 Figures, each against the run's test images:
 - per model: the share with the same top-1 as PyTorch, the largest logit difference, and accuracy fp32 (ONNX)
   vs int8 (the generalist on every image; an expert on the images of its classes);
-- for the system: routing decisions that differ from PyTorch's, and the system's accuracy (gate, top-k router
-  and fusion at the export's operating point, as `route` answers) with every model fp32 vs every model int8.
+- for the system: routing decisions that differ from PyTorch's (the expert, and the second expert when the export
+  asks one), and the system's accuracy (gate, top-k router and fusion at the export's operating point, as `route`
+  answers) with every model fp32 vs every model int8.
 """
 
 from __future__ import annotations
@@ -67,21 +68,40 @@ def _rows_of(logits: dict[str, torch.Tensor], expert: int, rows: torch.Tensor) -
     return logits[f"expert_{expert}"][rows]
 
 
-def system_answers(logits: dict[str, torch.Tensor], decision: EdgeDecision, routes: torch.Tensor, fusion: str):
-    """The system's answer per image: the generalist's, or the fusion with the expert it was routed to."""
-    return fused_answers(decision.probs, routes, partial(_rows_of, logits), fusion)
+def system_answers(
+    logits: dict[str, torch.Tensor],
+    decision: EdgeDecision,
+    routes: torch.Tensor,
+    fusion: str,
+    second: tuple[torch.Tensor, str] | None = None,
+):
+    """The system's answer per image: the generalist's, or the fusion with the expert it was routed to (and with
+    the second expert, for `second` = (second routes, two-expert fusion))."""
+    pair = None if second is None else (second[0], decision.mass, second[1])
+    return fused_answers(decision.probs, routes, partial(_rows_of, logits), fusion, second=pair)
 
 
-def system_figures(fp32: dict, int8: dict, torch_routes, decisions, threshold: float, fusion: str, labels) -> dict:
+def system_figures(
+    fp32: dict, int8: dict, torch_routes, decisions, threshold: float, fusion: str, labels, pair=None, torch_second=None
+) -> dict:
     """The int8 system against PyTorch's routing and the fp32 (ONNX) system's accuracy. `decisions`: the fp32 and
-    the int8 generalist's `EdgeDecision`."""
+    the int8 generalist's `EdgeDecision`. With `pair` ({"margin", "fusion"}: a second expert is asked),
+    `torch_second` are PyTorch's second routes, and an image whose second expert differs is a flip too."""
     fp32_decision, int8_decision = decisions
     fp32_routes, int8_routes = fp32_decision.routes(threshold), int8_decision.routes(threshold)
-    fp32_acc = float((system_answers(fp32, fp32_decision, fp32_routes, fusion) == labels).double().mean())
-    int8_acc = float((system_answers(int8, int8_decision, int8_routes, fusion) == labels).double().mean())
+    flipped = torch_routes != int8_routes
+    fp32_second = int8_second = None
+    if pair is not None:
+        fp32_second = (fp32_decision.second_routes(threshold, pair["margin"]), pair["fusion"])
+        int8_second = (int8_decision.second_routes(threshold, pair["margin"]), pair["fusion"])
+        flipped |= torch_second != int8_second[0]
+    fp32_answers = system_answers(fp32, fp32_decision, fp32_routes, fusion, fp32_second)
+    int8_answers = system_answers(int8, int8_decision, int8_routes, fusion, int8_second)
+    fp32_acc = float((fp32_answers == labels).double().mean())
+    int8_acc = float((int8_answers == labels).double().mean())
     return {
         "images": len(labels),
-        "routing_flips": int((torch_routes != int8_routes).sum()),
+        "routing_flips": int(flipped.sum()),
         "offloaded_int8": int((int8_routes != NO_EXPERT).sum()),
         "system_accuracy_fp32": fp32_acc,
         "system_accuracy_int8": int8_acc,

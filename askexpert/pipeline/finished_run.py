@@ -46,8 +46,13 @@ class PipelineRun:
     layout: RunLayout
     settings: Any  # its pipeline.yaml, parsed by the pipeline's parser
 
-    def operating_point(self) -> tuple[dict, float]:
-        """The routing settings (temperature value, gate, top-k, fusion) and threshold the run's report selected."""
+    def operating_point(self, second_expert: bool = False) -> tuple[dict, float]:
+        """The routing settings (temperature value, gate, top-k, fusion) and threshold the run's report selected.
+
+        With `second_expert`, the routing also says whether a second expert is asked: `second_expert` is
+        {"margin", "fusion"} of the report's two-expert point, whose own threshold (chosen with its margin) is
+        then the one returned, or None when the report has no such point (evaluated without
+        `--routing.second_expert.enabled true`): the one-expert point, as without `second_expert`."""
         run_dir = self.layout.root
         report_path = os.path.join(run_dir, "report.json")
         if not os.path.isfile(report_path):
@@ -56,7 +61,15 @@ class PipelineRun:
             with open(report_path, encoding="utf-8") as f:
                 report = json.load(f)
             routing, threshold = report["routing"], float(report["selected"]["threshold"])
-            return {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}, threshold
+            point = {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}
+            if not second_expert:
+                return point, threshold
+            pair = report.get("second_expert")
+            point["second_expert"] = None
+            if pair is not None:
+                point["second_expert"] = {"margin": float(pair["margin"]), "fusion": str(pair["fusion"])}
+                threshold = float(pair["threshold"])
+            return point, threshold
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
             raise UserError(
                 f"{report_path} is damaged; write it again with `python -m askexpert evaluate --run {run_dir}`"
