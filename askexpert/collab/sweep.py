@@ -136,22 +136,24 @@ def sweep_two(
     order = confidence.argsort()
     offloaded = torch.searchsorted(confidence[order], one["threshold"], side="left")  # prefix lengths, as in `sweep`
     asked = pair.gap.to(torch.float64)[order][None, :] < margins[:, None]  # (M, N) in confidence order
-
-    def extra(pair_value: torch.Tensor, single_value: torch.Tensor) -> torch.Tensor:
-        """(T, M): what pairing adds to a total, for every threshold and margin."""
-        delta = (pair_value.double() - single_value.double())[order][None, :] * asked
-        totals = torch.cat([delta.new_zeros(len(margins), 1), delta.cumsum(1)], dim=1)  # (M, N + 1)
-        return totals[:, offloaded].T
-
     n, m = len(samples), len(margins)
+    # what pairing adds to each total, per sample: every metric at once, so one (5, M, N) cumulative sum
+    keys = ("acc", "latency_ms", "energy_mj", "system_energy_mj", "second_ratio")
+    delta = torch.stack(
+        [
+            pair.correct.double() - samples.offload_correct.double(),
+            pair.latency_ms.double() - samples.offload_latency_ms.double(),
+            pair.energy_mj.double() - samples.offload_energy_mj.double(),
+            pair.system_energy_mj.double() - samples.offload_system_energy_mj.double(),
+            torch.ones(n, dtype=torch.float64),
+        ]
+    )[:, order]
+    totals = (delta[:, None, :] * asked).cumsum(2)  # (5, M, N): totals over the first 1..N samples
+    totals = torch.cat([totals.new_zeros(len(keys), m, 1), totals], dim=2)[:, :, offloaded]  # (5, M, T)
     table = {key: value[:, None].expand(-1, m) for key, value in one.items()}
-    table["acc"] = table["acc"] + extra(pair.correct, samples.offload_correct) / n
-    table["latency_ms"] = table["latency_ms"] + extra(pair.latency_ms, samples.offload_latency_ms) / n
-    table["energy_mj"] = table["energy_mj"] + extra(pair.energy_mj, samples.offload_energy_mj) / n
-    table["system_energy_mj"] = (
-        table["system_energy_mj"] + extra(pair.system_energy_mj, samples.offload_system_energy_mj) / n
-    )
-    table["second_ratio"] = extra(torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)) / n
+    table["second_ratio"] = torch.zeros_like(table["acc"])
+    for index, key in enumerate(keys):
+        table[key] = table[key] + totals[index].T / n
     table["margin"] = margins[None, :].expand(len(one["threshold"]), -1)
     return {key: value.reshape(-1).contiguous() for key, value in table.items()}
 
