@@ -38,7 +38,7 @@ def test_unknown_command_is_one_clear_line(capsys):
     assert code == 2
     commands = (
         "fit, validate, test, predict, partition, experts, pipeline, evaluate, ablate, route, profile, export, "
-        "serve, edge"
+        "serve, edge, adapt"
     )
     assert err.strip() == f"askexpert: error: unknown command 'train'; commands: {commands}"
 
