@@ -298,6 +298,14 @@ def test_the_export_gets_the_adapted_generalist_as_a_new_version(adapted, tiny_e
     expected = batched_logits(load_classifier(str(adapt / "round_2" / "generalist.ckpt")), [images])
     assert torch.allclose(onnx, expected, atol=1e-3)
     new.session("generalist", precision="int8")
+    # an export that deploys a second expert is refused: adapt's τ is a one-expert operating point
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["operating_point"]["second_expert"] = {"margin": 0.5, "fusion": "mass"}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    before = (export / "manifest.json").read_bytes()
+    code, _, err = run_main(argv, capsys)
+    one_line(code, err, "deploys a second expert")
+    assert (export / "manifest.json").read_bytes() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     # an export of other experts is refused before anything runs
     manifest = json.loads((export / "manifest.json").read_text())

@@ -54,6 +54,12 @@ def check_export_of_run(
         raise UserError(f"--export {folder} was not exported from this run (other classes, experts or image size)")
     if hashes != experts:
         raise UserError(f"--export {folder} holds other experts than this run's; export the run again first")
+    if manifest["operating_point"].get("second_expert"):
+        # adapt chooses a one-expert τ: writing it under a two-expert point would deploy a pair nobody chose
+        raise UserError(
+            f"--export {folder} deploys a second expert, and adapt chooses a one-expert operating point: export "
+            "the run with `export --second_expert off` to re-export into it"
+        )
     return bundle
 
 
