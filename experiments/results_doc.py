@@ -44,6 +44,7 @@ INCLUDED = {
     "evidence_misrouting": "experiments/misrouting.py",
     "evidence_costs": "experiments/cost_projection.py",
     "evidence_second_expert": "experiments/second_expert.py",
+    "evidence_adapt": "experiments/adapt_evidence.py",
 }
 
 
@@ -308,8 +309,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--tables",
-        help="folder of the analysis scripts' tables: evidence_routing.md, evidence_misrouting.md, evidence_costs.md "
-        "(default docs/results)",
+        help="folder of the analysis scripts' tables: evidence_routing.md, evidence_misrouting.md, evidence_costs.md, "
+        "evidence_second_expert.md, evidence_adapt.md (default docs/results)",
     )
     parser.add_argument("--scale", help="model candidates (default benchmarks/results/evidence_scale_cpu.json)")
     parser.add_argument("--readme", default=str(REPO / "README.md"), help="README with the evidence_headline block")
