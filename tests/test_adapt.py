@@ -115,6 +115,23 @@ def test_an_interrupted_round_is_done_again_to_the_same_weights(adapted, tmp_pat
     assert json.loads((copy / "round_2/metrics.json").read_text())["acc"] == rows[2]["acc"]
 
 
+def test_a_round_trained_again_retrains_or_removes_the_rounds_built_on_it(adapted, tmp_path, capsys) -> None:
+    run, out, _ = adapted
+    copy = tmp_path / "adapt"
+    shutil.copytree(out, copy)
+    (copy / "round_1" / "kept.safetensors").unlink()  # round 1 damaged: round 2 stood on its weights
+    one_round = ["--rounds", "1", "--stream_size", "20", *ARGS[2:]]  # the same 20 images a round
+    code, stdout, err = run_main(["adapt", "--run", str(run), "--out", str(copy), *one_round], capsys)
+    assert code == 0, err
+    assert "round 1: kept" in stdout and "round 2: built on a round trained again" in stdout
+    assert not (copy / "round_2").exists() and len(read_csv(copy / "adapt.csv")) == 2
+    shutil.rmtree(copy)
+    shutil.copytree(out, copy)
+    (copy / "round_1" / "metrics.json").unlink()
+    code, stdout, _ = run_main(["adapt", "--run", str(run), "--out", str(copy), "--rounds", "2", *ARGS], capsys)
+    assert code == 0 and "round 2: finished earlier" not in stdout and "round 2: kept" in stdout
+
+
 def test_the_stream_never_overlaps_training_validation_or_test_images(adapted) -> None:
     _, out, _ = adapted
     datamodule = ImageDataModule(**TINY_DATA)
@@ -268,6 +285,7 @@ def test_bad_arguments_are_refused_in_one_line(tiny_pipeline_run, tmp_path, caps
         (["--run", str(tmp_path / "nope")], "run folder not found"),
         (["--run", str(unfinished)], "stage base of"),
         (["--run", str(run), "--stream_size", "1", "--rounds", "2"], "--stream_size 1 is too small for --rounds 2"),
+        (["--run", str(run), "--replay", "0.99", "--batch_size", "16"], "no room for the experts' answers"),
     ):
         code, _, err = run_main(["adapt", *argv, "--out", str(out)], capsys)
         assert_clean_failure(code, err, out, message)
@@ -298,6 +316,10 @@ def test_the_export_gets_the_adapted_generalist_as_a_new_version(adapted, tiny_e
     expected = batched_logits(load_classifier(str(adapt / "round_2" / "generalist.ckpt")), [images])
     assert torch.allclose(onnx, expected, atol=1e-3)
     new.session("generalist", precision="int8")
+    # the same rounds again: nothing to re-export, so the version (what edge clients check) stays
+    code, stdout, _ = run_main(argv, capsys)
+    assert code == 0 and f"already holds round 2's generalist (version {new.version})" in stdout
+    assert load_bundle(str(export)).version == new.version
     # an export that deploys a second expert is refused: adapt's τ is a one-expert operating point
     manifest = json.loads((export / "manifest.json").read_text())
     manifest["operating_point"]["second_expert"] = {"margin": 0.5, "fusion": "mass"}

@@ -41,7 +41,7 @@ class DistillSettings:
     batch_size: int = 128
     replay: float = 0.5
     temperature: float = 1.0
-    lr: float = 2e-4
+    lr: float = 5e-5  # chosen on validation at the evidence scale (askexpert/commands/adapt.py)
     weight_decay: float = 0.05
 
     def replay_count(self) -> int:

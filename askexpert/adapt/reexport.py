@@ -40,10 +40,11 @@ class ExportTools:
 
 
 def check_export_of_run(
-    folder: str, class_names: list[str], partition, stored_size: int, experts: list[str]
+    folder: str, class_names: list[str], partition, stored_size: int, experts: list[str], routing=None
 ) -> ExportBundle:
     """The export in `folder`, refused unless it was exported from this run (classes, partition, image size and
-    the very expert checkpoints: their SHA-256 in the manifest)."""
+    the very expert checkpoints: their SHA-256 in the manifest) with the routing adapt chooses τ for (gate, top-k,
+    fusion: a τ chosen for one gate means nothing under another)."""
     bundle = load_bundle(folder)
     manifest = bundle.manifest
     same_partition = [sorted(map(int, e)) for e in manifest["partition"]["experts"]] == [
@@ -54,6 +55,14 @@ def check_export_of_run(
         raise UserError(f"--export {folder} was not exported from this run (other classes, experts or image size)")
     if hashes != experts:
         raise UserError(f"--export {folder} holds other experts than this run's; export the run again first")
+    point = manifest["operating_point"]
+    if routing is not None:
+        differ = [key for key in ("gate", "top_k", "fusion") if point.get(key) != getattr(routing, key)]
+        if differ:
+            raise UserError(
+                f"--export {folder} routes with another {', '.join(differ)} than the run's report "
+                f"({', '.join(f'{k} {point.get(k)!r}' for k in differ)}); export the run again first"
+            )
     if manifest["operating_point"].get("second_expert"):
         # adapt chooses a one-expert τ: writing it under a two-expert point would deploy a pair nobody chose
         raise UserError(
@@ -65,8 +74,11 @@ def check_export_of_run(
 
 def reexport(bundle: ExportBundle, checkpoint: str, point: dict, test_set, tools: ExportTools, batch_size: int) -> str:
     """Put the generalist of `checkpoint` and the operating point `point` (threshold, temperature_value) into the
-    export; returns the new version."""
+    export; returns the new version (the same one when the export holds them already: nothing is written, so edge
+    clients keep their version)."""
     folder = bundle.folder
+    if unchanged(bundle, checkpoint, point):
+        return bundle.version
     parent, name = os.path.dirname(folder), os.path.basename(folder)
     staging = os.path.join(parent, f".{name}.adapt-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -76,11 +88,24 @@ def reexport(bundle: ExportBundle, checkpoint: str, point: dict, test_set, tools
         write_json(os.path.join(staging, "manifest.json"), manifest)
         previous = os.path.join(parent, f".{name}.previous-{os.getpid()}")
         os.replace(folder, previous)  # two renames: the folder is the old export or the new one, never a mix
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            os.replace(previous, folder)  # put the old export back: never leave no export at all
+            raise
         shutil.rmtree(previous, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return load_bundle(folder).version
+
+
+def unchanged(bundle: ExportBundle, checkpoint: str, point: dict) -> bool:
+    """Whether the export already holds this generalist checkpoint at this operating point."""
+    op = bundle.manifest["operating_point"]
+    same_point = op.get("threshold") == float(point["threshold"])
+    same_point &= op.get("temperature_value") == float(point["temperature_value"])
+    held = bundle.manifest["models"]["generalist"].get("checkpoint_sha256")
+    return same_point and held == file_sha256(checkpoint)
 
 
 def _changed_manifest(bundle, staging, checkpoint, point, test_set, tools: ExportTools, batch_size) -> dict:

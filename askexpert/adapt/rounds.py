@@ -12,6 +12,8 @@ The round's files are written in that order, metrics.json last (`state.py`), the
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -76,19 +78,35 @@ def run_rounds(job: AdaptJob) -> list[dict]:
     """Every round up to `job.rounds`, finished ones read back, the others run; returns adapt.csv's rows."""
     folder = job.folder
     rows = [finished_round(folder, 0) or _round_zero(job)]
+    redone = False  # once a round is trained again, every later round stands on other weights: train them too
     for r in range(1, job.rounds + 1):
-        done = finished_round(folder, r)
+        done = None if redone else finished_round(folder, r)
         if done is not None:
             print(f"round {r}: finished earlier, skipped ({folder.metrics(r)})", flush=True)
             rows.append(done)
             continue
+        redone = True
         rows.append(_one_round(job, r, rows[-1], rows[0]["val_acc"]))
         _write_tables(job, rows)
-    # rounds a longer earlier call finished stay in the table (a shorter --rounds only stops sooner)
-    while (later := finished_round(folder, len(rows))) is not None:
+    # rounds a longer earlier call finished stay in the table (a shorter --rounds only stops sooner), unless a
+    # round before them was trained again: then they were built on weights that no longer exist
+    while os.path.exists(folder.metrics(len(rows))):
+        later = None if redone else finished_round(folder, len(rows))
+        if later is None:
+            _remove_rounds_from(folder, len(rows))
+            break
         rows.append(later)
     _write_tables(job, rows)
     return rows
+
+
+def _remove_rounds_from(folder, first: int) -> None:
+    """Delete rounds `first`, `first + 1`, ... (stale: an earlier round was trained again)."""
+    r = first
+    while os.path.isdir(round_dir := folder.round_dir(r)):
+        print(f"round {r}: built on a round trained again, removed", flush=True)
+        shutil.rmtree(round_dir)
+        r += 1
 
 
 def _round_zero(job: AdaptJob) -> dict:

@@ -256,13 +256,11 @@ class CollaborativeSystem:
         offloaded = test.confidence < threshold
         selected = {"threshold": threshold, **at_mask(test, offloaded), "chosen_on": chosen_on}
         selected["routing_acc"] = self.routing_accuracy(chosen, offloaded)
+        routing = {**asdict(config), "budget": config.budget_dict(), "constrained": config.constrained_dict()}
+        if not config.second_expert.enabled:  # off, a report reads as it did before the option existed
+            del routing["second_expert"]
         report = {
-            "routing": {
-                **asdict(config),
-                "budget": config.budget_dict(),
-                "constrained": config.constrained_dict(),
-                "temperature_value": temperature,
-            },
+            "routing": {**routing, "temperature_value": temperature},
             "selected": selected,
             "sweep": rows(test_table),
             "baselines": self.baselines(config, temperature, test, chosen, correct, offloaded),

@@ -13,6 +13,7 @@ are in askexpert/adapt/.
 
 from __future__ import annotations
 
+import math
 import os
 
 from askexpert.errors import UserError, check_output_path
@@ -68,6 +69,12 @@ def check_args(args) -> None:
         raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     if not 0.0 <= args.replay <= 1.0:
         raise UserError(f"--replay is the share of each batch from the training split, in [0, 1], got {args.replay}")
+    replayed = int(math.floor(args.replay * args.batch_size + 0.5))  # as DistillSettings.replay_count rounds it
+    if args.replay < 1.0 and replayed >= args.batch_size:
+        raise UserError(
+            f"--replay {args.replay} of a batch of {args.batch_size} rounds to {replayed} replay images: no room for "
+            "the experts' answers; lower --replay or raise --batch_size (--replay 1 is the replay-only control)"
+        )
     if args.stream_size is not None and args.stream_size < 1:
         raise UserError(f"--stream_size must be at least 1, got {args.stream_size}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -111,7 +118,7 @@ def run(argv: list[str]) -> list[dict]:
     experts = [file_sha256(layout.best(layout.expert_dir(family, i))) for i in range(partition.num_experts)]
     bundle = None
     if args.export:
-        bundle = check_export_of_run(args.export, data.class_names, partition, data.stored_image_size, experts)
+        bundle = check_export_of_run(args.export, data.class_names, partition, data.stored_image_size, experts, routing)
     run = load_run(
         layout, settings.data.as_dict(), family, False, recorded_profile(args.run, settings.profile),
         expert_count(settings.partition),
@@ -141,10 +148,15 @@ def run(argv: list[str]) -> list[dict]:
         tools = ExportTools(export.export_model, export.compare, export.onnx_logits, export.MIN_AGREEMENT)
         point = {"threshold": last["tau"], "temperature_value": last["temperature"]}
         checkpoint = folder.checkpoint(last["round"])
+        # read again: the rounds may have taken hours, and the export may have been replaced meanwhile
+        bundle = check_export_of_run(args.export, data.class_names, partition, data.stored_image_size, experts, routing)
         new = reexport(bundle, checkpoint, point, datamodule.tensors("test"), tools, args.eval_batch_size)
-        print(
-            f"export {args.export}: generalist of round {last['round']} (τ {last['tau']:.3f}), version "
-            f"{bundle.version} -> {new}; the edge client uses it from its next start",
-            flush=True,
-        )
+        if new == bundle.version:
+            print(f"export {args.export}: already holds round {last['round']}'s generalist (version {new})")
+        else:
+            print(
+                f"export {args.export}: generalist of round {last['round']} (τ {last['tau']:.3f}), version "
+                f"{bundle.version} -> {new}; the edge client uses it from its next start",
+                flush=True,
+            )
     return rows

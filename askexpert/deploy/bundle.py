@@ -141,9 +141,10 @@ def load_bundle(folder: str) -> ExportBundle:
             if "int8" in entry:
                 str(entry["int8"]["file"]), str(entry["int8"]["sha256"])
         op = manifest["operating_point"]
-        float(op["threshold"]), float(op["temperature_value"]), str(op["gate"]), int(op["top_k"]), str(op["fusion"])
+        _number(op["threshold"]), _number(op["temperature_value"]), str(op["gate"]), int(op["top_k"])
+        str(op["fusion"])
         if op.get("second_expert") is not None:  # absent in one-expert exports (and in those made before it)
-            float(op["second_expert"]["margin"]), str(op["second_expert"]["fusion"])
+            _number(op["second_expert"]["margin"]), str(op["second_expert"]["fusion"])
         [list(map(int, e)) for e in manifest["partition"]["experts"]]
         list(manifest["class_names"])
     except OSError as err:
@@ -160,3 +161,11 @@ def load_bundle(folder: str) -> ExportBundle:
             f"{path} lists {len(experts)} expert models for {len(manifest['partition']['experts'])} subsets"
         )
     return ExportBundle(os.path.abspath(folder), manifest, hashlib.sha256(raw).hexdigest()[:12])
+
+
+def _number(value) -> float:
+    """A manifest number: JSON's int or float, never a text that merely parses as one (it would reach the router
+    as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
