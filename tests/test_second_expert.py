@@ -240,4 +240,3 @@ def test_second_expert_without_model_costs_is_one_clear_error():
     with pytest.raises(UserError, match="needs each expert's model cost"):
         system.evaluate(RoutingConfig(second_expert=SecondExpert(enabled=True)))
     assert "second_expert" not in system.evaluate(RoutingConfig())
-
