@@ -112,6 +112,7 @@ def plot(data: dict, path: Path) -> None:
     axes[0].set_ylabel("offload at equal accuracy (%)")
     axes[1].set_ylabel("generalist alone, test accuracy (%)")
     for axis in axes:
+        axis.set_xticks(range(ROUNDS + 1))
         axis.set_xlabel("round")
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
