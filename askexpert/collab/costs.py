@@ -244,19 +244,18 @@ class CostModel:
 
     def offload(self, model: ModelCost) -> SampleCosts:
         """The extra cost of sending one image to `model` on the near-edge accelerator and getting the answer."""
-        p = self.profile
-        transfer = p.link.transfer_ms(self.image_bytes)
-        wait = p.link.rtt_ms + p.link.overhead_ms + model.near_edge_ms
-        edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * (transfer + wait)
-        system_energy = edge_energy + p.near_edge.active_power_w * model.near_edge_ms
-        return SampleCosts(transfer + wait, edge_energy, system_energy)
+        return self._offloaded(transfers=1, near_edge_ms=model.near_edge_ms)
 
     def offload_pair(self, a: ModelCost, b: ModelCost) -> SampleCosts:
         """The extra cost of asking two experts at once (two concurrent requests; the module's text)."""
+        return self._offloaded(transfers=2, near_edge_ms=a.near_edge_ms + b.near_edge_ms)
+
+    def _offloaded(self, transfers: int, near_edge_ms: float) -> SampleCosts:
+        """The image sent `transfers` times over one radio, one round trip and request overhead (concurrent
+        requests wait together), `near_edge_ms` of accelerator compute; the edge idles until the answer."""
         p = self.profile
-        transfer = 2 * p.link.transfer_ms(self.image_bytes)
-        compute = a.near_edge_ms + b.near_edge_ms
-        wait = p.link.rtt_ms + p.link.overhead_ms + compute
+        transfer = transfers * p.link.transfer_ms(self.image_bytes)
+        wait = p.link.rtt_ms + p.link.overhead_ms + near_edge_ms
         edge_energy = p.link.radio_power_w * transfer + p.edge.idle_power_w * (transfer + wait)
-        system_energy = edge_energy + p.near_edge.active_power_w * compute
+        system_energy = edge_energy + p.near_edge.active_power_w * near_edge_ms
         return SampleCosts(transfer + wait, edge_energy, system_energy)

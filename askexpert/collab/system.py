@@ -113,8 +113,13 @@ class RoutingConfig:
     def needs_calibration(self) -> bool:
         """Whether this routing reads the calibration split: to choose τ (for the selected or the constrained
         point) or to fit the temperature."""
-        chooses_margin = self.second_expert.enabled and self.second_expert.margin is None
-        return self.threshold is None or bool(self.temperature) or bool(self.constrained_dict()) or chooses_margin
+        return (
+            self.threshold is None or bool(self.temperature) or bool(self.constrained_dict()) or self.chooses_margin()
+        )
+
+    def chooses_margin(self) -> bool:
+        """Whether the second expert's margin is chosen on the calibration split (enabled, no margin given)."""
+        return self.second_expert.enabled and self.second_expert.margin is None
 
     def constrained_dict(self) -> dict[str, float]:
         return _active_limits(self.constrained)
@@ -242,8 +247,7 @@ class CollaborativeSystem:
         test, chosen, correct, _ = self.route("test", config, temperature)
         test_table = sweep(test, thresholds)
         calib_table = None
-        chooses_margin = config.second_expert.enabled and config.second_expert.margin is None
-        if config.threshold is None or config.constrained_dict() or chooses_margin:
+        if config.threshold is None or config.constrained_dict() or config.chooses_margin():
             calib, *_ = self.route(split, config, temperature)
             calib_table = sweep(calib, selection_grid(calib.confidence, thresholds))
         if config.threshold is None:
@@ -300,18 +304,9 @@ class CollaborativeSystem:
             report["constrained"]["second_expert"] = point(config.constrained_dict(), "routing.constrained", None)
 
     def pair_routing_accuracy(self, test: RoutedSamples, chosen: torch.Tensor):
-        """routing_acc of a two-expert point: share of the offloaded test samples of which some asked expert owns
-        the true class (None: none offloaded)."""
-        labels = self.labels["test"]
-        first = self.coverage[chosen.clamp_min(0), labels] & (chosen != NO_EXPERT)
-
-        def owns(offloaded: torch.Tensor, paired: torch.Tensor):
-            if not offloaded.any():
-                return None
-            second = self.coverage[test.pair.second.clamp_min(0), labels] & paired
-            return float((first | second)[offloaded].double().mean())
-
-        return owns
+        """routing_acc of a two-expert point, as a function of (offloaded, paired): `routing_accuracy` with the
+        runner-up counted where it was asked."""
+        return lambda offloaded, paired: self.routing_accuracy(chosen, offloaded, test.pair.second, paired)
 
     def calibration_scores(self, config, temperature, split: str, calib: RoutedSamples, report: dict) -> dict:
         """The chosen operating points scored on the split that chose them: what tuning may compare (test
@@ -364,12 +359,21 @@ class CollaborativeSystem:
             out["static_experts"] = at_mask(static, offloaded)
         return out
 
-    def routing_accuracy(self, chosen: torch.Tensor, offloaded: torch.Tensor) -> float | None:
-        """Share of the offloaded test samples sent to an expert that owns their true class (None: none sent)."""
+    def routing_accuracy(
+        self,
+        chosen: torch.Tensor,
+        offloaded: torch.Tensor,
+        second: torch.Tensor | None = None,
+        paired: torch.Tensor | None = None,
+    ) -> float | None:
+        """Share of the offloaded test samples sent to an expert that owns their true class (None: none sent);
+        with `second` (runner-up per sample) and `paired` (where it was asked too), to either of the two."""
         if not offloaded.any():
             return None
         labels = self.labels["test"]
         right = self.coverage[chosen.clamp_min(0), labels] & (chosen != NO_EXPERT)
+        if second is not None:
+            right |= self.coverage[second.clamp_min(0), labels] & paired & (second != NO_EXPERT)
         return float(right[offloaded].double().mean())
 
     def subset_accuracy(self, experts: ExpertSet, index: int, split: str = "test") -> tuple[float, float]:
