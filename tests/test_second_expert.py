@@ -205,7 +205,7 @@ def test_report_has_its_own_second_expert_row_chosen_under_the_same_budget():
         second_expert=SecondExpert(enabled=True),
     )
     report = system.evaluate(config)
-    pair, one = report["second_expert"], report["selected"]
+    pair = report["second_expert"]
     assert pair["chosen_on"] == "val" and 0 <= pair["margin"] <= 1 and 0 <= pair["second_ratio"] <= 1
     assert pair["second_ratio"] <= pair["offload_ratio"]
     assert report["constrained"]["second_expert"]["offload_ratio"] <= report["constrained"]["offload_ratio"] + 0.05

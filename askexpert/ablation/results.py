@@ -42,7 +42,10 @@ CONTEXT = [
     "edge_only_energy_mj",
     "other_test_acc",
     "static_other_test_acc",
-    # the second expert (`--routing.second_expert.enabled`): its own point, chosen under the same limits
+]
+# The second expert (`--routing.second_expert.enabled`): its own points, chosen under the same limits. Only in a
+# results.csv whose runs evaluated it, so the CSVs of every other ablation keep their columns.
+SECOND_EXPERT = [
     "second_system_acc",
     "second_offload_ratio",
     "second_ratio",
@@ -74,8 +77,10 @@ TABLE = [
 ]
 
 
-def header(grid_columns: list[str]) -> list[str]:
-    return [*grid_columns, "seed", "expert", *METRICS, *CONTEXT]
+def header(grid_columns: list[str], rows: list[dict] | None = None) -> list[str]:
+    """results.csv's columns; the second expert's only when some of `rows` has its figures."""
+    paired = any(row.get("second_system_acc") not in ("", None) for row in rows or [])
+    return [*grid_columns, "seed", "expert", *METRICS, *CONTEXT, *(SECOND_EXPERT if paired else [])]
 
 
 def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
@@ -111,7 +116,6 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         "constrained_offload_ratio": at_point("offload_ratio"),
         "constrained_latency_ms": at_point("latency_ms"),
         "constrained_energy_mj": at_point("energy_mj"),
-        "constrained_system_energy_mj": at_point("system_energy_mj"),
         "constrained_routing_acc": at_point("routing_acc"),
         "constrained_static_acc": point["static_experts"]["acc"] if "static_experts" in point else "",
         "constrained_budget": limits_text(point["budget"]) if point else "",
@@ -120,9 +124,11 @@ def report_rows(report: dict, cell_columns: dict, seed: int) -> list[dict]:
         "calib_static_system_acc": calib.get("static_experts_acc", ""),
         "edge_only_latency_ms": get("edge_only", "latency_ms"),
         "edge_only_energy_mj": get("edge_only", "energy_mj"),
-        **_second_expert_columns(report.get("second_expert") or {}, "second_"),
-        **_second_expert_columns(point.get("second_expert") or {}, "constrained_second_"),
     }
+    if "second_expert" in report:  # only then: the CSVs of runs without it keep their columns (`header`)
+        shared["constrained_system_energy_mj"] = at_point("system_energy_mj")
+        shared.update(_second_expert_columns(report["second_expert"], "second_"))
+        shared.update(_second_expert_columns(point.get("second_expert") or {}, "constrained_second_"))
     # static experts of the same run, by index: expert i and static expert i own the same classes
     static = {e["name"].rsplit("_", 1)[-1]: e for e in report.get("static_experts") or []}
     test_size = int(report["data"]["test_size"])
@@ -148,7 +154,7 @@ def _second_expert_columns(pair: dict, prefix: str) -> dict:
     keys = {"system_acc": "acc", "offload_ratio": "offload_ratio", "ratio": "second_ratio", "margin": "margin"}
     keys |= {k: k for k in ("latency_ms", "energy_mj", "system_energy_mj", "routing_acc")}
     columns = {f"{prefix}{name}": pair.get(key, "") for name, key in keys.items()}
-    return {name: ("" if value is None else value) for name, value in columns.items() if name in CONTEXT}
+    return {name: ("" if value is None else value) for name, value in columns.items() if name in SECOND_EXPERT}
 
 
 def _static_twin(static: dict[str, dict], expert: dict) -> dict | None:

@@ -293,7 +293,7 @@ def write_results(out: str, args, runs: list[PlannedRun]) -> dict[str, str] | No
     columns = [grids.column(k) for k in args.grid]
     rows = [row for record in records for row in record["rows"]]
     paths = {name: os.path.join(out, name) for name in ("results.csv", "results.md", "results.png")}
-    atomic_write_text(paths["results.csv"], results.csv_text(rows, results.header(columns)))
+    atomic_write_text(paths["results.csv"], results.csv_text(rows, results.header(columns, rows)))
     aggregated = results.aggregate(rows, columns)
     stand_in = any(r["stand_in"] for r in records) or not records
     label = "STAND-IN synthetic data, not CIFAR-100" if stand_in else "real data"
