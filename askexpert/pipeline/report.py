@@ -14,6 +14,9 @@ from askexpert.runs.layout import RunLayout
 
 def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out_dir: str | None = None) -> dict:
     """Evaluate a finished run and write its report files (to `out_dir`, default the run); prints the headline."""
+    from datamodules.datamodule import ImageDataModule
+
+    routing.check(ImageDataModule(**settings.data.as_dict()).num_classes)  # a bad option fails before any work
     print(f"evaluation: running every model once on val and test (cached in {layout.logits})", flush=True)
     report = evaluate_run(
         layout,
