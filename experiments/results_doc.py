@@ -346,6 +346,8 @@ def main() -> None:
             copies.append((folder / "results.csv", f"{folder.name}_stand_in.csv"))
         filled.append("evidence_tuning")
     for evidence in inputs["evidence"]:
+        if not wanted("evidence_claims", "evidence"):  # a doc without the evidence blocks (found by default)
+            continue
         text, headline = fill_evidence(text, evidence, copies)
         readme = Path(args.readme)
         if readme.is_file() and "<!-- generated:evidence_headline -->" in readme.read_text():
