@@ -20,6 +20,13 @@ class UserError(Exception):
     """A problem with the user's input, reported as one clear line."""
 
 
+class RunsDivergedError(UserError):
+    """Some runs of an ablation diverged while the others finished (their results are written); exit status 3, as
+    for one diverged run, so a script or scheduler sees that the grid is not whole."""
+
+    exit_status = 3
+
+
 class DivergenceError(UserError):
     """Training produced a non-finite loss, gradient or weight (`askexpert.callbacks.guard`); exit status 3.
 

@@ -29,7 +29,7 @@ from typing import Any
 from askexpert.ablation import claims, results
 from askexpert.ablation import grid as grids
 from askexpert.ablation.store import StageStore
-from askexpert.errors import DivergenceError, UserError, find_user_error
+from askexpert.errors import DivergenceError, RunsDivergedError, UserError, find_user_error
 from askexpert.files.atomic import atomic_write_text, write_json
 from askexpert.pipeline.prepare import prepare
 from askexpert.pipeline.runner import execute
@@ -381,11 +381,14 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
         records.append(record)
         write_results(out, args, runs)
     paths = write_results(out, args, runs)
-    failed = [r for r in (_diverged(p) for p in runs) if r]
-    if failed:
-        print(f"\n{len(failed)} of {len(runs)} runs diverged: they are listed in results.md", flush=True)
+    failed = [f"{p.cell.name} seed {p.seed}" for p in runs if _diverged(p)]
     if paths:
         print(f"\nresults: {paths['results.csv']}, {paths['results.md']}, {paths['results.png']}", flush=True)
         with open(paths["results.md"], encoding="utf-8") as handle:
             print(handle.read(), flush=True)
+    if failed:  # the other runs finished and are in the results; the exit status says the grid is not whole
+        raise RunsDivergedError(
+            f"{len(failed)} of {len(runs)} runs diverged ({'; '.join(failed)}): the others finished, every run is "
+            "listed in results.md; rerun with a changed config to train the diverged ones again"
+        )
     return records
