@@ -213,6 +213,10 @@ def test_report_has_its_own_second_expert_row_chosen_under_the_same_budget():
     val, *_ = system.route("val", config, report["routing"]["temperature_value"])
     offloaded, paired = pair_mask(val, pair["threshold"], pair["margin"])
     assert at_mask(val, offloaded, paired=paired)["latency_ms"] <= 20.0 + 1e-9
+    # both two-expert points are scored on the split that chose them too (what tuning may compare)
+    scored = report["calibration"]["second_expert"]
+    assert scored["acc"] == at_mask(val, offloaded, paired=paired)["acc"] and 0 <= scored["second_ratio"] <= 1
+    assert set(report["calibration"]["constrained_second_expert"]) == {"acc", "offload_ratio", "second_ratio"}
     from askexpert.collab.report import headline_table
 
     assert "**askexpert + second expert**" in headline_table(report)

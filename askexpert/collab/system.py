@@ -36,7 +36,14 @@ from askexpert.collab.routing import (
     fit_temperature,
     fuse,
 )
-from askexpert.collab.second_expert import SecondExpert, choose_point, operating_point, pair_costs, paired_samples
+from askexpert.collab.second_expert import (
+    SecondExpert,
+    choose_point,
+    operating_point,
+    pair_costs,
+    pair_mask,
+    paired_samples,
+)
 from askexpert.collab.sweep import (
     RoutedSamples,
     at_mask,
@@ -231,7 +238,7 @@ class CollaborativeSystem:
         correct = _correct_per_expert(probs, experts, split, labels, config.fusion)
         edge_correct = probs.argmax(-1) == labels
         routed = _routed(decision.confidence, edge_correct, correct, chosen, experts.costs, self.edge)
-        if config.second_expert.enabled:
+        if config.second_expert.enabled and experts is self.experts:  # the static baselines never ask two
             costs = pair_costs(self.cost_model, experts.models)
             logits = [e[split] for e in experts.logits]
             routed.pair = paired_samples(decision, logits, labels, costs, config.second_expert.fusion)
@@ -322,6 +329,13 @@ class CollaborativeSystem:
             scores[name] = {"acc": at_mask(calib, offloaded)["acc"], "offload_ratio": float(offloaded.double().mean())}
             if static is not None:
                 scores[name]["static_experts_acc"] = at_mask(static, offloaded)["acc"]
+        pairs = {"second_expert": report.get("second_expert"), "constrained_second_expert": None}
+        pairs["constrained_second_expert"] = (report.get("constrained") or {}).get("second_expert")
+        for name, pair in pairs.items():
+            if pair and pair["chosen_on"] == split:  # the two-expert points chosen here, scored here too
+                offloaded, paired = pair_mask(calib, pair["threshold"], pair["margin"])
+                point = at_mask(calib, offloaded, paired=paired)
+                scores[name] = {key: point[key] for key in ("acc", "offload_ratio", "second_ratio")}
         return scores
 
     def operating_point(self, config, temperature, test: RoutedSamples, chosen, threshold, chosen_on, limits) -> dict:
