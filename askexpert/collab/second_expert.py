@@ -110,3 +110,38 @@ def operating_point(
     point.update(at_mask(test, offloaded, paired=paired))
     point["routing_acc"] = owns_class(offloaded, paired)
     return point
+
+
+def add_points(report: dict, config, test: RoutedSamples, calib, grid, split: str, owns_class) -> None:
+    """report["second_expert"] (under `config.budget`) and report["constrained"]["second_expert"] (under
+    `config.constrained`, when set): τ and margin chosen together on the `calib` samples over the threshold `grid`,
+    unless both are given; `owns_class(offloaded, paired)` is the routing accuracy."""
+    setting = config.second_expert
+
+    def point(limits: dict, name: str, threshold: float | None) -> dict:
+        if threshold is not None and setting.margin is not None:  # both given: nothing to choose
+            tau, margin, chosen_on = float(threshold), float(setting.margin), "given"
+        else:
+            tau, margin = choose_point(calib, setting, grid, threshold, limits, name)
+            chosen_on = split
+        return operating_point(test, tau, margin, setting.fusion, chosen_on, owns_class)
+
+    report["second_expert"] = point(config.budget_dict(), "routing.budget", config.threshold)
+    if config.constrained_dict():
+        report["constrained"]["second_expert"] = point(config.constrained_dict(), "routing.constrained", None)
+
+
+def calibration_scores(report: dict, calib: RoutedSamples, split: str) -> dict:
+    """The two-expert points chosen on `split`, scored there (accuracy, offload, share asked of two): what tuning
+    may compare, as for the one-expert points."""
+    pairs = {
+        "second_expert": report.get("second_expert"),
+        "constrained_second_expert": (report.get("constrained") or {}).get("second_expert"),
+    }
+    scores = {}
+    for name, pair in pairs.items():
+        if pair and pair["chosen_on"] == split:
+            offloaded, paired = pair_mask(calib, pair["threshold"], pair["margin"])
+            found = at_mask(calib, offloaded, paired=paired)
+            scores[name] = {key: found[key] for key in ("acc", "offload_ratio", "second_ratio")}
+    return scores

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from askexpert.collab import second_expert as pairs
 from askexpert.collab.budgets import check_budget
 from askexpert.collab.costs import CostModel, ModelCost, SampleCosts
 from askexpert.collab.routing import (
@@ -36,14 +37,7 @@ from askexpert.collab.routing import (
     fit_temperature,
     fuse,
 )
-from askexpert.collab.second_expert import (
-    SecondExpert,
-    choose_point,
-    operating_point,
-    pair_costs,
-    pair_mask,
-    paired_samples,
-)
+from askexpert.collab.second_expert import SecondExpert, pair_costs, paired_samples
 from askexpert.collab.sweep import (
     RoutedSamples,
     at_mask,
@@ -284,36 +278,20 @@ class CollaborativeSystem:
                 config, temperature, test, chosen, constrained_threshold, split, limits
             )
         if config.second_expert.enabled:
-            self.add_second_expert(
-                report, config, test, chosen, calib if calib_table is not None else None, thresholds, split
-            )
+            calib_samples = calib if calib_table is not None else None
+            self.add_second_expert(report, config, test, chosen, calib_samples, thresholds, split)
         if calib_table is not None:
             report["calibration"] = self.calibration_scores(config, temperature, split, calib, report)
         return report
 
     def add_second_expert(self, report: dict, config: RoutingConfig, test, chosen, calib, thresholds, split) -> None:
-        """The two-expert operating points (`second_expert`, and under the constrained budget), chosen on `split`
-        under the same limits as the one-expert points."""
-        setting = config.second_expert
+        """The two-expert operating points (`collab/second_expert.py`), chosen on `split` under the same limits."""
+        grid = selection_grid(calib.confidence, thresholds) if calib is not None else None
 
-        def point(limits: dict, name: str, threshold: float | None) -> dict:
-            if threshold is not None and setting.margin is not None:  # both given: nothing to choose
-                tau, margin, chosen_on = float(threshold), float(setting.margin), "given"
-            else:
-                grid = selection_grid(calib.confidence, thresholds)
-                tau, margin = choose_point(calib, setting, grid, threshold, limits, name)
-                chosen_on = split
-            owns_class = self.pair_routing_accuracy(test, chosen)
-            return operating_point(test, tau, margin, setting.fusion, chosen_on, owns_class)
+        def owns_class(offloaded, paired):  # some asked expert owns the true class
+            return self.routing_accuracy(chosen, offloaded, test.pair.second, paired)
 
-        report["second_expert"] = point(config.budget_dict(), "routing.budget", config.threshold)
-        if config.constrained_dict():
-            report["constrained"]["second_expert"] = point(config.constrained_dict(), "routing.constrained", None)
-
-    def pair_routing_accuracy(self, test: RoutedSamples, chosen: torch.Tensor):
-        """routing_acc of a two-expert point, as a function of (offloaded, paired): `routing_accuracy` with the
-        runner-up counted where it was asked."""
-        return lambda offloaded, paired: self.routing_accuracy(chosen, offloaded, test.pair.second, paired)
+        pairs.add_points(report, config, test, calib, grid, split, owns_class)
 
     def calibration_scores(self, config, temperature, split: str, calib: RoutedSamples, report: dict) -> dict:
         """The chosen operating points scored on the split that chose them: what tuning may compare (test
@@ -329,13 +307,7 @@ class CollaborativeSystem:
             scores[name] = {"acc": at_mask(calib, offloaded)["acc"], "offload_ratio": float(offloaded.double().mean())}
             if static is not None:
                 scores[name]["static_experts_acc"] = at_mask(static, offloaded)["acc"]
-        pairs = {"second_expert": report.get("second_expert"), "constrained_second_expert": None}
-        pairs["constrained_second_expert"] = (report.get("constrained") or {}).get("second_expert")
-        for name, pair in pairs.items():
-            if pair and pair["chosen_on"] == split:  # the two-expert points chosen here, scored here too
-                offloaded, paired = pair_mask(calib, pair["threshold"], pair["margin"])
-                point = at_mask(calib, offloaded, paired=paired)
-                scores[name] = {key: point[key] for key in ("acc", "offload_ratio", "second_ratio")}
+        scores.update(pairs.calibration_scores(report, calib, split))  # the two-expert points chosen here
         return scores
 
     def operating_point(self, config, temperature, test: RoutedSamples, chosen, threshold, chosen_on, limits) -> dict:
