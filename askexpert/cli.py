@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
 from askexpert.errors import UserError, one_line_for_user
 
-# LIGHTNING_COMMANDS (the Trainer subcommands and their help) lives with their parser, which names them in its errors
-from askexpert.lightning_cli.cli import run_lightning_command
-from askexpert.lightning_cli.parser import LIGHTNING_COMMANDS
+# The Trainer subcommands and their help, without Lightning: `--help` and the dispatcher import nothing heavy;
+# Lightning is imported when a Trainer command runs (`run_lightning_command`) or a command's module needs it.
+from askexpert.lightning_cli.commands import LIGHTNING_COMMANDS
 
 
 @dataclass(frozen=True)
@@ -94,15 +93,24 @@ def cli_main(args: list[str] | None = None):
     if command not in LIGHTNING_COMMANDS:
         known = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
         raise UserError(f"unknown command {command!r}; commands: {known}")
+    from askexpert.lightning_cli.cli import run_lightning_command
+
     return run_lightning_command(argv, from_sys_argv=args is None)
 
 
 def main() -> None:
+    # Lightning's hint to prepend `srun` on any machine that has it: on a SLURM login node every local fit would
+    # print it. askexpert submits its SLURM jobs itself (--launcher submitit), and a multi-task fit started
+    # without srun is refused in one line (askexpert/lightning_cli/slurm.py), so the hint only adds noise.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     try:
         cli_main()
     except Exception as err:
         found = one_line_for_user(err)
-        if found is None and isinstance(err, MisconfigurationException):
+        # Lightning's own exception type, looked up only if Lightning is loaded (an error before it never is one)
+        lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+        misconfigured = getattr(lightning_errors, "MisconfigurationException", None)
+        if found is None and misconfigured is not None and isinstance(err, misconfigured):
             found = (str(err).strip().splitlines()[0], 2)  # Lightning's word for a setting it refuses (`max_epochs -5`)
         if found is None:
             raise

@@ -6,7 +6,11 @@
 set -euo pipefail
 if [ "$(id -u)" != 0 ]; then echo "slurm_up: needs root (apt-get and the daemons)" >&2; exit 2; fi
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  # a fresh machine may have no package lists yet: update them once if the first try cannot find the packages
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  fi
 fi
 host=$(hostname -s)
 cpus=$(nproc)

@@ -86,6 +86,16 @@ def cifar100_metadata(root: str) -> Metadata:
     )
 
 
+def official_metadata() -> Metadata:
+    """The official dataset's class names and hierarchy, without its files (a dry run on a machine without them)."""
+    return list(CIFAR100_FINE_NAMES), list(CIFAR100_COARSE_NAMES), list(CIFAR100_FINE_TO_COARSE)
+
+
+def cifar100_present(root: str) -> bool:
+    """Whether ROOT holds the official files (the parent of cifar-100-python, or that folder itself)."""
+    return bool(root) and _all_present(_resolve_folder(root))
+
+
 def _resolve_folder(root: str) -> str:
     """Map ROOT to the folder holding the pickles, accepting both the parent and `cifar-100-python` itself."""
     root = os.path.expanduser(root)

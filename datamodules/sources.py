@@ -6,6 +6,8 @@ model, before any image is decoded, so every source can answer it from names and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Literal
@@ -31,12 +33,37 @@ def _check_source(source: str, root: str | None) -> None:
         raise UserError(f"data source {source!r} needs --data.root PATH (the folder holding the dataset)")
 
 
+# Set while a dry run plans (`planning_without_data`): CIFAR-100's classes are known without its files.
+_PLANNING_WITHOUT_DATA = contextvars.ContextVar("planning_without_data", default=False)
+
+
+@contextlib.contextmanager
+def planning_without_data():
+    """While a dry run plans, a CIFAR-100 root that is not on disk stands for the official dataset (its 100
+    classes and 20 superclasses from datamodules/labels.py), so a GPU config can be checked on a laptop without
+    the data; a real run still needs the files and says so."""
+    token = _PLANNING_WITHOUT_DATA.set(True)
+    try:
+        yield
+    finally:
+        _PLANNING_WITHOUT_DATA.reset(token)
+
+
+def cifar100_missing(root: str | None) -> bool:
+    """Whether a CIFAR-100 root holds no dataset yet (what a dry run then assumes)."""
+    from datamodules.cifar100 import cifar100_present
+
+    return not cifar100_present(root or "")
+
+
 def source_metadata(source: str, root: str | None) -> SourceMetadata:
     """Class names and hierarchy of a source without loading its images."""
     _check_source(source, root)
     if source == "cifar100":
-        from datamodules.cifar100 import cifar100_metadata
+        from datamodules.cifar100 import cifar100_metadata, official_metadata
 
+        if _PLANNING_WITHOUT_DATA.get() and cifar100_missing(root):
+            return SourceMetadata(*official_metadata())
         return SourceMetadata(*cifar100_metadata(root))
     if source == "imagefolder":
         from datamodules.imagefolder import imagefolder_metadata

@@ -353,6 +353,14 @@ def main() -> None:
         if readme.is_file() and "<!-- generated:evidence_headline -->" in readme.read_text():
             readme_text = replace_block(readme.read_text(), "evidence_headline", headline, str(readme))
         filled.append(EVIDENCE)
+    readme = Path(args.readme)
+    # the demo's figures: experiments/demo_headline.py and experiments/demo_export.py write them
+    for block in ("demo_headline", "demo_export"):
+        demo = REPO / "docs" / "results" / f"{block}_stand_in.md"
+        if demo.is_file() and readme.is_file() and f"<!-- generated:{block} -->" in readme.read_text():
+            base = readme_text if readme_text is not None else readme.read_text()
+            readme_text = replace_block(base, block, demo.read_text(), str(readme))
+            filled.append(block)
     for name in ABLATIONS:
         folder = Path(args.runs) / name
         if not (folder / "results.csv").is_file():

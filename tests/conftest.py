@@ -15,6 +15,15 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 # W&B must never reach the network from a test.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The suite writes about a hundred tiny reports: their diagnostic plots (1.3 s each) are drawn only where a test
+# asks for them (tests/test_report_plots.py turns them on; `plots_on` below).
+os.environ.setdefault("ASKEXPERT_REPORT_PLOTS", "0")
+
+
+@pytest.fixture
+def plots_on(monkeypatch):
+    """Reports written in this test get the diagnostic plots (askexpert/collab/report.py)."""
+    monkeypatch.setenv("ASKEXPERT_REPORT_PLOTS", "1")
 
 TINY_ARGS = [
     "--seed_everything",

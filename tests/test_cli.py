@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 from conftest import TINY_ARGS  # noqa: E402
 
 # Configs of later subcommands live in these folders and are checked by their own subcommand's tests.
-NON_FIT_DIRS = ("pipeline", "ablations", "sweeps", "profiles")
+NON_FIT_DIRS = ("pipeline", "ablations", "sweeps", "profiles", "launcher")
 FIT_CONFIGS = sorted(
     str(p.relative_to(REPO))
     for p in (REPO / "configs").rglob("*.yaml")

@@ -22,6 +22,8 @@ from helpers.pipelines import write_configs
 from lightning.pytorch.callbacks import Callback
 
 from askexpert.cli import cli_main
+from askexpert.collab.plots import PLOT_FILES
+from askexpert.collab.report import diagnostic_plots_wanted
 
 
 class FailOnStart(Callback):
@@ -208,11 +210,13 @@ def test_evaluate_writes_only_its_report(run, tmp_path, capsys):
     code, _, err = run_main(["evaluate", "--run", str(run), "--out", str(elsewhere), "--profile", lte], capsys)
     assert code == 0, err
     assert changes(before, run) == ([], [])  # --out elsewhere: the run is untouched (its logits were cached)
-    assert {p.name for p in elsewhere.iterdir()} == {"report.json", "report.md", "pareto.png"}
+    report_files = {"report.json", "report.md", "pareto.png"}  # (the diagnostic plots are off in the suite)
+    report_files |= set(PLOT_FILES) if diagnostic_plots_wanted() else set()
+    assert {p.name for p in elsewhere.iterdir()} == report_files
     code, _, err = run_main(["evaluate", "--run", str(run), "--routing.gate", "margin"], capsys)
     assert code == 0, err
     changed, new = changes(before, run)  # the default --out: the run's own report, replaced
-    assert set(changed) <= {"report.json", "report.md", "pareto.png"} and "report.json" in changed and new == []
+    assert set(changed) <= report_files and "report.json" in changed and new == []
     assert (run / "logits").is_dir() and json.loads((run / "report.json").read_text())["routing"]["gate"] == "margin"
 
 

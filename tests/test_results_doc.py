@@ -144,3 +144,34 @@ def test_bad_inputs_give_one_line_and_change_no_file(tmp_path):
         assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "KEEP" in doc.read_text() and "KEEP" in readme.read_text()  # neither file half-written
         assert not (tmp_path / "results").exists()  # nor any result file copied beside the doc
+
+
+def test_the_readme_demo_figures_are_the_generated_files():
+    """The README's demo headline and export figures are docs/results/<block>_stand_in.md, never a hand copy."""
+    readme = (REPO / "README.md").read_text()
+    for name in ("demo_headline", "demo_export"):
+        block = readme.split(f"<!-- generated:{name} -->\n", 1)[1].split(f"<!-- /generated:{name} -->", 1)[0]
+        assert block.strip() == (REPO / "docs" / "results" / f"{name}_stand_in.md").read_text().strip()
+
+
+def test_demo_export_summarises_a_manifest(tiny_export, tmp_path):
+    export, manifest = tiny_export
+    out = tmp_path / "export.md"
+    script = [sys.executable, str(REPO / "experiments" / "demo_export.py"), "--export", str(export), "--out", str(out)]
+    subprocess.run(script, check=True, capture_output=True, cwd=REPO)
+    text = out.read_text()
+    flips = manifest["verification"]["routing"]["routing_flips"]
+    assert f"{flips} routing decisions changed" in text and "int8:" in text
+
+
+def test_demo_headline_writes_what_the_pipeline_prints(tiny_pipeline_run, tmp_path):
+    from askexpert.collab.report import headline_table
+
+    _, run = tiny_pipeline_run
+    out = tmp_path / "headline.md"
+    script = [sys.executable, str(REPO / "experiments" / "demo_headline.py"), "--run", str(run), "--out", str(out)]
+    subprocess.run(script, check=True, capture_output=True, cwd=REPO)
+    text = out.read_text()
+    report = json.loads((run / "report.json").read_text())
+    assert headline_table(report) in text and "STAND-IN synthetic data, not CIFAR-100" in text
+    assert f"Threshold τ = {report['selected']['threshold']:.2f}" in text

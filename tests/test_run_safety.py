@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import HELPERS, TINY_ARGS, run_subprocess_env
+from conftest import HELPERS, REPO, TINY_ARGS, run_subprocess_env
 from helpers.cli import run_main
-from helpers.locks import TAKE, hold
+from helpers.locks import HOLD, TAKE, hold
 from helpers.pipelines import write_configs
 
 from askexpert.cli import cli_main
 from askexpert.errors import UserError
 from askexpert.files.atomic import TEMPORARY, atomic_path, atomic_write_text
 from askexpert.files.checkpoints import load_checkpoint
-from askexpert.runs.lock import LOCK_FILE, LOCKED_ENV, locked
+from askexpert.runs.lock import LEASE_FILE, LOCK_FILE, LOCKED_ENV, PART_OF_ENV, locked
 
 if str(HELPERS) not in sys.path:  # the killer callbacks, named by configs that also run in this process
     sys.path.insert(0, str(HELPERS))
@@ -202,7 +202,7 @@ def test_a_second_writer_gets_one_line_naming_the_holder(tmp_path, capsys):
         assert code == 2 and len(lines) == 1, err
         assert lines[0].startswith(f"askexpert: error: {run} is in use by pid {holder.pid} (`python -c ")
         assert "started" in lines[0] and "wait for it to finish or stop it" in lines[0]
-        assert sorted(os.listdir(run)) == [LOCK_FILE]  # the refused fit wrote nothing
+        assert sorted(os.listdir(run)) == [LEASE_FILE, LOCK_FILE]  # the refused fit wrote nothing
         # writing inside a held folder is refused too (a `fit` into a running pipeline's stage folder)
         with pytest.raises(UserError, match=f"run/generalist is part of .*run, which is in use by pid {holder.pid}"):
             with locked(str(run / "generalist")):
@@ -263,6 +263,40 @@ def test_a_folder_is_not_taken_while_a_writer_works_inside_it(tmp_path):
         holder.wait()
     with locked(str(tmp_path / "runs")):  # the writer is gone: its folder may be taken and its leftovers go
         assert not live.exists()
+
+
+@pytest.mark.parametrize("part_of", [None, ["another"], ["out", "out/store"]])
+def test_a_driver_started_again_is_not_refused_by_its_running_jobs(tmp_path, part_of):
+    """A `--launcher submitit` job is no child of its driver: it says in ASKEXPERT_PART_OF which folders the
+    driver holds. A driver started again on them takes them while the job runs, and cleans none of the job's
+    temporary files away from under it; a writer that says nothing (or names other folders) still refuses it."""
+    root = Path(os.path.realpath(tmp_path))
+    out, claim = root / "out", root / "out" / "store" / "claims" / "base-1"
+    env = {key: value for key, value in os.environ.items() if key not in (LOCKED_ENV, PART_OF_ENV)}
+    if part_of is not None:
+        env[PART_OF_ENV] = json.dumps([str(root / folder) for folder in part_of])
+    job = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(claim)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
+    )
+    try:
+        assert job.stdout.readline().strip() == "held"
+        # a write in progress, and one whose name names no writer (mkstemp's)
+        temporaries = [claim / f".x.{job.pid}.0123abcd.tmp", claim / ".tmp-k2j3h4"]
+        for temporary in temporaries:
+            temporary.write_text("half")
+        if part_of != ["out", "out/store"]:
+            with pytest.raises(UserError, match=f"out contains .*claims/base-1, which is in use by pid {job.pid}"):
+                with locked(str(out)):
+                    pass
+        else:
+            with locked(str(out)), locked(str(out / "store")):  # as a driver takes its --out and its store
+                assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+            for record in (claim / LOCK_FILE, claim / LEASE_FILE):  # what the job's lock says of it
+                assert json.loads(record.read_text())["part_of"] == [str(out), str(out / "store")]
+        assert all(temporary.exists() for temporary in temporaries)
+    finally:
+        job.kill()
+        job.wait()
 
 
 def test_an_exported_lock_variable_lets_no_second_writer_in(tmp_path, monkeypatch):

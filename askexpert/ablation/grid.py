@@ -25,7 +25,8 @@ RESERVED = ("config", "out", "overwrite", "seed")
 def pipeline_keys() -> list[str]:
     from askexpert.pipeline.settings import parser
 
-    return [key for key in parser().get_defaults().keys() if key not in RESERVED]
+    # the launcher is where a cell's stages run, not a setting of the cell (the ablation's own --launcher)
+    return [key for key in parser().get_defaults().keys() if key not in RESERVED and not key.startswith("launcher.")]
 
 
 def split_override(key: str) -> tuple[str, str] | None:

@@ -7,7 +7,9 @@ runs the adapted generalist from its next start, and the server (whose experts d
 The generalist is exported and verified against PyTorch as `export` does (same exporter, same agreement rules,
 passed in by the command: the library never imports a command), its int8 copy is made again when the export has
 one, and the operating point takes the adapted τ and temperature. The folder is copied aside, changed there and
-swapped in with two renames, so a reader sees the old export or the new one, never a mix.
+swapped in with two renames, so a reader sees the old export or the new one, never a mix. Its MODEL_CARD.md is
+written again for the new version (from `ExportTools.report`, the run's report.json); without a report the old
+card, which would describe the previous version, is removed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from askexpert.collab.routing import NO_EXPERT, decide
 from askexpert.deploy.bundle import ExportBundle, load_bundle
 from askexpert.errors import UserError
 from askexpert.export.int8 import model_figures, quantize, system_figures
+from askexpert.export.model_card import CARD_NAME, write_model_card
 from askexpert.files.atomic import write_json
 from askexpert.files.hashing import file_sha256
 from askexpert.modules.loading import load_classifier
@@ -37,6 +40,7 @@ class ExportTools:
     onnx_logits: Callable  # (path, images, batch_size) -> logits
     min_agreement: float
     atol: float = 1e-3
+    report: dict | None = None  # the run's report.json, for the export's MODEL_CARD.md
 
 
 def check_export_of_run(
@@ -86,6 +90,10 @@ def reexport(bundle: ExportBundle, checkpoint: str, point: dict, test_set, tools
     try:
         manifest = _changed_manifest(bundle, staging, checkpoint, point, test_set, tools, batch_size)
         write_json(os.path.join(staging, "manifest.json"), manifest)
+        if tools.report is not None:
+            write_model_card(staging, manifest, tools.report, shown_as=folder)
+        elif os.path.exists(os.path.join(staging, CARD_NAME)):
+            os.remove(os.path.join(staging, CARD_NAME))  # it describes the previous version
         previous = os.path.join(parent, f".{name}.previous-{os.getpid()}")
         os.replace(folder, previous)  # two renames: the folder is the old export or the new one, never a mix
         try:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from askexpert.collab.costs import CostModel, load_profile, model_cost
+from askexpert.collab.diagnostics import diagnostics
 from askexpert.collab.logits import cached_logits
 from askexpert.collab.sanity import findings
 from askexpert.collab.system import CollaborativeSystem, ExpertSet, RoutingConfig
@@ -253,6 +254,8 @@ def run_report(run: LoadedRun, routing: RoutingConfig, seed: int) -> dict:
         "experts": expert_entries(run, run.specialization),
         "static_experts": expert_entries(run, STATIC) if has_static else [],
         **result,
+        # what the report's plots draw (collab/diagnostics.py): calibration bins, per-class routing counts
+        **diagnostics(run.system, result["routing"], result["selected"]["threshold"]),
         "costs": _costs_entry(run, profile_entry),
         "provenance": {
             "packages": package_versions(),

@@ -1,5 +1,6 @@
-"""The evaluation report as files: report.json (everything), report.md (the tables a person reads) and
-pareto.png (accuracy against latency and against edge energy), each written atomically.
+"""The evaluation report as files: report.json (everything), report.md (the tables a person reads),
+pareto.png (accuracy against latency and against edge energy) and the plots of `collab/plots.py` (training
+curves, reliability diagram, routing, experts vs the generalist), each written atomically.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import io
 import os
 
 from askexpert.collab.budgets import limits_text
+from askexpert.collab.plots import PLOT_FILES, figures, plots_section
 from askexpert.collab.sanity import OFFLOAD_EVERYTHING_MIN, OFFLOAD_NOTHING_MAX, Finding, findings
 from askexpert.files.atomic import atomic_write_bytes, atomic_write_text, write_json
 
@@ -152,7 +154,8 @@ def second_expert_claim(pair: dict, one: dict, where: str) -> str:
     )
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, images: list[str] | None = None) -> str:
+    """report.md; `images`: the plot files written next to it (`collab/plots.py`), linked in a "Plots" section."""
     data = report["data"]
     label = "STAND-IN synthetic data, not CIFAR-100" if data["stand_in"] else f"{data['source']} data"
     lines = [
@@ -160,6 +163,7 @@ def markdown(report: dict) -> str:
         "",
         *findings_markdown(report),
         *_results_section(report),
+        *plots_section(report, images or []),
         *_models_section(report),
         *_costs_section(report),
         *_sweep_section(report),
@@ -301,33 +305,63 @@ def pareto_figure(report: dict):
     return figure
 
 
-def write_report(report: dict, folder: str) -> dict[str, str]:
-    """Write report.json, report.md and pareto.png into `folder`; returns their paths."""
+def _png(figure) -> bytes:
     import matplotlib.pyplot as plt
 
-    paths = {name: os.path.join(folder, name) for name in ("report.json", "report.md", "pareto.png")}
-    figure = pareto_figure(report)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
-    atomic_write_bytes(paths["pareto.png"], buffer.getvalue())
-    atomic_write_text(paths["report.md"], markdown(report))
+    return buffer.getvalue()
+
+
+PLOTS_ENV = "ASKEXPERT_REPORT_PLOTS"  # 0 / false / no: no diagnostic plots (pareto.png is always written)
+
+
+def diagnostic_plots_wanted() -> bool:
+    """Whether reports get the diagnostic plots (about 1.3 s per report on 2 CPU cores). On by default; a large
+    grid of cells on a slow machine (or the test suite, which writes a hundred tiny reports) may turn them off."""
+    return os.environ.get(PLOTS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def write_report(report: dict, folder: str, run_dir: str | None = None) -> dict[str, str]:
+    """Write report.json, report.md, pareto.png and the plots of `collab/plots.py` that the report (and the run
+    folder `run_dir`, default `folder`, for the training curves) has data for into `folder`; returns their paths."""
+    paths = {name: os.path.join(folder, name) for name in ("report.json", "report.md", "pareto.png")}
+    atomic_write_bytes(paths["pareto.png"], _png(pareto_figure(report)))
+    for name, figure in (figures(report, run_dir or folder) if diagnostic_plots_wanted() else {}).items():
+        paths[name] = os.path.join(folder, name)
+        atomic_write_bytes(paths[name], _png(figure))
+    atomic_write_text(paths["report.md"], markdown(report, [name for name in paths if name in PLOT_FILES]))
     write_json(paths["report.json"], report)
     return paths
 
 
-def log_to_wandb(report: dict, paths: dict[str, str], folder: str, project: str, name: str | None = None) -> None:
-    """The sweep, the headline table and the plot as a W&B run (offline unless WANDB_MODE or a sweep agent)."""
+def log_to_wandb(
+    report: dict,
+    paths: dict[str, str],
+    folder: str,
+    project: str,
+    name: str | None = None,
+    group: str | None = None,
+    job_type: str = "evaluation",
+    tags: list[str] | None = None,
+    entity: str | None = None,
+) -> None:
+    """The sweep, the headline table and the plot as a W&B run (offline unless WANDB_MODE or a sweep agent), of
+    the pipeline run's `group` (askexpert/pipeline/wandb_runs.py)."""
     import wandb
 
     from askexpert.runs.folder import wandb_should_be_offline
 
     run = wandb.init(
         project=project,
+        entity=entity,
         name=name or os.path.basename(os.path.abspath(folder)),
+        group=group,
+        tags=tags,
         dir=folder,
         mode="offline" if wandb_should_be_offline() else None,
-        job_type="evaluate",
+        job_type=job_type,
         config={"routing": report["routing"], "data": report["data"]},
         reinit="finish_previous",
     )
@@ -341,6 +375,7 @@ def log_to_wandb(report: dict, paths: dict[str, str], folder: str, project: str,
                     data=[[label, *[r[c] for c in columns[1:]]] for label, r in headline_rows(report)],
                 ),
                 "pareto": wandb.Image(paths["pareto.png"]),
+                **{name.removesuffix(".png"): wandb.Image(paths[name]) for name in PLOT_FILES if name in paths},
             }
         )
         run.summary.update({f"selected/{k}": v for k, v in report["selected"].items() if isinstance(v, float)})

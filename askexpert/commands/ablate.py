@@ -26,18 +26,29 @@ import shutil
 import time
 from typing import Any
 
-from askexpert.ablation import claims, results
+from askexpert.ablation import cells as cell_files
 from askexpert.ablation import grid as grids
+from askexpert.ablation import results
 from askexpert.ablation.store import StageStore
+from askexpert.ablation.tracking import add_wandb_arguments, wandb_arguments
+from askexpert.cluster.launch import (
+    check_can_submit,
+    check_jobs,
+    describe_jobs,
+    record_outcome,
+    stage_keys,
+    train_on_cluster,
+)
 from askexpert.errors import DivergenceError, RunsDivergedError, UserError, find_user_error
-from askexpert.files.atomic import atomic_write_text, write_json
+from askexpert.files.atomic import write_json
+from askexpert.pipeline.launcher_settings import add_launcher_arguments, launcher_settings, launcher_shorthand
 from askexpert.pipeline.prepare import prepare
 from askexpert.pipeline.runner import execute
 from askexpert.pipeline.settings import expert_count, find_config_file, parse_settings
-from askexpert.runs.lock import LOCK_FILE, locked
+from askexpert.pipeline.wandb_runs import log_report
+from askexpert.runs.lock import LEASE_FILE, LOCK_FILE, locked
 
 SPEC_FILE = "ablation.json"
-CELL_FILE = "cell.json"
 
 
 def parser():
@@ -52,6 +63,8 @@ def parser():
     p.add_argument("--store", type=str | None, default=None, help="shared stages (default: OUT/store)")
     p.add_argument("--overwrite", type=bool, default=False, help="replace results of a different grid or config")
     p.add_argument("--dry_run", type=bool, default=False, help="print the plan (cells, stages to train) and stop")
+    add_wandb_arguments(p)
+    add_launcher_arguments(p)
     return p
 
 
@@ -77,7 +90,8 @@ def _settings(args, pipeline_path: str, cell: grids.Cell, seed: int, folder: str
     """The pipeline settings of one (cell, seed): the pipeline config, then `fixed`, then the cell's values."""
     fixed_args, fixed_overrides = grids.cell_arguments(args.fixed)
     cell_args, cell_overrides = grids.cell_arguments(dict(cell.values))
-    argv = ["--config", pipeline_path, *fixed_args, *cell_args, "--out", folder, "--seed", str(seed)]
+    argv = ["--config", pipeline_path, *fixed_args, *cell_args, *wandb_arguments(args), "--out", folder]
+    argv += ["--seed", str(seed)]
     settings, explicit = parse_settings(argv)
     # a stage's overrides are a mapping: given on the command line, one would replace the config's, not add to it
     for overrides in (fixed_overrides, cell_overrides):
@@ -117,23 +131,13 @@ def _cell_identity(prepared) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _load_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def check_out_folder(out: str, spec: dict, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} is a file, not a folder")
     saved_path = os.path.join(out, SPEC_FILE)
-    saved = _load_json(saved_path)
+    saved = cell_files.load_json(saved_path)
     if saved is None:
-        if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE}:
+        if os.path.isdir(out) and set(os.listdir(out)) - {LOCK_FILE, LEASE_FILE}:
             raise UserError(f"--out {out} already holds files that are not an ablation; choose another folder")
         return
     same_order = list(saved.get("grid") or {}) == list(spec["grid"])  # the order names the cells and columns
@@ -169,7 +173,8 @@ def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
             folder = os.path.join(out, "cells", cell.name, f"seed{seed}")
             try:
                 settings, explicit = _settings(args, pipeline_path, cell, seed, folder)
-                prepared = prepare(settings, args.overwrite, cache, explicit, args.dry_run, own_files=(CELL_FILE,))
+                own = (cell_files.CELL_FILE,)
+                prepared = prepare(settings, args.overwrite, cache, explicit, args.dry_run, own_files=own)
             except Exception as err:
                 found = find_user_error(err)
                 if found is None:
@@ -177,7 +182,7 @@ def plan(args) -> tuple[dict, list[PlannedRun], StageStore]:
                 values = ", ".join(f"{k}={v}" for k, v in cell.columns().items())
                 raise UserError(f"cell {values or 'default'} (seed {seed}): {found}") from None
             identity = _cell_identity(prepared)
-            saved = _load_json(os.path.join(folder, CELL_FILE))
+            saved = cell_files.load_json(os.path.join(folder, cell_files.CELL_FILE))
             if saved and saved.get("identity") != identity and not args.overwrite:
                 raise UserError(
                     f"{folder} holds a result made with another config; use another --out, or --overwrite to redo it"
@@ -199,35 +204,6 @@ def describe_plan(runs: list[PlannedRun], store: StageStore) -> str:
         f"{cells} cells x {seeds} seeds = {len(runs)} runs, sharing {len(unique)} distinct stages ({stage_counts}); "
         f"{todo} still to train"
     )
-
-
-def _saved(planned: PlannedRun) -> dict | None:
-    """The cell's record when it was made with this cell's config (finished or diverged)."""
-    saved = _load_json(os.path.join(planned.folder, CELL_FILE))
-    return saved if saved and saved.get("identity") == planned.identity else None
-
-
-def _finished(planned: PlannedRun) -> dict | None:
-    saved = _saved(planned)
-    return saved if saved and not saved.get("diverged") else None
-
-
-def _diverged(planned: PlannedRun) -> dict | None:
-    saved = _saved(planned)
-    return saved if saved and saved.get("diverged") else None
-
-
-def record_divergence(planned: PlannedRun, divergence: dict) -> dict:
-    """cell.json of a cell that could not finish because one of its stages diverged (no result rows)."""
-    record = {
-        "cell": planned.cell.columns(),
-        "seed": planned.seed,
-        "identity": planned.identity,
-        "diverged": divergence,
-        "rows": [],
-    }
-    write_json(os.path.join(planned.folder, CELL_FILE), record, indent=1, default=str)
-    return record
 
 
 def _remove_stale(out: str, runs: list[PlannedRun]) -> None:
@@ -267,7 +243,8 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
         settings.seed,
         num_experts=expert_count(settings.partition),
     )
-    write_report(report, planned.folder)
+    paths = write_report(report, planned.folder)
+    log_report(report, paths, planned.folder, settings, prepared.layout)  # when the cell logs to W&B
     rows = results.report_rows(report, planned.cell.columns(), planned.seed)
     record = {
         "cell": planned.cell.columns(),
@@ -280,76 +257,59 @@ def run_cell(planned: PlannedRun, store: StageStore) -> dict:
         "stages": {s.name: {"identity": s.identity, "config": s.config} for s in prepared.stages},
         **results.cell_minutes(prepared.record, time.time() - started),
     }
-    write_json(os.path.join(planned.folder, CELL_FILE), record, indent=1, default=str)
+    write_json(os.path.join(planned.folder, cell_files.CELL_FILE), record, indent=1, default=str)
     return record
 
 
-def write_results(out: str, args, runs: list[PlannedRun]) -> dict[str, str] | None:
-    """results.csv, .md and .png from every finished cell (in grid order); None before the first one."""
-    records = [r for r in (_finished(p) for p in runs) if r]
-    diverged = [r for r in (_diverged(p) for p in runs) if r]
-    if not records and not diverged:
-        return None
-    columns = [grids.column(k) for k in args.grid]
-    rows = [row for record in records for row in record["rows"]]
-    paths = {name: os.path.join(out, name) for name in ("results.csv", "results.md", "results.png")}
-    atomic_write_text(paths["results.csv"], results.csv_text(rows, results.header(columns, rows)))
-    aggregated = results.aggregate(rows, columns)
-    stand_in = any(r["stand_in"] for r in records) or not records
-    label = "STAND-IN synthetic data, not CIFAR-100" if stand_in else "real data"
-    done = f"{len(records)} of {len(runs)} runs finished" + (f", {len(diverged)} diverged" if diverged else "")
-    text = [
-        f"# Ablation results ({label})",
-        "",
-        f"Grid: {', '.join(columns) or 'none'}; seeds {', '.join(str(s) for s in args.seeds)}; {done}. "
-        "Mean ± sample std over seeds; expert columns are first averaged over a run's experts.",
-        "",
-        results.markdown_table(aggregated, columns) if rows else "No run has finished yet.",
-        "",
-    ]
-    claims_table = claims.markdown(rows, columns) if rows else None
-    if claims_table:
-        text += ["## The paper's claims, measured in these runs", "", claims_table, ""]
-    if diverged:
-        text += ["## Diverged runs", "", "Training produced a non-finite loss; these runs have no results.", ""]
-        text += ["| cell | seed | stage | step | epoch |", "|---|---:|---|---:|---:|"]
-        for record in diverged:
-            cell = ", ".join(f"{k}={v}" for k, v in record["cell"].items()) or "default"
-            d = record["diverged"]
-            text.append(f"| {cell} | {record['seed']} | {d['stage']} | {d['step']} | {d['epoch']} |")
-        text.append("")
-    atomic_write_text(paths["results.md"], "\n".join(text))
-    if rows:
-        results.plot(aggregated, columns, paths["results.png"], f"{os.path.basename(out)} ({label}; {done})")
-    return paths
-
-
 def run(argv: list[str]) -> list[dict]:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(launcher_shorthand(argv))
+    launcher = launcher_settings(args.launcher)
+    if launcher.name == "submitit" and not args.dry_run:
+        check_can_submit(launcher)
     spec, runs, store = plan(args)
+    if launcher.name == "submitit":
+        check_jobs([p.prepared for p in runs if not cell_files.finished(p)], store, launcher)
     out = os.path.abspath(args.out)
     print(f"ablation: {describe_plan(runs, store)}", flush=True)
     if args.dry_run:
         for planned in runs:
-            state = "done" if _finished(planned) else "to run"
-            state = "diverged before: to run again" if _diverged(planned) else state
+            state = "done" if cell_files.finished(planned) else "to run"
+            state = "diverged before: to run again" if cell_files.diverged(planned) else state
             print(f"  {planned.cell.name} seed {planned.seed}: {state}", flush=True)
+        if launcher.name == "submitit":
+            print(describe_jobs([p.prepared for p in runs if not cell_files.finished(p)], store), flush=True)
         return []
     # One writer per ablation folder and per store (askexpert/runs/lock.py); the cells' pipelines run inside.
     with locked(out), store.locked():
-        return _run_all(args, spec, runs, store, out)
+        return _run_all(args, spec, runs, store, out, launcher)
 
 
-def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: str) -> list[dict]:
+def _train_on_cluster(runs: list[PlannedRun], store: StageStore, out: str, launcher) -> Any:
+    """With the submitit launcher: every stage of the unfinished runs as jobs first (the runs' own folders are
+    made ready for them); None with the local launcher."""
+    if launcher.name != "submitit":
+        return None
+    todo = [p.prepared for p in runs if not cell_files.finished(p)]
+    outcome = train_on_cluster(todo, store, launcher, (out, store.root))
+    for prepared in todo:
+        record_outcome(prepared, store, outcome)
+    return outcome
+
+
+def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: str, launcher) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     if args.overwrite:
         _remove_stale(out, runs)
     write_json(os.path.join(out, SPEC_FILE), spec, indent=2, default=str)
+    jobs = _train_on_cluster(runs, store, out, launcher)
+    if jobs is not None and jobs.running:
+        return []  # --launcher.wait false: submitted; the same command evaluates once they are done
+    failed_jobs: list[str] = []  # runs whose stage job failed (not diverged): they have no result
     records = []
     diverged: dict[str, dict] = {}  # identity of a stage that diverged in this process -> where
     for number, planned in enumerate(runs, 1):
         header = f"[ablate {number}/{len(runs)}] {planned.cell.name} seed {planned.seed}"
-        found = _finished(planned)
+        found = cell_files.finished(planned)
         if found:
             print(f"{header}: done, skipped", flush=True)
             records.append(found)
@@ -357,8 +317,19 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
         shared = next((diverged[s.identity] for s in planned.prepared.stages if s.identity in diverged), None)
         if shared is not None:
             print(f"{header}: diverged (shares stage {shared['stage']}, which diverged), skipped", flush=True)
-            record_divergence(planned, shared)
-            write_results(out, args, runs)
+            cell_files.record_divergence(planned, shared)
+            cell_files.write_results(out, args, runs)
+            continue
+        problem = jobs.problem(stage_keys(planned.prepared, store)) if jobs is not None else None
+        divergence = jobs.divergence(stage_keys(planned.prepared, store)) if jobs is not None else None
+        if divergence is not None:
+            print(f"{header}: DIVERGED at stage {divergence['stage']}, step {divergence['step']}; going on", flush=True)
+            cell_files.record_divergence(planned, divergence)
+            cell_files.write_results(out, args, runs)
+            continue
+        if problem is not None:
+            print(f"{header}: not evaluated: {problem}", flush=True)
+            failed_jobs.append(f"{planned.cell.name} seed {planned.seed}")
             continue
         print(f"{header}: running ({planned.folder})", flush=True)
         try:
@@ -366,9 +337,9 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
         except DivergenceError as err:
             stage = next(s for s in planned.prepared.stages if s.name == err.stage)
             diverged[stage.identity] = {"stage": err.stage, "step": err.step, "epoch": err.epoch, "message": str(err)}
-            record_divergence(planned, diverged[stage.identity])
+            cell_files.record_divergence(planned, diverged[stage.identity])
             print(f"{header}: DIVERGED at stage {err.stage}, step {err.step} (epoch {err.epoch}); going on", flush=True)
-            write_results(out, args, runs)
+            cell_files.write_results(out, args, runs)
             continue
         first = record["rows"][0] if record["rows"] else {}
         if first:
@@ -379,13 +350,18 @@ def _run_all(args, spec: dict, runs: list[PlannedRun], store: StageStore, out: s
                 flush=True,
             )
         records.append(record)
-        write_results(out, args, runs)
-    paths = write_results(out, args, runs)
-    failed = [f"{p.cell.name} seed {p.seed}" for p in runs if _diverged(p)]
+        cell_files.write_results(out, args, runs)
+    paths = cell_files.write_results(out, args, runs)
+    failed = [f"{p.cell.name} seed {p.seed}" for p in runs if cell_files.diverged(p)]
     if paths:
         print(f"\nresults: {paths['results.csv']}, {paths['results.md']}, {paths['results.png']}", flush=True)
         with open(paths["results.md"], encoding="utf-8") as handle:
             print(handle.read(), flush=True)
+    if failed_jobs:  # a stage's job failed: those runs are listed, the others finished and are in the results
+        raise UserError(
+            f"{len(failed_jobs)} of {len(runs)} runs could not finish because a stage job failed "
+            f"({'; '.join(failed_jobs)}); the others are in results.md; rerun the same command to retry them"
+        )
     if failed:  # the other runs finished and are in the results; the exit status says the grid is not whole
         raise RunsDivergedError(
             f"{len(failed)} of {len(runs)} runs diverged ({'; '.join(failed)}): the others finished, every run is "

@@ -145,7 +145,11 @@ def run(argv: list[str]) -> list[dict]:
         from askexpert.commands import export
 
         last = rows[-1]
-        tools = ExportTools(export.export_model, export.compare, export.onnx_logits, export.MIN_AGREEMENT)
+        from askexpert.export.model_card import read_report
+
+        tools = ExportTools(
+            export.export_model, export.compare, export.onnx_logits, export.MIN_AGREEMENT, report=read_report(args.run)
+        )
         point = {"threshold": last["tau"], "temperature_value": last["temperature"]}
         checkpoint = folder.checkpoint(last["round"])
         # read again: the rounds may have taken hours, and the export may have been replaced meanwhile

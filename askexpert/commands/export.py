@@ -13,6 +13,8 @@ unless every model passes (the folder is built aside and renamed into place).
 
 EXPORT/manifest.json records the operating point (threshold, gate, temperature, top-k, fusion), the partition,
 the class names, every model's file, SHA-256, input and output, the verification figures and package versions.
+EXPORT/MODEL_CARD.md describes the export from the manifest and the run's report.json (askexpert/export/model_card.py);
+it is documentation, not listed in the manifest, so it is not part of the version (the manifest's SHA-256).
 
 A second expert (`--second_expert auto`, the default): when the run's report has a two-expert point (`evaluate
 --routing.second_expert.enabled true`), that point is deployed: the operating point's threshold is its own and
@@ -34,6 +36,7 @@ from askexpert.collab.logits import batched_logits, in_batches
 from askexpert.collab.routing import NO_EXPERT, EdgeDecision, decide
 from askexpert.errors import UserError
 from askexpert.export.int8 import model_figures, quantize, system_figures
+from askexpert.export.model_card import read_report, write_model_card
 from askexpert.files.atomic import write_json
 from askexpert.files.hashing import file_sha256 as sha256
 from askexpert.modules.loading import load_classifier
@@ -148,6 +151,7 @@ def run(argv: list[str]) -> dict:
         manifest = _export_all(models, sources, routing, threshold, (images, labels), stored, staging, args)
         manifest["class_names"] = list(datamodule.class_names)
         write_json(os.path.join(staging, "manifest.json"), manifest)
+        write_model_card(staging, manifest, read_report(args.run), shown_as=args.out, run=args.run)
         if os.path.isdir(args.out):
             shutil.rmtree(args.out)
         os.replace(staging, args.out)

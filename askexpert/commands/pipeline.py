@@ -25,6 +25,8 @@ fails at once; `--dry_run true` prints each stage's essentials (model, batch, lr
 - a stage whose config changed is refused unless `--overwrite`, which retrains it and everything after it.
 `--parallel_experts N` trains up to N experts at once per device, each as its own `fit` process (the same
 training as one after another, see `askexpert experts --per_device`).
+`--launcher submitit` trains every stage as a SLURM job instead (askexpert/cluster/, docs/cluster.md), in a store
+of the run's own (`--out/store`), then goes on here exactly as the local launcher does.
 Routing and profile settings only change the evaluation, which always runs (from cached logits).
 
 How a run goes, top to bottom in `run` below; each step's code is a module of askexpert/pipeline/:
@@ -44,8 +46,20 @@ How a run goes, top to bottom in `run` below; each step's code is a module of as
 
 from __future__ import annotations
 
+from askexpert.cluster.launch import (
+    PIPELINE_STORE,
+    StillRunning,
+    check_can_submit,
+    check_jobs,
+    describe_jobs,
+    pipeline_store,
+    raise_for_pipeline,
+    record_outcome,
+    train_on_cluster,
+)
 from askexpert.errors import UserError
 from askexpert.pipeline.dry_run import describe_plan
+from askexpert.pipeline.launcher_settings import launcher_settings
 from askexpert.pipeline.prepare import prepare
 from askexpert.pipeline.record import load_record
 from askexpert.pipeline.report import evaluate_and_report
@@ -57,17 +71,38 @@ from askexpert.runs.lock import locked
 def run(argv: list[str]) -> dict:
     # 1. parse
     settings, explicit_data = parse_settings(argv)
+    launcher = launcher_settings(settings.launcher)
+    on_cluster = launcher.name == "submitit"
     # 2. check and 3. plan: nothing is written, so a bad value in the last stage costs no training
-    prepared = prepare(settings, settings.overwrite, explicit_data=explicit_data, dry_run=settings.dry_run)
+    own = (PIPELINE_STORE,) if on_cluster else ()
+    if on_cluster and not settings.dry_run:
+        check_can_submit(launcher)
+    prepared = prepare(
+        settings, settings.overwrite, explicit_data=explicit_data, dry_run=settings.dry_run, own_files=own
+    )
+    if on_cluster:
+        check_jobs([prepared], pipeline_store(prepared.layout), launcher)
     if settings.dry_run:
         print(describe_plan(prepared), flush=True)
+        if on_cluster:
+            print(describe_jobs([prepared], pipeline_store(prepared.layout)), flush=True)
         return {}
     # One writer per run (askexpert/runs/lock.py); its in-process stages and expert processes are covered.
     with locked(prepared.layout.root):
         if load_record(prepared.layout) != prepared.record:  # written by another pipeline since it was read
             raise UserError(f"--out {prepared.layout.root} changed while this pipeline was planned; run it again")
-        # 4. execute: generalist, base, partition, experts, static experts
-        execute(prepared)
+        # 4. execute: generalist, base, partition, experts, static experts (with submitit: as jobs, then
+        #    `execute` finds them done in the run's store and only links and records them)
+        store = None
+        if on_cluster:
+            store = pipeline_store(prepared.layout)
+            outcome = train_on_cluster([prepared], store, launcher, (prepared.layout.root,))
+            record_outcome(prepared, store, outcome)
+            try:
+                raise_for_pipeline(outcome, prepared, store)
+            except StillRunning:
+                return {}
+        execute(prepared, store)
         # 5. evaluate, with the run's own copy of the profile, as `evaluate --run` will: the same report either way
         settings.profile = recorded_profile(prepared.layout.root, prepared.profile_copy[0])
         return evaluate_and_report(settings, prepared.layout, prepared.routing)

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # -- atomic writes -----------------------------------------------------------------------------------------
@@ -84,11 +84,15 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temporaries(folder: str) -> None:
-    """Delete the temporary files killed writers left in `folder` (not following links: a store's stages are
-    cleaned by the store's own lock). Called under the folder's lock; a file whose name carries the pid of a
-    process still alive (a writer in a subfolder with a lock of its own) is left alone."""
-    for parent, _, files in os.walk(folder):
+def remove_stale_temporaries(folder: str, skip: Callable[[str], bool] | None = None) -> None:
+    """Delete the temporary files killed writers left in `folder` and its subfolders (not following links: a
+    store's stages are cleaned by the store's own lock). Called under the folder's lock; a file whose name carries
+    the pid of a process still alive (a writer in a subfolder with a lock of its own) is left alone, and so is
+    every subfolder, with all inside it, for which `skip` says True (one held by a writer of its own, which
+    cleaned it when it took it: askexpert/runs/lock.py)."""
+    for parent, folders, files in os.walk(folder):
+        if skip is not None:
+            folders[:] = [name for name in folders if not skip(os.path.join(parent, name))]
         for name in files:
             if TEMPORARY.search(name) and not _writer_alive(name):
                 with contextlib.suppress(OSError):

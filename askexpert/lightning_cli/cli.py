@@ -8,7 +8,9 @@ Trainer's house callbacks (trainer.py), the checks and lock around a run (prefli
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -106,8 +108,26 @@ def run_lightning_command(argv: list[str], from_sys_argv: bool = False) -> AskEx
     pipeline's in-process stages (and their `--print_config` resolution) all come through here.
     `from_sys_argv`: the arguments are the process's own (LightningCLI warns when given arguments while
     `sys.argv` holds others)."""
+    quiet_repeated_notices()
     mapped = map_specialization_names(argv)
     if from_sys_argv:
         sys.argv[1:] = mapped
         return AskExpertCLI(args=None)
-    return AskExpertCLI(args=mapped)
+    with warnings.catch_warnings():  # in-process on purpose (a pipeline's stages, `experts`): not sys.argv's
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return AskExpertCLI(args=mapped)
+
+
+class _NoAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_repeated_notices() -> None:
+    """What every fit would print again and again without telling the user anything about their run: Lightning's
+    advert for its cloud logger (once per Trainer) and a deprecation inside Lightning's own pytree helper (once
+    per fit with this torch). Installed once per process."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdvert) for f in logger.filters):
+        logger.addFilter(_NoAdvert())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")

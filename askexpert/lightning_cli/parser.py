@@ -14,15 +14,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 import strategies
 from askexpert.callbacks import PredictionCSVWriter
 from askexpert.errors import UserError, one_line_parse_error
+from askexpert.lightning_cli.commands import LIGHTNING_COMMANDS
 from askexpert.runs.folder import checkpoint_dir
 from strategies import SpecializationStrategy
-
-LIGHTNING_COMMANDS = {
-    "fit": "train a model (generalist, base model or expert) from a config",
-    "validate": "evaluate a checkpoint on the validation split",
-    "test": "evaluate a checkpoint on the test split",
-    "predict": "write a checkpoint's predictions on the test split to CSV",
-}
 
 # LightningCLI nests every config under its subcommand (`fit.trainer...`); with this setting a config file
 # can still write `${trainer.default_root_dir}` and mean the key of its own subcommand.

@@ -24,47 +24,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from askexpert.errors import UserError
 from askexpert.models import create_network
 from askexpert.models.pretrained import file_normalisation, load_file_weights, load_published_weights
+from askexpert.modules.ema import WeightEma
 from askexpert.modules.metrics import ClassificationMetrics
+from askexpert.modules.recipe import check_recipe
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-SCHEDULES = ("cosine", "constant")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_recipe(
-    num_classes: int,
-    class_names: list[str] | None,
-    image_size: int,
-    lr: float,
-    head_lr: float | None,
-    layer_decay: float | None,
-    warmup_epochs: float,
-    schedule: str,
-    label_smoothing: float,
-    random_erase: float,
-    compile_mode: str,
-) -> None:
-    """Refuse, in one line, a training recipe no module can run (before anything is built)."""
-    if compile_mode not in COMPILE_MODES:
-        raise UserError(f"unknown compile_mode {compile_mode!r}; modes: {', '.join(COMPILE_MODES)}")
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; schedules: {', '.join(SCHEDULES)}")
-    if num_classes < 2:
-        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
-    if class_names is not None and len(class_names) != num_classes:
-        raise UserError(f"{len(class_names)} class names given for {num_classes} classes")
-    if lr <= 0 or warmup_epochs < 0 or not 0 <= label_smoothing < 1:
-        raise UserError("lr must be positive, warmup_epochs non-negative and label_smoothing in [0, 1)")
-    if (head_lr is not None and head_lr <= 0) or (layer_decay is not None and not 0 < layer_decay <= 1):
-        raise UserError("--model.head_lr must be positive and --model.layer_decay in (0, 1]")
-    if not 0 <= random_erase <= 1:
-        raise UserError(f"--model.random_erase is a probability in [0, 1], got {random_erase}")
-    if image_size < 1:
-        raise UserError(f"the model's image_size must be a positive number of pixels, got {image_size}")
-
-
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(WeightEma, pl.LightningModule):
     """Image classifier with AdamW + warmup/cosine, label smoothing, optional Mixup/CutMix, and metrics.
 
     Args:
@@ -106,6 +74,13 @@ class ClassifierModule(pl.LightningModule):
             GPUs for the medium models; costs ~50 s of compilation per model on a 2-core CPU for no gain).
         compile_mode: `torch.compile` mode: default, reduce-overhead, max-autotune or
             max-autotune-no-cudagraphs.
+        ema_decay: keep an exponential moving average of the weights (timm's `ModelEmaV3`, fp32, on the model's
+            device, updated after every optimizer step) with this decay in (0, 1), e.g. 0.9998; unset: no EMA.
+            Validation, test and prediction evaluate the EMA weights, and best.ckpt holds them as the model's
+            own weights (every consumer gets them); last.ckpt holds the raw weights and the EMA (`ema_state_dict`),
+            so a resume is exact.
+        ema_warmup: ramp the EMA's decay up from 0 (timm's warm-up, `1 - (1 + step) ** -2/3`, capped at
+            `ema_decay`): for short runs, where a high decay would keep the EMA near the initial weights.
     """
 
     def __init__(
@@ -135,6 +110,8 @@ class ClassifierModule(pl.LightningModule):
         std: tuple[float, float, float] | None = None,
         compile: bool = False,
         compile_mode: str = "default",
+        ema_decay: float | None = None,
+        ema_warmup: bool = False,
     ) -> None:
         super().__init__()
         check_recipe(
@@ -149,6 +126,8 @@ class ClassifierModule(pl.LightningModule):
             label_smoothing,
             random_erase,
             compile_mode,
+            ema_decay,
+            ema_warmup,
         )
         self.save_hyperparameters()
         self.net = create_network(model_name, self.num_outputs, drop_path_rate, image_size, img_size)
@@ -178,6 +157,9 @@ class ClassifierModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
         self.test_metrics = ClassificationMetrics(num_classes, class_to_superclass, superclass_names)
+        # the weight EMA (see `ema`) and, while evaluation uses the EMA weights, the raw ones it displaced
+        object.__setattr__(self, "_ema", None)
+        self._raw_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -294,15 +276,18 @@ class ClassifierModule(pl.LightningModule):
         return trainer._logger_connector.should_update_logs or trainer.is_last_batch or first
 
     def on_train_epoch_end(self) -> None:
-        # the epoch's accuracy (torchmetrics reduces it over DDP processes), as `self.log(metric)` would give
+        # the epoch's accuracy (torchmetrics reduces it over DDP processes), as `self.log(metric)` would give;
+        # sync_dist only averages equal copies (and keeps Lightning from warning under DDP)
         if self.train_acc.update_called:
-            self.log("train/acc", self.train_acc.compute())
+            self.log("train/acc", self.train_acc.compute(), sync_dist=True)
         self.train_acc.reset()
 
     def _eval_step(self, batch, metrics: ClassificationMetrics, prefix: str) -> None:
         images, labels = batch
         logits = self(images)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels))
+        # sync_dist: the epoch's mean over every DDP process's batches, reduced once at the epoch's end
+        loss = F.cross_entropy(logits, labels)
+        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=len(labels), sync_dist=True)
         metrics.update(logits, labels)
 
     def _log_metrics(self, metrics: ClassificationMetrics, prefix: str) -> None:
@@ -388,3 +373,7 @@ class ClassifierModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Lets `askexpert.modules.loading.load_classifier` rebuild the right class from the file alone.
         checkpoint["askexpert_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        self._save_ema(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._load_ema(checkpoint)

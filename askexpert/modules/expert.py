@@ -220,7 +220,7 @@ class ExpertModule(ClassifierModule):
         # the loss the expert is trained for: a dustbin expert's out-of-subset target is "other"
         targets = torch.where(inside, labels, self.hparams.num_classes) if self._other_output else labels
         loss = torch.nn.functional.cross_entropy(raw, targets)
-        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=len(labels))
+        self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=len(labels), sync_dist=True)  # reduced at epoch end
         logits = self.answer_logits(raw, labels)
         metrics.update(logits, labels)
         subset_metrics = self.val_subset_metrics if prefix == "val" else self.test_subset_metrics

@@ -17,7 +17,7 @@ from askexpert.pipeline.partitioning import partition_from_settings
 from askexpert.pipeline.settings import section_of
 from askexpert.pipeline.stages import Stage
 from askexpert.runs.layout import RunLayout, expert_families
-from askexpert.runs.lock import LOCK_FILE
+from askexpert.runs.lock import LEASE_FILE, LOCK_FILE
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS
 
@@ -96,7 +96,7 @@ def check_out_folder(
     """Names of stages whose recorded config differs; refuses them (and foreign folders: files other than
     `own_files`, the caller's records) unless overwrite. A stage that diverged is not done: a new config for it
     is what the user is expected to try. (`prepare` has checked that --out is a folder, if it exists.)"""
-    if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - {*own_files, LOCK_FILE}:
+    if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - {*own_files, LOCK_FILE, LEASE_FILE}:
         # even with --overwrite: only a pipeline's own stages are ever deleted
         raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")
     planned = {s.name: s for s in stages}

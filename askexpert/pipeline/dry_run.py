@@ -8,6 +8,7 @@ from __future__ import annotations
 from askexpert.pipeline.prepare import PreparedRun
 from askexpert.pipeline.record import is_done
 from askexpert.pipeline.stages import Stage
+from datamodules.sources import cifar100_missing
 
 HEADER = ("stage", "model", "batch", "lr", "warm-up", "epochs", "precision", "device", "clip", "status")
 
@@ -33,7 +34,13 @@ def describe_plan(prepared: PreparedRun) -> str:
         sizes = f" ({data.synthetic_train_per_class} train / {data.synthetic_test_per_class} test per class)"
     head = f"pipeline {prepared.layout.root}: data {data.source}{sizes}, val_fraction {data.val_fraction}, "
     head += f"seed {prepared.settings.seed}"
-    return "\n".join([head, *lines, "dry run: nothing was trained or written"])
+    notes = []
+    if data.source == "cifar100" and cifar100_missing(data.root):
+        notes.append(
+            f"data: no CIFAR-100 under {data.root}; planned with the official 100 classes and 20 superclasses "
+            "(a real run needs the files, or --data.download true where there is a network)"
+        )
+    return "\n".join([head, *lines, *notes, "dry run: nothing was trained or written"])
 
 
 def _status(prepared: PreparedRun, stage: Stage) -> str:

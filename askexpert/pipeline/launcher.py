@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from askexpert.errors import DivergenceError, UserError
 
@@ -37,12 +37,13 @@ class Job:
     name: str
     command: list[str]
     log: str
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment (W&B's run names)
 
 
-def fit_job(name: str, fit_args: list[str], folder: str) -> Job:
+def fit_job(name: str, fit_args: list[str], folder: str, env: dict[str, str] | None = None) -> Job:
     """A child `python -m askexpert fit` (`fit_args` start with `fit`) that trains into `folder`, its output in
-    `folder`/fit.log."""
-    return Job(name, [sys.executable, "-m", "askexpert", *fit_args], os.path.join(folder, "fit.log"))
+    `folder`/fit.log; `env`: variables it gets on top of this process's (`wandb_stage_env`)."""
+    return Job(name, [sys.executable, "-m", "askexpert", *fit_args], os.path.join(folder, "fit.log"), dict(env or {}))
 
 
 def visible_gpus() -> list[str]:
@@ -146,6 +147,7 @@ def _start(job: Job, slot: str | None) -> tuple[subprocess.Popen, object]:
     env = dict(os.environ)
     for name in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):  # an expert is not the sweep agent's run
         env.pop(name, None)
+    env.update(job.env)
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
     os.makedirs(os.path.dirname(job.log), exist_ok=True)

@@ -7,6 +7,7 @@ in the last cell fails at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from askexpert.pipeline.settings import PROFILE_DIR, normalise_settings, parser,
 from askexpert.pipeline.stages import Stage, plan_stages
 from askexpert.runs.layout import RunLayout
 from datamodules.datamodule import ImageDataModule
+from datamodules.sources import planning_without_data
 
 
 @dataclass
@@ -56,6 +58,12 @@ def prepare(
     nothing. `explicit_data`: the data keys the pipeline config or command line set (`explicit_data_keys`);
     `dry_run`: build no GPU trainer and accept a changed config (the plan says what would retrain); `own_files`:
     files of the caller that may sit in the run folder (an ablation's cell record)."""
+    # a dry run plans a CIFAR-100 config without the files (their classes are known); a real run needs them
+    with planning_without_data() if dry_run else contextlib.nullcontext():
+        return _prepare(settings, overwrite, cache, explicit_data, dry_run, own_files)
+
+
+def _prepare(settings, overwrite, cache, explicit_data, dry_run, own_files) -> PreparedRun:
     # the cheap checks first (what normalising reads, the run folder), then every stage's arguments
     check_settings_shape(settings)
     layout = RunLayout(settings.out)
@@ -86,4 +94,5 @@ def _run_files(settings) -> tuple[str, tuple[str, bytes]]:
         raise UserError(f"cannot read device profile {settings.profile}: {err.strerror}") from None
     saved = settings.clone()
     saved.profile = copy
-    return parser().dump(saved, skip_none=False), (copy, content)
+    del saved["launcher"]  # where the stages ran is not part of the run (a run is the same on either launcher)
+    return parser().dump(saved, skip_none=False, skip_validation=True), (copy, content)

@@ -9,6 +9,7 @@ from askexpert.collab.evaluation import evaluate_run
 from askexpert.collab.report import headline_table, write_report
 from askexpert.collab.system import RoutingConfig
 from askexpert.pipeline.settings import expert_count
+from askexpert.pipeline.wandb_runs import log_report
 from askexpert.runs.layout import RunLayout
 
 
@@ -28,11 +29,8 @@ def evaluate_and_report(settings, layout: RunLayout, routing: RoutingConfig, out
         settings.seed,
         num_experts=expert_count(settings.partition),
     )
-    paths = write_report(report, out_dir or layout.root)
-    if settings.get("wandb_project"):
-        from askexpert.collab.report import log_to_wandb
-
-        log_to_wandb(report, paths, out_dir or layout.root, settings.wandb_project)
+    paths = write_report(report, out_dir or layout.root, run_dir=layout.root)  # its stages' metrics.csv
+    log_report(report, paths, out_dir or layout.root, settings, layout)
     print_headline(report, paths)
     return report
 

@@ -35,6 +35,7 @@ from askexpert.pipeline.partitioning import partition_from_settings, validation_
 from askexpert.pipeline.prepare import PreparedRun
 from askexpert.pipeline.record import is_done, mark_diverged, mark_done, save_record, started_entry
 from askexpert.pipeline.stages import Stage, StageKind
+from askexpert.pipeline.wandb_runs import stage_environment, wandb_stage_env
 from askexpert.runs.folder import last_checkpoint
 from askexpert.runs.layout import RunLayout
 from askexpert.runs.lock import check_not_in_use
@@ -54,8 +55,7 @@ def execute(prepared: PreparedRun, store=None) -> None:
     """Run (or skip, or resume) every stage of a prepared run. `store`: an ablation's
     `askexpert.ablation.store.StageStore`, see the module docstring. A diverged stage raises `DivergenceError`
     (with its `stage`) after it is recorded; nothing after it runs."""
-    _forget_stale(prepared)
-    _write_run_files(prepared, store)
+    begin(prepared, store)
     parallel = int(prepared.settings.get("parallel_experts") or 1)
     side_by_side: list[tuple[Stage, bool]] = []  # experts to train once everything before them is done
     stages = prepared.stages
@@ -70,12 +70,19 @@ def execute(prepared: PreparedRun, store=None) -> None:
             continue
         else:
             try:
-                run_fit(stage, prepared.layout, start is StageStart.RESUMED)
+                run_fit(stage, prepared.layout, start is StageStart.RESUMED, prepared.settings)
             except DivergenceError as err:
                 raise _diverged(prepared, stage, err) from None
         _finish_stage(prepared, stage, store)
     if side_by_side:
         _run_side_by_side(prepared, side_by_side, parallel, store)
+
+
+def begin(prepared: PreparedRun, store=None) -> None:
+    """Before any stage: forget stale stages (--overwrite) and write the run's own files. Run again by `execute`
+    after the submitit launcher's jobs (it changes nothing then)."""
+    _forget_stale(prepared)
+    _write_run_files(prepared, store)
 
 
 def _forget_stale(prepared: PreparedRun) -> None:
@@ -88,7 +95,7 @@ def _forget_stale(prepared: PreparedRun) -> None:
         if any(d in dropped for d in stage.depends_on):
             dropped.add(stage.name)
     for name in dropped:
-        _remove(prepared.layout.stage_dir(name))
+        remove(prepared.layout.stage_dir(name))
         prepared.record.pop(name, None)
         if name not in planned:
             print(f"{name}: removed (not part of this config)", flush=True)
@@ -119,13 +126,13 @@ def _start_stage(prepared: PreparedRun, stage: Stage, header: str, store) -> Sta
     if broken is not None:
         print(f"{header}: {broken}; {'training' if stage.trains else 'building'} it again", flush=True)
     elif done:
-        _take_done_stage(prepared, stage, folder, store, done_here)
+        take_done_stage(prepared, stage, folder, store, done_here)
         print(f"{header}: {StageStart.SKIPPED.value}", flush=True)
         return StageStart.SKIPPED
     if store is None and os.path.islink(local):  # a stage shared from an ablation's store: train our own
         os.unlink(local)
     same = store is not None or entry.get("identity") == stage.identity
-    resume = broken is None and stage.trains and same and _can_resume(folder, header)
+    resume = broken is None and stage.trains and same and can_resume(folder, header)
     _ready_folder(stage, folder, local, store, resume)
     start = StageStart.RESUMED if resume else StageStart.FROM_THE_START
     print(f"{header}: {start.value} ({folder})", flush=True)
@@ -134,13 +141,15 @@ def _start_stage(prepared: PreparedRun, stage: Stage, header: str, store) -> Sta
     return start
 
 
-def _take_done_stage(prepared: PreparedRun, stage: Stage, folder: str, store, done_here: bool) -> None:
+def take_done_stage(prepared: PreparedRun, stage: Stage, folder: str, store, done_here: bool) -> None:
     """A stage done in the store: the run links to it, and records it as done."""
     if store is None:
         return
     store.link(folder, prepared.layout.stage_dir(stage.name))
     if not done_here:
-        prepared.record[stage.name] = {"identity": stage.identity, "done": True, "config": stage.config}
+        # trained by a job of the submitit launcher through this run: its seconds (and whether it resumed)
+        trained = store.job_record(stage, prepared.layout.root)
+        prepared.record[stage.name] = {"identity": stage.identity, "done": True, "config": stage.config, **trained}
         save_record(prepared.layout, prepared.record)
 
 
@@ -150,9 +159,9 @@ def _ready_folder(stage: Stage, folder: str, local: str, store, resume: bool) ->
         store.mark_not_done(stage)  # not done while it trains, whatever happens to this process
     if not resume:
         check_not_in_use(folder)  # e.g. an expert process of a killed pipeline, still training there
-        _remove(folder)
+        remove(folder)
     if store is not None:
-        _remove(local)
+        remove(local)
         if stage.trains:
             os.makedirs(folder, exist_ok=True)
             store.link(folder, local)
@@ -173,7 +182,7 @@ def _diverged(prepared: PreparedRun, stage: Stage, err: DivergenceError) -> Dive
     return DivergenceError(message, step=err.step, epoch=err.epoch, last_good=err.last_good, stage=stage.name)
 
 
-def _can_resume(folder: str, header: str) -> bool:
+def can_resume(folder: str, header: str) -> bool:
     """Whether a stage's folder holds a last.ckpt to resume from; a truncated or corrupt one (a crash or a full disk
     before writes were atomic) restarts the stage, with a line saying so."""
     found = last_checkpoint(folder)
@@ -208,7 +217,7 @@ def _broken_artefact(stage: Stage, path: str) -> str | None:
     return None
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
     if os.path.islink(path):  # a stage shared through an ablation's store: drop the link, keep the stage
         os.unlink(path)
     elif os.path.isdir(path):
@@ -239,8 +248,12 @@ def run_partition(settings, layout: RunLayout, path: str | None = None) -> None:
     print(f"partition: {part.method}, {partition.num_experts} experts ({sizes} classes) -> {path}", flush=True)
 
 
-def run_fit(stage: Stage, layout: RunLayout, resume: bool) -> None:
-    with warnings.catch_warnings():  # in-process on purpose: LightningCLI's advice to use sys.argv does not apply
+def run_fit(stage: Stage, layout: RunLayout, resume: bool, settings=None) -> None:
+    """Train a stage in this process; with the run's pipeline `settings`, as a W&B run of the run's group
+    (askexpert/pipeline/wandb_runs.py; the environment is restored afterwards)."""
+    env = wandb_stage_env(stage, settings, layout) if settings is not None else {}
+    with warnings.catch_warnings(), stage_environment(env):
+        # in-process on purpose: LightningCLI's advice to use sys.argv does not apply
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         run_lightning_command(stage.fit_command(resume))
     if not os.path.isfile(layout.best(layout.stage_dir(stage.name))):
@@ -276,7 +289,15 @@ def _run_side_by_side(prepared: PreparedRun, stages: list[tuple[Stage, bool]], p
     for stage, _ in stages:  # their `seconds` count from this batch's start: queueing and overlap included
         prepared.record[stage.name]["side_by_side"] = parallel
     save_record(layout, prepared.record)
-    jobs = [fit_job(stage.name, stage.fit_command(resume), layout.stage_dir(stage.name)) for stage, resume in stages]
+    jobs = [
+        fit_job(
+            stage.name,
+            stage.fit_command(resume),
+            layout.stage_dir(stage.name),
+            wandb_stage_env(stage, prepared.settings, layout),
+        )
+        for stage, resume in stages
+    ]
     results = _SideBySide(prepared, {stage.name: stage for stage, _ in stages}, store)
     gpus = gpus_for(_trainer_config(prepared, stages[0][0]), visible_gpus)
     codes = launch_jobs(jobs, device_slots(gpus, parallel), on_done=results.job_done)

@@ -15,6 +15,7 @@ import strategies
 from askexpert.collab.second_expert import SecondExpert
 from askexpert.collab.system import Budget, RoutingConfig
 from askexpert.errors import UserError
+from askexpert.pipeline.launcher_settings import add_launcher_arguments, launcher_shorthand
 
 DEFAULT_PROFILE = "configs/profiles/pi4_wifi_orin.yaml"
 # Keys of `data` that define the dataset: every stage must see the same ones, so only the pipeline sets them.
@@ -45,7 +46,14 @@ LATER_DATA_DEFAULTS: dict[str, Any] = {
 }
 # The same for the model's options. `mean`/`std` became "unset" (the pretrained weights' own, else CIFAR-100's):
 # unset, they stand in the identity as the CIFAR-100 values they used to default to.
-LATER_MODEL_DEFAULTS: dict[str, Any] = {"img_size": None, "head_lr": None, "layer_decay": None, "random_erase": 0.0}
+LATER_MODEL_DEFAULTS: dict[str, Any] = {
+    "img_size": None,
+    "head_lr": None,
+    "layer_decay": None,
+    "random_erase": 0.0,
+    "ema_decay": None,
+    "ema_warmup": False,
+}
 FORMER_MODEL_DEFAULTS: dict[str, Any] = {
     "mean": [0.5071, 0.4865, 0.4409],
     "std": [0.2673, 0.2564, 0.2762],
@@ -112,11 +120,15 @@ def parser():
     p.add_argument("--profile", type=str, default=DEFAULT_PROFILE, help="device profile YAML (latency and energy)")
     p.add_argument("--wandb_project", type=str | None, default=None, help="also log every stage and the report to W&B")
     p.add_argument(
+        "--wandb_entity", type=str | None, default=None, help="W&B entity (user or team) of those runs (default: yours)"
+    )
+    p.add_argument(
         "--parallel_experts", type=int, default=1, help="experts trained at once per device, as separate processes"
     )
     p.add_argument(
         "--dry_run", type=bool, default=False, help="print every stage's resolved essentials; train and write nothing"
     )
+    add_launcher_arguments(p)
     return p
 
 
@@ -131,6 +143,7 @@ def explicit_data_keys(argv: list[str]) -> set[str]:
 def parse_settings(argv: list[str]):
     """(the settings, the data keys they set explicitly) of a pipeline command line. jsonargparse tells which
     keys were given only when parsing without defaults, hence the second parse (see `explicit_data_keys`)."""
+    argv = launcher_shorthand(argv)
     return parser().parse_args(argv), explicit_data_keys(argv)
 
 
