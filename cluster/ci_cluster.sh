@@ -11,6 +11,11 @@ if [ "$(id -u)" != 0 ]; then
   echo "cluster tests skipped: not root, so SLURM cannot be installed or started here (cluster/slurm_up.sh)"
   exit 0
 fi
+# CI leaves no daemon behind: a cluster this script started is stopped when it exits, whatever happened (a
+# daemon left running would outlive CI's job); one that was already running (a developer's) is left as it is.
+if ! pgrep -x slurmctld >/dev/null && ! pgrep -x slurmd >/dev/null; then
+  trap 'bash cluster/slurm_down.sh >/dev/null 2>&1 || true' EXIT
+fi
 if ! log=$(timeout 900 bash cluster/slurm_up.sh 2>&1); then
   echo "cluster tests skipped: SLURM could not be started: $(printf '%s\n' "$log" | tail -n 1)"
   exit 0

@@ -23,7 +23,8 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
 chmod 700 /etc/munge && chmod 400 /etc/munge/munge.key
-if ! pgrep -x munged >/dev/null; then runuser -u munge -- /usr/sbin/munged; fi
+# every daemon starts with its standard streams on /dev/null: none keeps the caller's pipe (CI's log) open
+if ! pgrep -x munged >/dev/null; then runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1; fi
 cat > /etc/slurm/slurm.conf <<CONF
 # written by askexpert's cluster/slurm_up.sh: one node, localhost, no GPU, no accounting
 ClusterName=askexpert
@@ -50,8 +51,8 @@ JobCompType=jobcomp/none
 NodeName=${host} CPUs=${cpus} RealMemory=${memory} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP
 CONF
-if ! pgrep -x slurmctld >/dev/null; then slurmctld; fi
-if ! pgrep -x slurmd >/dev/null; then slurmd; fi
+if ! pgrep -x slurmctld >/dev/null; then slurmctld </dev/null >/dev/null 2>&1; fi
+if ! pgrep -x slurmd >/dev/null; then slurmd </dev/null >/dev/null 2>&1; fi
 for _ in $(seq 30); do
   state=$(sinfo -h -n "$host" -o %t 2>/dev/null || true)
   case "$state" in
