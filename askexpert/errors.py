@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import traceback
 
 # errno values that mean "the disk cannot take the write", whatever file was being written
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -56,6 +57,17 @@ def find_user_error(ex: BaseException | None) -> UserError | None:
         seen.add(id(ex))
         ex = ex.__cause__ or ex.__context__
     return None
+
+
+def undecodable_config(err: UnicodeDecodeError) -> UserError:
+    """The one line for a config file that is not UTF-8 text. jsonargparse reads every config file (`--config
+    FILE`, `--data FILE`, ...) as text and lets the decoding error out, which names no file: the file is the one
+    its `read_text` was reading when it failed."""
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        reading = frame.f_locals.get("self") if frame.f_code.co_name == "read_text" else None
+        if reading is not None and hasattr(reading, "relative"):
+            return UserError(f"config file {reading.relative} is not UTF-8 text (a YAML file is)")
+    return UserError(f"a config file is not UTF-8 text (a YAML file is): {err.reason} at byte {err.start}")
 
 
 class NestedParseError(UserError):

@@ -27,7 +27,7 @@ from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from askexpert.files.atomic import atomic_path, atomic_write_text
+from askexpert.files.atomic import atomic_path, atomic_write_text, naming_errors
 
 
 def _epoch(row: dict) -> int | None:
@@ -73,7 +73,7 @@ class _AppendingExperimentWriter(ExperimentWriter):
                 rows = kept
         self._checked = True
         if rows is None:
-            with open(self.metrics_file_path, "a", newline="") as handle:
+            with naming_errors(self.metrics_file_path), open(self.metrics_file_path, "a", newline="") as handle:
                 csv.DictWriter(handle, fieldnames=self.metrics_keys).writerows(self.metrics)
         else:
             buffer = io.StringIO(newline="")

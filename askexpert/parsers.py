@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from askexpert.errors import one_line_parse_error
+from askexpert.errors import one_line_parse_error, undecodable_config
 
 
 class CommandParser(ArgumentParser):
@@ -17,6 +17,12 @@ class CommandParser(ArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         # a parser jsonargparse made for a class inside an option (no exit_on_error) does not know the command
         raise one_line_parse_error(message, self.prog, ex, nested=not self.exit_on_error) from None
+
+    def parse_args(self, *args, **kwargs):
+        try:
+            return super().parse_args(*args, **kwargs)
+        except UnicodeDecodeError as err:  # a config file that is not text: jsonargparse lets the error out
+            raise undecodable_config(err) from None
 
 
 def command_parser(name: str, description: str, with_data: bool = True, with_config: bool = True) -> CommandParser:

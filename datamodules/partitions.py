@@ -293,10 +293,27 @@ def confusion_partition(
     return sorted(groups, key=lambda g: g[0])  # a stable order: by smallest class id
 
 
+def check_overlap(overlap: int, num_classes: int, largest_expert: int, option: str = "--overlap") -> None:
+    """The one range check of `overlap`: every expert must still leave out a class. More outside classes than the
+    largest expert has left would hand it every class (`add_overlap` runs out of classes to add), and with it
+    every expert becomes the same all-class model. `largest_expert`: the class count of the largest expert before
+    the overlap (a confusion or random partition's is known from the settings: `balanced_largest`)."""
+    most = max(num_classes - largest_expert - 1, 0)
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap <= most:
+        raise UserError(
+            f"{option} must be between 0 and {most}, got {overlap!r} (the largest expert has {largest_expert} of the "
+            f"{num_classes} classes; more overlap would give it every class)"
+        )
+
+
+def balanced_largest(num_classes: int, num_experts: int) -> int:
+    """The largest expert of a balanced split (confusion, random): sizes are the floor or ceiling of C / N."""
+    return -(-num_classes // max(num_experts, 1))
+
+
 def add_overlap(groups: list[list[int]], confusion: torch.Tensor, per_expert: int) -> list[list[int]]:
     """Give every expert the `per_expert` outside classes most confused with its own (both directions)."""
-    if per_expert < 0:
-        raise UserError(f"--overlap must not be negative, got {per_expert}")
+    check_overlap(per_expert, len(confusion), max(len(group) for group in groups))
     counts = confusion.double()
     rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
     mutual = rates + rates.T
@@ -306,7 +323,7 @@ def add_overlap(groups: list[list[int]], confusion: torch.Tensor, per_expert: in
         inside[group] = True
         score = mutual[:, inside].sum(1)  # how much each class is confused with this expert's classes
         score[inside] = -1.0
-        extra = score.argsort(descending=True)[: min(per_expert, int((~inside).sum()))].tolist()
+        extra = score.argsort(descending=True)[:per_expert].tolist()
         result.append(sorted(group + extra))
     return result
 

@@ -127,8 +127,9 @@ def test_a_resumed_run_ends_with_the_same_raw_and_ema_weights(runs):
     assert same(checkpoint(whole, "best.ckpt")["state_dict"], checkpoint(resumed, "best.ckpt")["state_dict"])
 
 
-def test_an_expert_starts_from_the_base_ema_weights_and_keeps_its_own(runs, tmp_path):
-    base = runs["folder"] / "one_epoch" / "checkpoints" / "best.ckpt"  # EMA weights, as a base run's best.ckpt
+def test_an_expert_starts_from_the_base_ema_weights_and_keeps_its_own(tmp_path):
+    fit(tmp_path / "base", "--model", "askexpert.modules.BaseModule", *EMA)  # an expert starts from a base model
+    base = tmp_path / "base" / "checkpoints" / "best.ckpt"  # its EMA weights
     root = tmp_path / "expert"
     args = ["--model", "askexpert.modules.ExpertModule", "--model.model_name", "vit_micro_patch8_32"]
     args += ["--model.subset", "[0, 1, 2]", "--model.init", "base", "--model.base_path", str(base)]

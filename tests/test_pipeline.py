@@ -289,7 +289,7 @@ def test_profile_measures_models_and_evaluate_uses_the_times(finished, tmp_path,
             ["class id 500 is out of range"],
         ),
         (["--partition.num_experts", "200"], ["20 superclasses"]),
-        (["--partition.overlap", "-1"], ["--partition.overlap must not be negative"]),
+        (["--partition.overlap", "-1"], ["--partition.overlap must be between 0 and", "got -1"]),
         (
             ["--partition.overlap", "2", "--data.val_fraction", "0", "--routing.threshold", "0.5"]
             + ["--routing.temperature", "false"],

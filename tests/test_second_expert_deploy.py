@@ -330,7 +330,7 @@ def test_edge_refuses_a_record_it_could_not_write_and_a_bad_manifest_point(
     manifest["operating_point"]["second_expert"]["fusion"] = "max"
     (bad / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run_main(["edge", "--export", str(bad), *base[3:]], capsys)
-    one_line(code, err, "unknown second-expert fusion 'max'")
+    one_line(code, err, "operating_point.second_expert.fusion must be one of mass, expert, product, mean, got 'max'")
     assert not classified and not (tmp_path / "e.csv").exists()
 
 

@@ -15,12 +15,10 @@ Two operating points per round:
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from askexpert.collab.evaluation import LoadedRun
+from askexpert.collab.report_file import read_report
 from askexpert.collab.sweep import at_mask, sweep
 from askexpert.collab.system import Budget, CollaborativeSystem, RoutingConfig, selection_grid
 from askexpert.errors import UserError
@@ -39,35 +37,24 @@ def run_routing(run_dir: str, point: str = "selected") -> RoutingConfig:
     `routing.constrained` limits become the budget: a near-edge that takes at most so much)."""
     if point not in POINTS:
         raise UserError(f"unknown --point {point!r}; points: {', '.join(POINTS)}")
-    path = os.path.join(run_dir, "report.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            routing = json.load(f)["routing"]
-        limits = routing.get("budget") or {}
-        if point == "constrained":
-            limits = routing.get("constrained") or {}
-            if not limits:
-                raise UserError(
-                    f"{run_dir} was evaluated without a constrained point: --point constrained needs "
-                    "`evaluate --run RUN --routing.constrained.offload_ratio ...` first"
-                )
-        return RoutingConfig(
-            gate=str(routing["gate"]),
-            threshold=None,
-            top_k=int(routing["top_k"]),
-            temperature=bool(routing["temperature"]),
-            fusion=str(routing["fusion"]),
-            budget=Budget(**limits),
-            seed=int(routing.get("seed", 0)),
-        )
-    except OSError:
-        raise UserError(
-            f"{run_dir} has no report.json yet: finish it with `python -m askexpert pipeline` first"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise UserError(
-            f"{path} is damaged; write it again with `python -m askexpert evaluate --run {run_dir}`"
-        ) from None
+    routing = read_report(run_dir)["routing"]  # checked by type and range there
+    limits = routing.get("budget") or {}
+    if point == "constrained":
+        limits = routing.get("constrained") or {}
+        if not limits:
+            raise UserError(
+                f"{run_dir} was evaluated without a constrained point: --point constrained needs "
+                "`evaluate --run RUN --routing.constrained.offload_ratio ...` first"
+            )
+    return RoutingConfig(
+        gate=routing["gate"],
+        threshold=None,
+        top_k=routing["top_k"],
+        temperature=routing["temperature"],
+        fusion=routing["fusion"],
+        budget=Budget(**limits),
+        seed=routing.get("seed", 0),
+    )
 
 
 def system_with(run: LoadedRun, generalist_logits: dict[str, torch.Tensor]) -> CollaborativeSystem:

@@ -55,6 +55,8 @@ class _AtomicSaving:
         self._parser = parser
 
     def __getattr__(self, name: str):
+        if name == "_parser":  # an unpickled copy (ddp_spawn) asks before `_parser` is set: no endless recursion
+            raise AttributeError(name)
         return getattr(self._parser, name)
 
     def save(self, namespace, path, *args, overwrite: bool = False, multifile: bool = True, **kwargs) -> None:

@@ -23,6 +23,7 @@ from askexpert.cluster.scheduler import Scheduler, failure_reason
 from askexpert.cluster.stage_job import StageJob
 from askexpert.errors import UserError
 from askexpert.files.atomic import write_json
+from askexpert.interrupts import Interrupted
 from askexpert.pipeline.launcher_settings import LauncherSettings
 
 JOBS_FILE = "jobs.json"
@@ -83,7 +84,7 @@ class Driver:
                 time.sleep(self.settings.poll_s if self.scheduler.uses_slurm else 0.2)
                 self._collect_finished()
                 self._submit_ready()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # Ctrl-C, or SIGTERM/SIGINT under `main` (askexpert/interrupts.py)
             if self.scheduler.uses_slurm and self.in_flight:
                 print(f"\n{len(self.in_flight)} jobs go on; run the same command again to follow them", flush=True)
             raise

@@ -172,8 +172,14 @@ def load_profile(path: str) -> Profile:
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"device profile {path} is not UTF-8 text (a YAML file is)") from None
+    except RecursionError:  # PyYAML builds nested lists recursively: thousands of `[` exhaust the stack
+        raise UserError(f"device profile {path} is not valid YAML: nested too deeply") from None
     except yaml.YAMLError as err:
         raise UserError(f"device profile {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise UserError(f"cannot read device profile {path}: {err.strerror or err}") from None
     return profile_from_dict(raw, path)
 
 

@@ -145,7 +145,7 @@ def run(argv: list[str]) -> list[dict]:
         from askexpert.commands import export
 
         last = rows[-1]
-        from askexpert.export.model_card import read_report
+        from askexpert.collab.report_file import read_report
 
         tools = ExportTools(
             export.export_model, export.compare, export.onnx_logits, export.MIN_AGREEMENT, report=read_report(args.run)

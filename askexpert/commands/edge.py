@@ -44,8 +44,6 @@ import torch
 
 from askexpert.collab.routing import (
     NO_EXPERT,
-    check_margin,
-    check_second_fusion,
     check_threshold,
     class_probs,
     decide,
@@ -240,10 +238,7 @@ def run(argv: list[str]) -> dict:
     check_args(args)
     bundle = load_bundle(args.export)
     bundle.model_entry("generalist", args.precision)  # an unknown precision, or no int8 file: one line, now
-    pair = bundle.operating_point.get("second_expert")
-    if pair is not None:  # a hand-edited manifest: one line now, not a traceback per image
-        check_margin(pair["margin"])
-        check_second_fusion(pair["fusion"])
+    pair = bundle.operating_point.get("second_expert")  # checked, with the whole manifest, by load_bundle
     threshold = bundle.operating_point["threshold"] if args.threshold is None else args.threshold
     paths = find_images(args.images)
     images, readable, skipped = read_images(paths, bundle.stored_size)
@@ -263,12 +258,13 @@ def run(argv: list[str]) -> dict:
         version=bundle.version,
         widths={name: int(bundle.manifest["models"][name]["output"]["shape"][-1]) for name in bundle.expert_names},
     )
-    unreachable = client.check_server()
-    if unreachable:
-        print(f"askexpert edge: warning: {args.server} is not answering ({unreachable}); unsure images fall back")
-    router = EdgeRouter(bundle, client, threshold, args.threads, args.precision)
     arrays = images.numpy()
     try:
+        # the generalist first: a model file ONNX Runtime cannot load is the one line, before the server is asked
+        router = EdgeRouter(bundle, client, threshold, args.threads, args.precision)
+        unreachable = client.check_server()
+        if unreachable:
+            print(f"askexpert edge: warning: {args.server} is not answering ({unreachable}); unsure images fall back")
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             answers = list(pool.map(router.classify, arrays))
     finally:

@@ -35,7 +35,24 @@ def parse_devices(spec: str) -> list[str]:
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices or not all(d.isdigit() for d in devices):
         raise UserError(f"--devices must be auto, cpu or GPU ids like 0,1; got {spec!r}")
+    check_gpus_exist(devices)
     return devices
+
+
+def check_gpus_exist(devices: list[str]) -> None:
+    """Refuse GPU ids this process cannot use: a child pinned to a GPU that is not there sees no GPU at all and
+    trains on the CPU instead, while its line said "GPU 7". The ids are what a child's CUDA_VISIBLE_DEVICES gets,
+    so they are checked against this process's own visible GPUs (`visible_gpus`)."""
+    visible = visible_gpus()
+    missing = [d for d in devices if d not in visible]
+    if not missing:
+        return
+    if not visible:
+        raise UserError(f"--devices {','.join(devices)}: this machine has no GPU; use --devices cpu (or auto)")
+    raise UserError(
+        f"--devices {','.join(devices)}: no GPU {','.join(missing)} here; the GPUs this process can use are "
+        f"{','.join(visible)}"
+    )
 
 
 def chosen_experts(partition_file: str, indices: list[int] | None, fit_args: list[str]) -> list[int]:

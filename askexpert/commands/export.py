@@ -33,11 +33,12 @@ import torch
 
 from askexpert.collab.evaluation import check_expert_classes, package_versions
 from askexpert.collab.logits import batched_logits, in_batches
+from askexpert.collab.report_file import read_report
 from askexpert.collab.routing import NO_EXPERT, EdgeDecision, decide
 from askexpert.errors import UserError
 from askexpert.export.int8 import model_figures, quantize, system_figures
-from askexpert.export.model_card import read_report, write_model_card
-from askexpert.files.atomic import write_json
+from askexpert.export.model_card import write_model_card
+from askexpert.files.atomic import staging_folder, write_json
 from askexpert.files.hashing import file_sha256 as sha256
 from askexpert.modules.loading import load_classifier
 from askexpert.pipeline.finished_run import open_finished_run
@@ -141,11 +142,9 @@ def run(argv: list[str]) -> dict:
     models = {"generalist": layout.best(layout.stage_dir("generalist"))}
     models.update({f"expert_{i}": layout.best(layout.expert_dir(family, i)) for i in range(partition.num_experts)})
 
-    parent = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(args.out))}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    # built aside and renamed into place; removed on any error, SIGTERM or SIGINT (the `finally`), and a folder a
+    # killed export left is removed by the next one
+    staging = staging_folder(args.out)
     try:
         sources = (partition, layout.partition)
         manifest = _export_all(models, sources, routing, threshold, (images, labels), stored, staging, args)

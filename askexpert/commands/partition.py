@@ -18,7 +18,7 @@ import os
 from askexpert.errors import UserError, check_output_path
 from askexpert.files.checkpoints import load_checkpoint
 from askexpert.parsers import command_parser
-from askexpert.pipeline.partitioning import partition_from_settings, validation_confusion
+from askexpert.pipeline.partitioning import check_overlap_setting, partition_from_settings, validation_confusion
 from datamodules.datamodule import ImageDataModule
 from datamodules.partitions import METHODS, Partition
 
@@ -98,6 +98,8 @@ def run(argv: list[str]) -> Partition:
         shown = ", ".join(f"{key}={data[key]}" for key in (*SPLIT_KEYS, *CHECKPOINT_DEFAULTS) if key in data)
         print(f"data settings of the generalist's run: {shown}", flush=True)
     datamodule = ImageDataModule(**data)
+    if args.overlap:  # before the generalist's confusion is computed
+        check_overlap_setting(args, datamodule)
     confusion = validation_confusion(args.generalist, datamodule) if needs_generalist else None
     partition = partition_from_settings(args, datamodule, confusion)
     if args.generalist:

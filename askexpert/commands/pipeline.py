@@ -19,7 +19,8 @@ fails at once; `--dry_run true` prints each stage's essentials (model, batch, lr
 (it builds models and data but no GPU trainer, so a GPU config can be checked on a laptop).
 `stages.json` records each stage's resolved config and whether it finished:
 - a finished stage whose config is unchanged is skipped;
-- a stage that was interrupted resumes from its last checkpoint;
+- a stage that was interrupted resumes from its last checkpoint (SIGTERM or SIGINT: recorded as interrupted, and
+  the pipeline exits 143 or 130, askexpert/interrupts.py);
 - a stage that diverged (non-finite loss, see askexpert/callbacks/guard.py) stops the pipeline before any evaluation,
   exit status 3; it counts as not done, so a rerun with a changed config retrains it without `--overwrite`;
 - a stage whose config changed is refused unless `--overwrite`, which retrains it and everything after it.
@@ -89,7 +90,8 @@ def run(argv: list[str]) -> dict:
         return {}
     # One writer per run (askexpert/runs/lock.py); its in-process stages and expert processes are covered.
     with locked(prepared.layout.root):
-        if load_record(prepared.layout) != prepared.record:  # written by another pipeline since it was read
+        # written by another pipeline since it was read (a damaged one that --overwrite repairs reads as before)
+        if load_record(prepared.layout, overwrite=settings.overwrite) != prepared.record:
             raise UserError(f"--out {prepared.layout.root} changed while this pipeline was planned; run it again")
         # 4. execute: generalist, base, partition, experts, static experts (with submitit: as jobs, then
         #    `execute` finds them done in the run's store and only links and records them)

@@ -18,7 +18,9 @@ Two engines, the same endpoints, wire format, request schema, metrics, reload an
   `--batch_window_ms`; the edge waits on every reply, so the window is short.
 - Replacing the export folder (e.g. `export --overwrite true` into it) loads the new models beside the old ones
   and switches between two batches: no request is dropped, every reply names the version that answered it.
-- SIGTERM (or Ctrl+C) drains: the server stops accepting, answers what it holds, then exits 0.
+- SIGTERM (or Ctrl+C) drains: new connections are refused, every request already read is answered, one that
+  arrives meanwhile on a kept-alive connection gets 503 + `Connection: close`; then it exits 0 (143/130 if
+  requests still running after 30 s were cancelled). HTTP's rules and limits: askexpert/deploy/http_rules.py.
 - Writes nothing into the working directory (LitServe's client.py is not generated; metrics live in a
   temporary folder removed at exit).
 """
@@ -30,9 +32,7 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
-import threading
 
 from askexpert.errors import UserError
 
@@ -41,7 +41,6 @@ LOOPBACK = "127.0.0.1"
 ENGINES = ("inline", "litserve")
 # LitServe binds only these; "localhost" is taken to mean the IPv4 loopback.
 LITSERVE_HOSTS = (LOOPBACK, "0.0.0.0", "::")
-DRAIN_TIMEOUT_S = 30
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -163,148 +162,13 @@ def _banner(args, host: str, bundle) -> None:
 
 
 def _serve_inline(args, host: str, token: str | None, bundle) -> None:
-    import uvicorn
-
-    from askexpert.deploy.batcher import Batcher
-    from askexpert.deploy.expert_models import ExpertModels
-    from askexpert.deploy.inline_app import build_app
-    from askexpert.deploy.wire import max_request_bytes
+    from askexpert.deploy.inline_server import serve_inline
 
     sock = listening_socket(host, args.port)  # held from here on: no other process can take the port meanwhile
-    models = ExpertModels(
-        os.path.abspath(args.export), args.threads, args.device, bundle.contract(), precision=args.precision
-    ).start()
-    batcher = Batcher(models.predict, args.max_batch_size, args.batch_window_ms / 1000.0)
-    settings = {
-        "engine": "inline",
-        "max_batch_size": args.max_batch_size,
-        "batch_window_ms": args.batch_window_ms,
-        "timeout_s": args.timeout_s,
-        "precision": args.precision,
-    }
-    app = build_app(
-        batcher,
-        bundle.stored_size,
-        token,
-        max_request_bytes(bundle.stored_size),
-        args.timeout_s,
-        info=lambda: {"model": {**_metadata(args, bundle), "model_version": models.version}, "server": settings},
-    )
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
-    )
-    server = uvicorn.Server(config)
-
-    def stop(signum, frame):
-        # uvicorn handles SIGTERM/SIGINT while it runs (stop accepting, finish what it holds) and raises the
-        # signal again once it has drained: then this handler, not the default that would exit non-zero.
-        server.should_exit = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    _banner(args, host, bundle)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        batcher.close(DRAIN_TIMEOUT_S)
-        sock.close()
-
-
-def _draining_server_class():
-    import litserve as ls
-
-    class DrainingServer(ls.LitServer):
-        """LitServer whose SIGTERM drains: HTTP processes first (they finish what they hold), then the models.
-
-        LitServe's own shutdown closes the model queue before the HTTP processes, failing requests in flight.
-        """
-
-        def _start_server(self, port, num_api_servers, log_level, sockets, worker_type, **kwargs):
-            workers = super()._start_server(port, num_api_servers, log_level, sockets, worker_type, **kwargs)
-            self._http_processes = list(workers.values())
-            for sock in sockets:  # the HTTP processes hold the socket now; once they exit, connections are refused
-                sock.close()
-            signal.signal(signal.SIGTERM, self._drain)
-            signal.signal(signal.SIGINT, self._drain)
-            return workers
-
-        def _drain(self, signum, frame):
-            # The main thread is inside a call to LitServe's manager (waiting on its shutdown event) when the
-            # signal arrives; a second call on that thread's connection would break it, so drain from a thread.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            threading.Thread(target=self._drain_then_stop, name="drain", daemon=True).start()
-
-        def _drain_then_stop(self):
-            print("askexpert serve: draining in-flight requests ...", file=sys.stderr, flush=True)
-            for process in self._http_processes:
-                process.terminate()  # uvicorn: stop accepting, answer the requests it holds, exit
-            for process in self._http_processes:
-                process.join(timeout=DRAIN_TIMEOUT_S)
-            self._shutdown_event.set()
-
-    return DrainingServer
+    serve_inline(args, sock, token, bundle, _metadata(args, bundle), lambda: _banner(args, host, bundle))
 
 
 def _serve_litserve(args, host: str, token: str | None, bundle) -> None:
-    from fastapi import Depends, Response
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from askexpert.deploy.litserve_server import serve_litserve
 
-    from askexpert.deploy.expert_api import ExpertAPI
-    from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
-    from askexpert.deploy.wire import max_request_bytes, short_errors
-
-    for name in bundle.expert_names:  # hash and load every model here, so a bad file is one line, not a dead worker
-        bundle.session(name, 1, "cpu", args.precision)  # (CPU: this process must not hold a GPU context)
-    api = ExpertAPI(
-        os.path.abspath(args.export),
-        token,
-        max_batch_size=args.max_batch_size,
-        batch_window_s=args.batch_window_ms / 1000.0,
-        threads=args.threads,
-        device=args.device,
-        contract=bundle.contract(),
-        precision=args.precision,
-    )
-    server = _draining_server_class()(
-        api,
-        accelerator="cpu",  # LitServe's worker placement; the models' device is ONNX Runtime's (--device)
-        timeout=args.timeout_s,
-        max_payload_size=max_request_bytes(bundle.stored_size),
-        middlewares=[RequestMetricsMiddleware],
-        model_metadata=_metadata(args, bundle),
-        disable_openapi_url=True,
-    )
-
-    @server.app.get("/metrics", dependencies=[Depends(api.authorize)])
-    async def prometheus_metrics() -> Response:
-        return Response(content=exposition(), media_type="text/plain; version=0.0.4")
-
-    @server.app.exception_handler(RequestValidationError)
-    async def short_validation_error(request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own 422 echoes the whole input back: for an image that is the request again
-        return JSONResponse(status_code=422, content={"detail": short_errors(exc.errors())})
-
-    _banner(args, host, bundle)
-    try:
-        server.run(
-            host=host,
-            port=args.port,
-            num_api_servers=1,
-            log_level=args.log_level,
-            generate_client_file=False,
-            api_server_worker_type="process",
-        )
-    except RuntimeError as err:
-        if "workers failed to start" not in str(err):
-            raise
-        raise UserError("the expert worker failed to start (its error is in the log above)") from None
-    except OSError as err:  # the port taken between the check and LitServe's own bind
-        raise UserError(f"cannot listen on {host}:{args.port}: {err.strerror or err}") from None
+    serve_litserve(args, host, token, bundle, _metadata(args, bundle), lambda: _banner(args, host, bundle))

@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from askexpert.deploy.manifest_checks import BadField, check_manifest
 from askexpert.errors import UserError
 
 SUPPORTED_FORMAT = 1
@@ -82,13 +83,45 @@ class ExportBundle:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only
         wanted = providers(device)
-        session = ort.InferenceSession(data, options, providers=wanted)
+        try:
+            session = ort.InferenceSession(data, options, providers=wanted)
+        except Exception as err:  # noqa: BLE001 (ONNX Runtime's own exception types are not public API)
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"ONNX Runtime cannot load {path}: not an ONNX model, or not one it runs ({reason}); export again"
+            ) from None
+        check_signature(session, self.manifest["models"][name], path)
         if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise UserError(f"--device cuda: ONNX Runtime could not put {name} on the GPU")
         return session
 
 
 PRECISIONS = ("fp32", "int8")
+
+
+def check_signature(session, entry: dict, path: str) -> None:
+    """Refuse a loadable model that is not the one the manifest describes (another network's file, its hash
+    recorded by hand): one uint8 image input of the manifest's name and size, one output as wide as the manifest
+    says; else every request would fail inside ONNX Runtime instead. A named (dynamic) dimension takes any size."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    wanted = entry["input"]
+    found = inputs[0] if len(inputs) == 1 else None
+    if found is None or found.name != wanted["name"] or found.type != "tensor(uint8)" or not _fits(found, wanted):
+        shown = ", ".join(f"{i.name} {i.shape} {i.type}" for i in inputs) or "nothing"
+        raise UserError(
+            f"{path} takes {shown}, not the manifest's {wanted['name']} {wanted['shape']} of uint8; export again"
+        )
+    if len(outputs) != 1 or not _fits(outputs[0], entry["output"]):
+        shown = ", ".join(f"{o.name} {o.shape}" for o in outputs) or "nothing"
+        raise UserError(f"{path} answers {shown}, not the manifest's logits {entry['output']['shape']}; export again")
+
+
+def _fits(node, described: dict) -> bool:
+    """Whether an ONNX input or output has the manifest's shape (the batch dimension and named ones left free)."""
+    shape, wanted = list(node.shape or []), described["shape"]
+    if len(shape) != len(wanted):
+        return False
+    return all(not isinstance(a, int) or a == b for a, b in zip(shape[1:], wanted[1:], strict=True))
 
 
 def check_precision(precision: str) -> None:
@@ -131,41 +164,19 @@ def load_bundle(folder: str) -> ExportBundle:
         with open(path, "rb") as f:
             raw = f.read()
         manifest = json.loads(raw.decode("utf-8"))
-        version = manifest["format_version"]
-        models = manifest["models"]
-        if not isinstance(models, dict) or "generalist" not in models:
-            raise KeyError("models")
-        for entry in models.values():
-            int(entry["input"]["shape"][-1]), int(entry["output"]["shape"][-1]), str(entry["file"])
-            str(entry["sha256"])
-            if "int8" in entry:
-                str(entry["int8"]["file"]), str(entry["int8"]["sha256"])
-        op = manifest["operating_point"]
-        _number(op["threshold"]), _number(op["temperature_value"]), str(op["gate"]), int(op["top_k"])
-        str(op["fusion"])
-        if op.get("second_expert") is not None:  # absent in one-expert exports (and in those made before it)
-            _number(op["second_expert"]["margin"]), str(op["second_expert"]["fusion"])
-        [list(map(int, e)) for e in manifest["partition"]["experts"]]
-        list(manifest["class_names"])
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, AttributeError):
-        raise UserError(f"{path} is damaged or not an askexpert manifest; export the run again") from None
-    if version != SUPPORTED_FORMAT:
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is damaged or not an askexpert manifest (not UTF-8 text); export again") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise UserError(f"{path} is damaged or not an askexpert manifest (not JSON); export the run again") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version is None:
+        raise UserError(f"{path} is damaged or not an askexpert manifest (no format_version); export the run again")
+    if isinstance(version, bool) or version != SUPPORTED_FORMAT:
         raise UserError(f"{path} has format_version {version!r}; this askexpert reads {SUPPORTED_FORMAT}")
-    experts = [name for name in models if name != "generalist"]
-    if not experts:
-        raise UserError(f"{path} lists no expert; nothing to serve or offload to")
-    if len(manifest["partition"]["experts"]) != len(experts):
-        raise UserError(
-            f"{path} lists {len(experts)} expert models for {len(manifest['partition']['experts'])} subsets"
-        )
+    try:
+        check_manifest(manifest)
+    except BadField as err:
+        raise UserError(f"{path} is damaged: {err}; export the run again") from None
     return ExportBundle(os.path.abspath(folder), manifest, hashlib.sha256(raw).hexdigest()[:12])
-
-
-def _number(value) -> float:
-    """A manifest number: JSON's int or float, never a text that merely parses as one (it would reach the router
-    as a string)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"not a number: {value!r}")
-    return float(value)

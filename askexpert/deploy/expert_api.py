@@ -8,6 +8,7 @@ torch-free, reloaded when the export changes).
 """
 
 # No `from __future__ import annotations`: LitServe hands `decode_request`'s annotation to FastAPI as the body type.
+import multiprocessing
 import signal
 
 import litserve as ls
@@ -37,6 +38,9 @@ class ExpertAPI(ls.LitAPI):
         self.contract = contract
         self.precision = precision
         self.models: ExpertModels | None = None
+        # The version the model process answers with, for /info in the HTTP process. LitServe spawns the model
+        # process (hence a spawn-context value, handed over with this object) and forks the HTTP one.
+        self._served_version = multiprocessing.get_context("spawn").Array("c", 64)
 
     # ---- worker side -------------------------------------------------------------------------------------
     def setup(self, device):
@@ -44,8 +48,16 @@ class ExpertAPI(ls.LitAPI):
         # process drains the HTTP side, then LitServe stops it.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.models = ExpertModels(
-            self.export_dir, self.threads, self.model_device, self.contract, precision=self.precision
+            self.export_dir,
+            self.threads,
+            self.model_device,
+            self.contract,
+            precision=self.precision,
+            on_load=self._publish_version,
         ).start()
+
+    def _publish_version(self, version: str) -> None:
+        self._served_version.value = version.encode("ascii")
 
     def decode_request(self, request: ExpertRequest):
         return request.expert, request.pixels(self.models.current[0].stored_size)
@@ -65,6 +77,10 @@ class ExpertAPI(ls.LitAPI):
         return reply(*output)
 
     # ---- HTTP side -------------------------------------------------------------------------------------------
+    def served_version(self) -> str:
+        """The version the models answer with now (empty before they first load)."""
+        return self._served_version.value.decode("ascii")
+
     def authorize(self, request: Request) -> None:
         """With a token, every endpoint wants `Authorization: Bearer <token>`."""
         if self.token and not token_matches(request.headers.get("authorization", ""), self.token):

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,8 +55,10 @@ class ExpertModels:
         contract: dict | None = None,
         reload_poll_s: float = 0.5,
         precision: str = "fp32",
+        on_load: Callable[[str], None] | None = None,
     ):
         self.export_dir = export_dir
+        self.on_load = on_load  # told each version once it answers (LitServe's HTTP process shows it in /info)
         self.threads = threads
         self.device = device
         self.precision = precision  # "int8": the export's int8 copies (export --int8 true)
@@ -69,7 +72,7 @@ class ExpertModels:
         bundle = load_bundle(self.export_dir)
         if self.contract is not None and bundle.contract() != self.contract:
             raise UserError(f"{self.export_dir} changed while the server started; start it again")
-        self.current = self._load(bundle)
+        self._swap_in(bundle)
         workers = side_by_side(self.threads, len(bundle.expert_names))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="expert") if workers > 1 else None
         threading.Thread(target=self._watch, name="export-watcher", daemon=True).start()
@@ -78,6 +81,11 @@ class ExpertModels:
     @property
     def version(self) -> str:
         return self.current[0].version
+
+    def _swap_in(self, bundle) -> None:
+        self.current = self._load(bundle)
+        if self.on_load is not None:
+            self.on_load(bundle.version)
 
     def _load(self, bundle):
         sessions = {
@@ -104,7 +112,7 @@ class ExpertModels:
                     continue
                 if bundle.contract() != old.contract():
                     raise UserError("its experts, classes, partition or image size differ; restart the server")
-                self.current = self._load(bundle)
+                self._swap_in(bundle)
                 self._stamp = stamp
                 log.warning("loaded export version %s (was %s)", bundle.version, old.version)
             except Exception as err:  # noqa: BLE001 (anything ONNX Runtime raises on a bad file included)

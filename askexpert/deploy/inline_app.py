@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from askexpert.deploy.batcher import Batcher
+from askexpert.deploy.http_rules import BodyUnreadCloses, exception_handlers, unsupported_media_type
 from askexpert.deploy.metrics import RequestMetricsMiddleware, exposition
 from askexpert.deploy.wire import ExpertRequest, reply, short_errors, token_matches
 
@@ -58,7 +59,7 @@ class _Endpoints:
         return JSONResponse({"detail": "the batching thread stopped; restart the server"}, status_code=503)
 
     async def predict(self, request: Request) -> Response:
-        if denied := self.refused(request):
+        if denied := self.refused(request) or unsupported_media_type(request.headers.get("content-type")):
             return denied
         timeout_s = self.timeout_s
         try:
@@ -111,7 +112,9 @@ def build_app(
             Route("/health", endpoints.health, methods=["GET"]),
             Route("/metrics", endpoints.metrics, methods=["GET"]),
             Route("/info", endpoints.server_info, methods=["GET"]),
-        ]
+        ],
+        exception_handlers=exception_handlers(),  # 404 and 405 (with `Allow`) in JSON, as every other error
     )
-    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(BodyUnreadCloses)  # an early 401/408/413/415 closes the connection: its body is unread
+    app.add_middleware(RequestMetricsMiddleware)  # outermost: counts what the client was answered
     return app

@@ -6,7 +6,8 @@ process writes its samples into `PROMETHEUS_MULTIPROC_DIR` (a temporary folder t
 removes, never the working directory) and `/metrics` merges them. The variable must be set before any metric
 is created, hence the lazy construction.
 
-- `askexpert_requests_total{path,status}`: HTTP requests answered, by path and status code (4xx/5xx = errors);
+- `askexpert_requests_total{path,status}`: HTTP requests answered, by path and status code (4xx/5xx = errors;
+  a client that closed its connection mid-body counts as 400);
 - `askexpert_request_seconds{path}`: time from the request's arrival to its reply, inside the server;
 - `askexpert_batch_size`: requests per model batch (what dynamic batching achieved);
 - `askexpert_expert_seconds{expert}`: one expert's model time per batch;
@@ -73,6 +74,8 @@ class RequestMetricsMiddleware:
             return
         import time
 
+        from starlette.requests import ClientDisconnect
+
         start = time.perf_counter()
         status = {"code": 500}
 
@@ -83,6 +86,10 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_and_note)
+        except ClientDisconnect:
+            # the client left mid-body: its fault, not the server's (400, as LitServe counts it), and no
+            # traceback in the log; nothing can be answered on a closed connection
+            status["code"] = 400
         finally:
             path = scope.get("path", "") if scope.get("path") in self.PATHS else "other"
             m = metrics()

@@ -15,12 +15,10 @@ edge client never read it. Adding, editing or deleting the card changes no versi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import yaml
 
-from askexpert.errors import UserError
 from askexpert.files.atomic import atomic_write_text
 
 CARD_NAME = "MODEL_CARD.md"
@@ -28,19 +26,6 @@ STAND_IN_LABEL = "STAND-IN synthetic data, not CIFAR-100"
 # the Hugging Face Hub's copy of CIFAR-100, for the `datasets` key of a real CIFAR-100 run
 HUB_DATASETS = {"cifar100": "uoft-cs/cifar100"}
 SYSTEM_KEYS = ("acc", "offload_ratio", "latency_ms", "energy_mj", "system_energy_mj", "routing_acc")
-
-
-def read_report(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "report.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(
-            f"{path} is damaged; write it again with `python -m askexpert evaluate --run {run_dir}`"
-        ) from None
 
 
 def manifest_version(folder: str) -> str:

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,25 +54,32 @@ def atomic_path(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     tmp = temporary_name(path)
     try:
-        try:
+        with naming_errors(path, tmp):  # the user's file, not the temporary one or a descriptor
             yield tmp
-        except OSError as err:  # say which file could not be written, not the temporary name it went to
-            if err.filename != tmp or err.errno is None:
-                raise
-            raise type(err)(err.errno, err.strerror, path) from None
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError as err:  # a full disk shows up here at the latest; name the file, not a descriptor
-            raise OSError(err.errno, err.strerror, path) from None
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # a full disk shows up here at the latest
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def naming_errors(path: str, written: str | None = None) -> Iterator[None]:
+    """An OSError in the block that names no file (a write to an open file: a full disk says only "No space left
+    on device") or names `written` (the temporary file that becomes `path`) is raised again naming `path`: the
+    one line the user sees (askexpert/errors.py) says which file could not be written."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None or err.filename not in (None, written):
+            raise
+        raise OSError(err.errno, err.strerror, path) from None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -103,6 +111,24 @@ def _writer_alive(temporary: str) -> bool:
     """Whether the process named in a temporary file's name (`.<name>.<pid>.<hex>.tmp`) still runs."""
     found = re.search(r"\.(\d+)\.[0-9a-f]{8}\.tmp$", temporary)
     return found is not None and process_alive(int(found.group(1)))
+
+
+def staging_folder(path: str, kind: str = "partial") -> str:
+    """A new, empty folder `.<name>.<kind>-<pid>` beside `path`, to build `path` in and rename into place. First
+    the folders of that pattern whose process is gone are removed: a writer killed with SIGKILL cannot clean up
+    (SIGTERM and SIGINT let it: askexpert/interrupts.py), and nothing else would ever remove them."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(kind)}-(\d+)$")
+    for entry in os.listdir(parent):
+        found = pattern.match(entry)
+        left = os.path.join(parent, entry)
+        if found and os.path.isdir(left) and not os.path.islink(left) and not process_alive(int(found[1])):
+            shutil.rmtree(left, ignore_errors=True)
+    staging = os.path.join(parent, f".{name}.{kind}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
 
 
 def process_alive(pid: int) -> bool:

@@ -2,7 +2,8 @@
 
 LightningCLI unpickles the checkpoint while it parses; a broken, weights-only or other-class-set file is said in
 one line here first (the file's own checks: askexpert/files/checkpoints.py). Its saved hyper-parameters are
-also what an evaluated expert's config is completed from (askexpert/lightning_cli/config.py).
+also what an evaluated expert's config is completed from (askexpert/lightning_cli/config.py), and what the built
+model is checked against before a run starts (`check_checkpoint_fits`).
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ def checkpoint_hparams(ckpt_path: str | None, root: str) -> dict:
     return dict(load_checkpoint(ckpt_path, mmap=True).get("hyper_parameters", {}))
 
 
-def check_checkpoint_classes(config: Namespace, datamodule: ImageDataModule) -> None:
-    """A checkpoint of another class set than the data: one line, not a size mismatch deep inside torch (the
-    model is built with the data's class count, so only the checkpoint's own hyper-parameters can tell)."""
+def check_checkpoint_fits(subcommand: str, config: Namespace, model, datamodule: ImageDataModule) -> None:
+    """The checkpoint a run resumes or evaluates must hold the model this run built, said in one line naming both
+    values (not a size mismatch deep inside torch, nor a run that quietly trains another model): the data's class
+    set and image size, and the model's class, architecture, "other" output and expert subset; for a resumed `fit`
+    also the optimizer and schedule settings, whose state the checkpoint restores.
+
+    A resumed `fit` builds its model from its own settings, never the checkpoint's (`AskExpertCLI._parse_ckpt_path`),
+    so a changed `--model.model_name` is refused here. An evaluation with a checkpoint file builds the model from the
+    checkpoint's hyper-parameters (LightningCLI's way), so there this mostly guards `--ckpt_path last`."""
     root = config.trainer.default_root_dir
     ckpt_path = last_checkpoint(root) if config.get("ckpt_path") == "last" else config.get("ckpt_path")
     saved = checkpoint_hparams(ckpt_path, root)
@@ -88,3 +95,46 @@ def check_checkpoint_classes(config: Namespace, datamodule: ImageDataModule) -> 
             f"checkpoint {ckpt_path} was trained on {saved.get('image_size', 32)} px images but --data.image_size is "
             f"{datamodule.hparams.image_size}"
         )
+    if saved:
+        check_same_model(saved, model, f"checkpoint {ckpt_path}", resuming=subcommand == "fit")
+
+
+# the settings that decide what a model is: a checkpoint's weights belong to one value of each
+ARCHITECTURE_KEYS = ("model_name", "img_size")
+# what a resumed run takes from the checkpoint's optimizer and scheduler states: another value would be ignored (the
+# rates and weight decay are restored) or fail to restore (other parameter groups, another scheduler)
+OPTIMIZER_KEYS = ("lr", "head_lr", "layer_decay", "weight_decay", "warmup_epochs", "schedule", "min_lr_ratio")
+
+
+def check_same_model(saved: dict, model, what: str, resuming: bool) -> None:
+    """Refuse a model built with other architecture settings than the checkpoint's hyper-parameters (`saved`), and
+    a resumed one (`resuming`) with other optimizer settings."""
+    hint = "use the settings of the run that wrote it (e.g. its config.yaml), or a new run folder"
+    saved_class = str(saved.get("_class_path") or "").rpartition(".")[2]
+    built_class = type(model).__name__
+    if saved_class and saved_class != built_class:
+        raise UserError(f"{what} holds a {saved_class} but this run's model is a {built_class} (--model); {hint}")
+    built = model.hparams
+    for key in ARCHITECTURE_KEYS:
+        if key in saved and saved[key] != built.get(key):
+            given = built.get(key)
+            raise UserError(f"{what} holds a model with {key} {saved[key]!r} but --model.{key} is {given!r}; {hint}")
+    for key in OPTIMIZER_KEYS if resuming else ():
+        if key in saved and saved[key] != built.get(key):
+            raise UserError(
+                f"{what} continues a run with {key} {saved[key]!r} but --model.{key} is {built.get(key)!r}; a resumed "
+                f"run keeps its optimizer and schedule: {hint}"
+            )
+    if bool(saved.get("other_output")) != bool(built.get("other_output")):
+        has = lambda flag: "an 'other' output (dustbin)" if flag else "no 'other' output"  # noqa: E731
+        raise UserError(
+            f"{what} holds an expert with {has(saved.get('other_output'))} but this run's expert has "
+            f"{has(built.get('other_output'))} (--specialization); {hint}"
+        )
+    if saved.get("subset") is not None and built.get("subset") is not None:
+        if sorted(saved["subset"]) != sorted(built["subset"]):
+            raise UserError(
+                f"{what} holds expert {saved.get('expert_index')} of {len(saved['subset'])} classes but --partition "
+                f"--expert_index {built.get('expert_index')} gives this run other classes ({len(built['subset'])}); "
+                f"{hint}"
+            )

@@ -18,6 +18,7 @@ from askexpert.callbacks import AtomicSaveConfigCallback
 from askexpert.files.checkpoints import strip_training_state
 from askexpert.lightning_cli.ckpt_path import resolve_ckpt_path
 from askexpert.lightning_cli.config import EVALUATION_COMMANDS, rewrite_config
+from askexpert.lightning_cli.hardware import lightning_hardware_refusals
 from askexpert.lightning_cli.parser import AskExpertArgumentParser, add_askexpert_arguments, map_specialization_names
 from askexpert.lightning_cli.preflight import check_before_run, prepare_weights, run_folder_lock
 from askexpert.lightning_cli.report import report_results
@@ -54,11 +55,17 @@ class AskExpertCLI(LightningCLI):
 
     # -- before anything is built ------------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
-        """Check the checkpoint file before LightningCLI unpickles it (a broken file gets one clear line)."""
+        """Check the checkpoint file before LightningCLI unpickles it (a broken file gets one clear line).
+
+        LightningCLI would also replace the model's settings with the checkpoint's: right for an evaluation (the
+        checkpoint is the model), but a resumed `fit` keeps its own, so a changed `--model.model_name` is refused
+        (ckpt_path.check_checkpoint_fits) instead of silently training the checkpoint's model, and a resume from a
+        file behaves as one from `--ckpt_path last`."""
         subcommand = self.config.get("subcommand")
         if subcommand:
             resolve_ckpt_path(self.config[subcommand], subcommand)
-        super()._parse_ckpt_path()
+        if subcommand != "fit":
+            super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -68,7 +75,9 @@ class AskExpertCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         # the one place the Trainer is built: tests and benchmarks patch this method to add a probe callback
-        return super()._instantiate_trainer(config, add_house_parts(config, callbacks))
+        callbacks = add_house_parts(config, callbacks)
+        with lightning_hardware_refusals():
+            return super()._instantiate_trainer(config, callbacks)
 
     # -- running -----------------------------------------------------------------------------------
     def _run_subcommand(self, subcommand: str) -> None:

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 import strategies
 from askexpert.callbacks import PredictionCSVWriter
-from askexpert.errors import UserError, one_line_parse_error
+from askexpert.errors import UserError, one_line_parse_error, undecodable_config
 from askexpert.lightning_cli.commands import LIGHTNING_COMMANDS
 from askexpert.runs.folder import checkpoint_dir
 from strategies import SpecializationStrategy
@@ -34,6 +34,12 @@ class AskExpertArgumentParser(LightningArgumentParser):
         command = self.prog.split()[-1]  # "__main__.py [options] fit" for a subcommand's parser
         prog = f"python -m askexpert {command}" if command in LIGHTNING_COMMANDS else "python -m askexpert"
         raise one_line_parse_error(message, prog, ex) from None
+
+    def parse_args(self, *args, **kwargs):
+        try:
+            return super().parse_args(*args, **kwargs)
+        except UnicodeDecodeError as err:  # a config file that is not text: jsonargparse lets the error out
+            raise undecodable_config(err) from None
 
 
 def precision_choices() -> list[str]:

@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
 from askexpert.errors import UserError, check_output_path
-from askexpert.lightning_cli.ckpt_path import check_checkpoint_classes
+from askexpert.lightning_cli.ckpt_path import check_checkpoint_fits
 from askexpert.loggers import RunCSVLogger
 from askexpert.models.registry import check_input_size
 from askexpert.modules import ClassifierModule, ExpertModule
@@ -47,7 +47,7 @@ def check_before_run(
 ) -> None:
     """Every check of a run whose data is loaded (`datamodule.setup()` done) and whose Trainer is built."""
     check_image_size(model, datamodule)
-    check_checkpoint_classes(config, datamodule)
+    check_checkpoint_fits(subcommand, config, model, datamodule)
     check_outputs(subcommand, config)
     if isinstance(model, ExpertModule):
         check_expert(subcommand, model, datamodule, trainer, strategy)

@@ -113,19 +113,10 @@ def trainer_devices(accelerator: object, devices: object) -> int | None:
     """How many devices per node the Trainer will use (Lightning's own parsing of `devices`); None when this
     cannot tell (an accelerator other than CPU or CUDA, GPUs asked for where none is visible): Lightning then
     says what is wrong itself."""
-    from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator, MPSAccelerator
+    from askexpert.lightning_cli.hardware import accelerator_kind
 
-    if isinstance(accelerator, Accelerator):
-        kind = type(accelerator)
-    elif accelerator in ("gpu", "cuda"):
-        kind = CUDAAccelerator
-    elif accelerator == "cpu":
-        kind = CPUAccelerator
-    elif accelerator == "auto" and not MPSAccelerator.is_available():
-        kind = CUDAAccelerator if CUDAAccelerator.is_available() else CPUAccelerator
-    else:
-        return None
-    if kind not in (CPUAccelerator, CUDAAccelerator):
+    kind = accelerator_kind(accelerator)
+    if kind is None:
         return None
     try:
         if devices == "auto":

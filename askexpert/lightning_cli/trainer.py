@@ -1,6 +1,7 @@
 """What every Trainer the CLI builds gets beyond its config: a current last.ckpt, the non-finite guard, saved
-random states, a progress bar that does not wait for the GPU, and checkpoints written atomically; and, inside a
-SLURM job, SLURM's tasks checked against its devices x nodes before Lightning builds it (lightning_cli/slurm.py).
+random states, a progress bar that does not wait for the GPU, and checkpoints written atomically; its accelerator,
+strategy and devices checked (lightning_cli/hardware.py) and, inside a SLURM job, SLURM's tasks checked against its
+devices x nodes before Lightning builds it (lightning_cli/slurm.py).
 
 `AskExpertCLI._instantiate_trainer` calls `add_house_parts` just before Lightning builds the Trainer (and stays
 the one method to patch for a probe that needs the built Trainer: tests/test_step_syncs.py, benchmarks/).
@@ -15,6 +16,7 @@ from askexpert.callbacks.guard import NonFiniteGuard
 from askexpert.callbacks.progress import IntervalProgressBar
 from askexpert.callbacks.rng import RandomStateCheckpoint
 from askexpert.files.checkpoint_io import AtomicCheckpointIO
+from askexpert.lightning_cli.hardware import check_hardware_options
 from askexpert.lightning_cli.slurm import check_slurm_tasks
 from askexpert.runs.folder import checkpoint_dir
 
@@ -23,6 +25,8 @@ DEFAULT_ROOT_DIR = "runs/default"
 
 def add_house_parts(config: dict, callbacks: list) -> list[Callback]:
     """The callbacks the Trainer is built with (`config`'s own callbacks and plugins are completed in place)."""
+    # Lightning refuses unknown accelerators, strategies and devices from inside Trainer.__init__ (a traceback)
+    check_hardware_options(config)
     # Lightning reads ranks from SLURM inside Trainer.__init__: a layout that cannot work is one line here instead
     check_slurm_tasks(config)
     # the specialization slot is empty (None) for generalists and base models

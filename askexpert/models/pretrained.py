@@ -49,11 +49,16 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"cannot read pretrained weights {path}: {str(err).splitlines()[0]}") from None
     else:
-        state = load_checkpoint(path)
+        checkpoint = load_checkpoint(path)
+        state = checkpoint
         for key in _NESTED_KEYS:
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
+        if checkpoint.get("askexpert_class") and isinstance(state, dict):
+            # an askexpert module's state dict also holds its metrics' buffers (`val_metrics.*`): the network is
+            # what is under `net.`, and only that is a model's weights
+            state = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith("net.")}
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise UserError(
             f"{path} holds no state dict of tensors (a safetensors file, a state dict, or a timm or "

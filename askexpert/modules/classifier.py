@@ -218,7 +218,9 @@ class ClassifierModule(WeightEma, pl.LightningModule):
             # bilinear, with antialiasing when shrinking (torchvision's Resize on tensors does the same)
             shrink = images.shape[-1] > size or images.shape[-2] > size
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-        return (images - self.mean) / self.std
+        # in the module's own float type: `--trainer.precision 16-true`/`bf16-true` converts the weights and these
+        # buffers, not the images, and float32 images would not run through a half-precision network
+        return ((images - self.mean) / self.std).to(self.mean.dtype)
 
     def training_inputs(self, images: torch.Tensor) -> torch.Tensor:
         """The network's training input: `preprocess`, then random erasing when enabled."""

@@ -8,8 +8,9 @@ the generalist's answer).
 
 How it starts is its own setting, separate from the specialization strategy:
 - `scratch`: random weights;
-- `base`: the weights of an all-class checkpoint of the same architecture (`base_path`), which is also the
-  "offload everything" baseline; the check refuses another architecture or another class set;
+- `base`: the weights of the base model (`base_path`: a BaseModule checkpoint of the same architecture), which is
+  also the "offload everything" baseline; the check refuses another kind of checkpoint (an expert's, the
+  generalist's), another architecture or another class set;
 - `pretrained`: pretrained weights, from a local file (`pretrained_path`) or timm's published weights
   (`askexpert/models/pretrained.py`), with a new head.
 Initial weights are loaded when training starts (not in `__init__`), so loading a trained expert from its
@@ -27,12 +28,35 @@ import copy
 import torch
 
 from askexpert.errors import UserError
-from askexpert.files.checkpoints import load_checkpoint
+from askexpert.files.checkpoints import MODULE_CLASSES, load_checkpoint
 from askexpert.models.pretrained import classifier_names
 from askexpert.modules.classifier import ClassifierModule
 from askexpert.modules.metrics import ClassificationMetrics
 
 INITS = ("scratch", "base", "pretrained")
+# what a base checkpoint may record as its class (`askexpert_class`, or LightningCLI's `_class_path`)
+BASE_CLASS_PATHS = ("askexpert.modules.BaseModule", MODULE_CLASSES["BaseModule"])
+
+
+def check_base_kind(checkpoint: dict, path: str) -> None:
+    """An expert starts from (and distils) the base model: an all-class model of the expert's architecture trained
+    as such. Another expert's weights (trained on a subset) or the generalist's (another role, often another size)
+    would train without complaint and silently measure something else, so the kind the file records must be
+    BaseModule's."""
+    kind = checkpoint.get("askexpert_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if kind in BASE_CLASS_PATHS:
+        return
+    subset = checkpoint.get("hyper_parameters", {}).get("subset")
+    if subset is not None:
+        what = f"is an expert's checkpoint ({len(subset)} classes), not"
+    elif kind:
+        what = f"is a {str(kind).rpartition('.')[2]} checkpoint, not"
+    else:
+        what = "records no askexpert module, so it is not"
+    raise UserError(
+        f"--model.base_path {path} {what} a base model's: give the all-class BaseModule checkpoint "
+        "(a pipeline's RUN/base/checkpoints/best.ckpt, or `fit --model askexpert.modules.BaseModule`)"
+    )
 
 
 class ExpertModule(ClassifierModule):
@@ -43,7 +67,7 @@ class ExpertModule(ClassifierModule):
         expert_index: position of this expert in the partition.
         partition: the partition file the subset came from (recorded for reports).
         init: `scratch`, `base` or `pretrained` (see the module docstring).
-        base_path: all-class checkpoint of the same architecture, for `init: base` and distillation.
+        base_path: the base model's checkpoint (BaseModule, same architecture), for `init: base` and distillation.
         other_output: one extra "other" output (set by the CLI for the `dustbin` specialization).
         **kwargs: everything `ClassifierModule` takes (model_name, lr, ...).
     """
@@ -139,6 +163,7 @@ class ExpertModule(ClassifierModule):
             raise UserError("distillation from the base model needs --model.base_path FILE")
         checkpoint = load_checkpoint(path)
         hp = checkpoint.get("hyper_parameters", {})
+        check_base_kind(checkpoint, path)
         h = self.hparams
         if hp.get("model_name") != h.model_name:
             raise UserError(
@@ -148,8 +173,6 @@ class ExpertModule(ClassifierModule):
             hp.get("class_names") and h.class_names and list(hp["class_names"]) != list(h.class_names)
         ):
             raise UserError(f"base checkpoint {path} was trained on a different class set than this expert's data")
-        if hp.get("other_output"):
-            raise UserError(f"base checkpoint {path} is a dustbin expert, not an all-class model")
         return checkpoint
 
     def _fit_head(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ import os
 import strategies
 from askexpert.collab.system import NO_CALIBRATION_SPLIT, RoutingConfig
 from askexpert.errors import UserError
-from askexpert.pipeline.partitioning import partition_from_settings
+from askexpert.pipeline.partitioning import check_overlap_setting
+from askexpert.pipeline.record import stages_file
 from askexpert.pipeline.settings import section_of
 from askexpert.pipeline.stages import Stage
 from askexpert.runs.layout import RunLayout, expert_families
@@ -51,8 +52,6 @@ def check_partition_settings(part, datamodule: ImageDataModule) -> None:
         raise UserError(f"unknown partition method {part.method!r}; methods: {', '.join(METHODS)}")
     if part.num_experts < 1:
         raise UserError(f"--partition.num_experts must be at least 1, got {part.num_experts}")
-    if part.overlap < 0:
-        raise UserError(f"--partition.overlap must not be negative, got {part.overlap}")
     if part.method == "explicit" and not part.experts:
         raise UserError("--partition.method explicit needs the class lists: --partition.experts [[...], [...]]")
     if (part.method == "confusion" or part.overlap) and datamodule.hparams.val_fraction == 0:
@@ -62,8 +61,8 @@ def check_partition_settings(part, datamodule: ImageDataModule) -> None:
             raise UserError(
                 f"--partition.num_experts {part.num_experts} is more than the {datamodule.num_classes} classes"
             )
-        return
-    partition_from_settings(part, datamodule, confusion=None)  # overlap needs the trained generalist: not here
+    # builds a partition of any other method without the overlap (which needs the trained generalist)
+    check_overlap_setting(part, datamodule, "--partition.overlap")
 
 
 def check_strategies(settings) -> None:
@@ -96,7 +95,9 @@ def check_out_folder(
     """Names of stages whose recorded config differs; refuses them (and foreign folders: files other than
     `own_files`, the caller's records) unless overwrite. A stage that diverged is not done: a new config for it
     is what the user is expected to try. (`prepare` has checked that --out is a folder, if it exists.)"""
-    if not record and os.path.isdir(layout.root) and set(os.listdir(layout.root)) - {*own_files, LOCK_FILE, LEASE_FILE}:
+    is_a_run = os.path.isfile(stages_file(layout))  # a damaged stages.json, read as no record by --overwrite, too
+    foreign = os.path.isdir(layout.root) and set(os.listdir(layout.root)) - {*own_files, LOCK_FILE, LEASE_FILE}
+    if not is_a_run and foreign:
         # even with --overwrite: only a pipeline's own stages are ever deleted
         raise UserError(f"--out {layout.root} already holds files that are not a pipeline run; choose another folder")
     planned = {s.name: s for s in stages}

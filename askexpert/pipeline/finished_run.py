@@ -1,42 +1,149 @@
 """Reading a pipeline run back: the one way the commands that read a run (`evaluate`, `route`, `export`,
 `profile`) open it.
 
-A run is its folder (`RunLayout`: where each artefact lies) and the settings it was made with (`pipeline.yaml`).
-The commands that turn a run's models into a result refuse a run whose stages did not all finish
+A run is its folder (`RunLayout`: where each artefact lies) and the settings it was made with (`pipeline.yaml`),
+checked when read (`read_settings`): a key filled in with its default would evaluate another test set, partition
+or profile than the run was trained on, so a missing key or one at odds with stages.json is refused. The
+commands that turn a run's models into a result refuse a run whose stages did not all finish
 (`open_finished_run`): a diverged or interrupted stage would give a report, a routing or an export that looks
 like a result. `profile` only times the models that exist, so it opens any run (`open_run`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
+from askexpert.collab.report_file import read_report
 from askexpert.errors import UserError
-from askexpert.pipeline.record import check_finished
-from askexpert.pipeline.settings import expert_count
+from askexpert.pipeline.record import check_finished, load_record, stages_file
+from askexpert.pipeline.settings import DATASET_KEYS, LATER_DATA_DEFAULTS, expert_count
 from askexpert.pipeline.settings import parser as pipeline_parser
+from askexpert.pipeline.stage_arguments import same_value
 from askexpert.runs.layout import RunLayout, expert_families
 from datamodules.partitions import Partition
 
+# What every pipeline.yaml has held since runs kept one (`pipeline` writes every option): without one of them the
+# parser would fill in a default, and a run would be evaluated on another test set, partition or profile.
+REQUIRED_SETTINGS = {
+    "": (
+        *("out", "seed", "data", "generalist", "base", "partition", "experts"),
+        *("specialization", "static_baseline", "routing", "profile"),
+    ),
+    "partition": ("method", "num_experts", "overlap", "seed", "experts", "allow_uncovered"),
+    "routing": ("gate", "threshold", "top_k", "temperature", "fusion", "seed"),
+    "data": tuple(key for key in DATASET_KEYS if key not in LATER_DATA_DEFAULTS),
+}
+
 
 def read_settings(run_dir: str):
-    """The pipeline settings a run was made with (its `pipeline.yaml`)."""
+    """The pipeline settings a run was made with (its `pipeline.yaml`), checked when read: a file askexpert wrote
+    (YAML, a mapping, every key a run has always had) that agrees with the run's stages.json (the dataset, the
+    partition, the seed and the experts its stages were trained with). Anything else is one line naming the file
+    and the key; nothing is filled in with a default."""
     layout = RunLayout(run_dir)
     if not os.path.isdir(run_dir):
         raise UserError(f"run folder not found: {run_dir}")
     if not os.path.isfile(layout.settings):
         raise UserError(f"{run_dir} is not a pipeline run (no pipeline.yaml); run `python -m askexpert pipeline` first")
+    raw = _raw_settings(layout.settings)
     try:
-        return pipeline_parser().parse_path(layout.settings)
+        settings = pipeline_parser().parse_path(layout.settings)
     except UserError as err:  # the parser's reason ("arguments are required: out") names no file: say which
-        reason = str(err).split(" (see `")[0]
-        raise UserError(
-            f"{layout.settings} is damaged ({reason}); restore it, or run the pipeline again with the run's config "
-            "and --out (finished stages are skipped) to rewrite it"
-        ) from None
+        raise _damaged(layout.settings, str(err).split(" (see `")[0]) from None
+    _check_against_record(settings, raw, layout)
+    return settings
+
+
+def _damaged(path: str, reason: str) -> UserError:
+    return UserError(
+        f"{path} is damaged ({reason}); restore it, or run the pipeline again with the run's config and --out "
+        "(finished stages are skipped) to rewrite it"
+    )
+
+
+def _raw_settings(path: str) -> dict:
+    """pipeline.yaml as plain YAML, with every key of `REQUIRED_SETTINGS` (a truncated file lacks some)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except UnicodeDecodeError:
+        raise _damaged(path, "not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise _damaged(path, f"not YAML: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if not isinstance(raw, dict):
+        raise _damaged(path, "empty, or not a mapping of settings")
+    for section, keys in REQUIRED_SETTINGS.items():
+        found = raw.get(section) if section else raw
+        if not isinstance(found, dict):
+            raise _damaged(path, f"{section} is not a mapping of settings")
+        missing = [key for key in keys if key not in found]
+        if missing:
+            where = f"{section}." if section else ""
+            raise _damaged(path, f"{where}{missing[0]} is missing: the file may be truncated")
+    return raw
+
+
+def _check_against_record(settings, raw: dict, layout: RunLayout) -> None:
+    """pipeline.yaml against what stages.json recorded of the run's training: the dataset keys and the partition
+    (the partition stage's config, else a training stage's data), the seed (the generalist's), and the stages
+    (each recorded one must be one of the settings' stages)."""
+    record = load_record(layout)
+
+    def refuse(difference: str) -> UserError:
+        return UserError(
+            f"{layout.settings} does not match {stages_file(layout)}: {difference}; restore pipeline.yaml, or run "
+            "the pipeline again with the run's config and --out (finished stages are skipped) to rewrite it"
+        )
+
+    data = settings.data.as_dict()
+    for key, recorded in _recorded_dataset(record).items():
+        if key in data and not same_value(recorded, data[key]):
+            there = f"{data[key]!r} there" if key in raw["data"] else "missing there"
+            raise refuse(f"data.{key} is {there} but the run was trained with {recorded!r}")
+    recorded_partition = _recorded_config(record, "partition").get("partition", {})
+    partition = settings.partition.as_dict()
+    for key, recorded in recorded_partition.items():
+        if key in partition and partition[key] != recorded:
+            raise refuse(f"partition.{key} is {partition[key]!r} there but the run was trained with {recorded!r}")
+    recorded_seed = _recorded_config(record, "generalist").get("seed_everything")
+    if recorded_seed is not None and recorded_seed != settings.seed:
+        raise refuse(f"seed is {settings.seed!r} there but the run was trained with {recorded_seed!r}")
+    planned = set(stage_names(settings))
+    for name in record:
+        if name not in planned:
+            raise refuse(
+                f"its stage {name} is not one of those specialization {settings.specialization!r}, static_baseline "
+                f"{settings.static_baseline} and {expert_count(settings.partition)} experts make"
+            )
+
+
+def _recorded_config(record: dict, name: str) -> dict:
+    config = record.get(name, {}).get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def _recorded_dataset(record: dict) -> dict:
+    """The dataset keys the run's stages were trained with: the partition stage's, else the generalist's or the
+    base model's `data` (an interrupted run may have no partition yet)."""
+    for name in ("partition", "generalist", "base"):
+        data = _recorded_config(record, name).get("data")
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if key in DATASET_KEYS}
+    return {}
+
+
+def stage_names(settings) -> list[str]:
+    """The stages a run's settings make, by name (as stages.json and the run's folders name them)."""
+    names = ["generalist", "base", "partition"]
+    for family in expert_families(settings.specialization, settings.static_baseline):
+        names += [f"experts/{family}/{i}" for i in range(expert_count(settings.partition))]
+    return names
 
 
 @dataclass(frozen=True)
@@ -53,27 +160,17 @@ class PipelineRun:
         {"margin", "fusion"} of the report's two-expert point, whose own threshold (chosen with its margin) is
         then the one returned, or None when the report has no such point (evaluated without
         `--routing.second_expert.enabled true`): the one-expert point, as without `second_expert`."""
-        run_dir = self.layout.root
-        report_path = os.path.join(run_dir, "report.json")
-        if not os.path.isfile(report_path):
-            raise UserError(f"{run_dir} has no report.json yet: finish it with `python -m askexpert pipeline` first")
-        try:
-            with open(report_path, encoding="utf-8") as f:
-                report = json.load(f)
-            routing, threshold = report["routing"], float(report["selected"]["threshold"])
-            point = {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}
-            if not second_expert:
-                return point, threshold
-            pair = report.get("second_expert")
-            point["second_expert"] = None
-            if pair is not None:
-                point["second_expert"] = {"margin": float(pair["margin"]), "fusion": str(pair["fusion"])}
-                threshold = float(pair["threshold"])
+        report = read_report(self.layout.root)  # checked by type and range there
+        routing, threshold = report["routing"], float(report["selected"]["threshold"])
+        point = {key: routing[key] for key in ("temperature_value", "gate", "top_k", "fusion")}
+        if not second_expert:
             return point, threshold
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(
-                f"{report_path} is damaged; write it again with `python -m askexpert evaluate --run {run_dir}`"
-            ) from None
+        pair = report.get("second_expert")
+        point["second_expert"] = None
+        if pair is not None:
+            point["second_expert"] = {"margin": float(pair["margin"]), "fusion": str(pair["fusion"])}
+            threshold = float(pair["threshold"])
+        return point, threshold
 
     def partition(self) -> Partition:
         return Partition.load(self.layout.partition)

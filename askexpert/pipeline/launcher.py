@@ -6,23 +6,22 @@ exactly the training it would get alone, while a large GPU runs several at once.
 starts; if this process is interrupted, the running children are stopped too.
 
 A child that diverged exits with `DivergenceError.exit_status`; `divergence_of` reads where (step, epoch) from its
-log's last line. That is the one way a child's divergence is detected.
+log's last line. That is the one way a child's divergence is detected. A child stopped by SIGTERM or SIGINT
+(exit status 143 or 130, askexpert/interrupts.py) stops the launcher as that signal would (`raise_if_interrupted`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from askexpert.errors import DivergenceError, UserError
+from askexpert.interrupts import Interrupted, signal_of_exit, stop_on_signals
 
 # How `main` prefixes the one-line error a failed command prints (askexpert/cli.py)
 ERROR_PREFIX = "askexpert: error: "
@@ -79,7 +78,7 @@ def launch_jobs(
     running ones finish. If this process is interrupted (Ctrl-C, SIGTERM, an error), the running jobs are
     stopped too: none trains on unattended."""
     pending, running, codes = list(jobs), {}, {}
-    with _sigterm_as_interrupt():
+    with stop_on_signals():  # SIGTERM or SIGINT raise Interrupted here too when no command installed it
         try:
             while pending or running:
                 for index, slot in enumerate(slots):
@@ -112,6 +111,7 @@ def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5, per
     failure (a DivergenceError, whose exit status says so, when the first failed job diverged)."""
     codes = launch_jobs(jobs, device_slots(devices, per_device), poll_seconds)
     failed = [job for job in jobs if codes.get(job.name, 0) != 0]
+    raise_if_interrupted(failed, codes)
     if failed:
         names = ", ".join(f"{job.name} (log: {job.log})" for job in failed)
         message = f"training failed for {names}: {last_line(failed[0].log)}"
@@ -119,6 +119,15 @@ def run_jobs(jobs: list[Job], devices: list[str], poll_seconds: float = 0.5, per
         if diverged is not None:
             raise DivergenceError(message, step=diverged.step, epoch=diverged.epoch, last_good=None)
         raise UserError(message)
+
+
+def raise_if_interrupted(failed: list[Job], codes: dict[str, int]) -> None:
+    """A child stopped by SIGTERM or SIGINT (a scheduler stopping the job, Ctrl+C) stops its launcher as that
+    signal would: `Interrupted`, so the command exits 143 or 130 and says how to resume."""
+    for job in failed:
+        signum = signal_of_exit(codes[job.name])
+        if signum is not None:
+            raise Interrupted(signum)
 
 
 def last_line(path: str) -> str:
@@ -170,20 +179,3 @@ def _stop(processes: list[subprocess.Popen], grace_seconds: float = 10.0) -> Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """While jobs run, SIGTERM to this process raises KeyboardInterrupt, so `launch_jobs` stops its children."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

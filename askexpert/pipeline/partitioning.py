@@ -12,7 +12,7 @@ from askexpert.errors import UserError
 from askexpert.files.checkpoints import check_same_classes
 from askexpert.modules.loading import load_classifier
 from datamodules.datamodule import ImageDataModule
-from datamodules.partitions import Partition, build_partition
+from datamodules.partitions import Partition, balanced_largest, build_partition, check_overlap
 
 
 def validation_confusion(checkpoint: str, datamodule: ImageDataModule) -> torch.Tensor:
@@ -41,3 +41,13 @@ def partition_from_settings(settings, datamodule: ImageDataModule, confusion: to
         seed=settings.seed,
         allow_uncovered=settings.allow_uncovered,
     )
+
+
+def check_overlap_setting(settings, datamodule: ImageDataModule, option: str = "--overlap") -> None:
+    """`settings.overlap` against the experts' sizes, before the generalist's confusion exists (`check_overlap`): a
+    confusion partition is balanced, so its sizes follow from the settings; any other is built now without it."""
+    if settings.method == "confusion":
+        largest = balanced_largest(datamodule.num_classes, settings.num_experts)
+    else:
+        largest = max(len(group) for group in partition_from_settings(settings, datamodule, confusion=None).experts)
+    check_overlap(settings.overlap, datamodule.num_classes, largest, option)

@@ -68,7 +68,7 @@ def _prepare(settings, overwrite, cache, explicit_data, dry_run, own_files) -> P
     check_settings_shape(settings)
     layout = RunLayout(settings.out)
     check_out_is_a_folder(layout)
-    record = load_record(layout)
+    record = load_record(layout, overwrite=overwrite)
     normalise_settings(settings, layout.root)
     profile = load_profile(settings.profile)
     routing = routing_config(settings.routing)

@@ -1,14 +1,18 @@
 """stages.json: a run's record of its stages, each with its identity, resolved config, whether it is done,
-where it diverged, when it started and how long it took.
+where it diverged, by which signal it was interrupted, when it started and how long it took.
 
 The pipeline reads it to skip, resume or refuse a stage; `evaluate`, `route` and `export` read it to refuse a
-run that has no result (`check_finished`). Its bytes are part of a run (indent 2, sorted keys, one newline).
+run that has no result (`check_finished`), and to check the run's pipeline.yaml against it. It is checked when
+read (`load_record`); a damaged one is repaired by `--overwrite true`, which its error names. Its bytes are part
+of a run (indent 2, sorted keys, one newline).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import time
 
 from askexpert.errors import DivergenceError, UserError
@@ -22,19 +26,79 @@ def stages_file(layout: RunLayout) -> str:
     return os.path.join(layout.root, STAGES_FILE)
 
 
-def load_record(layout: RunLayout) -> dict:
+# The type of each key an entry may hold (a tuple: any of them).
+ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {
+    "identity": str,
+    "done": bool,
+    "config": dict,
+    "started": (int, float),
+    "seconds": (int, float),
+    "resumed": bool,
+    "side_by_side": int,
+    "interrupted": str,
+    "diverged": dict,
+    "failed": str,
+    "not_started": str,
+}
+REQUIRED_KEYS = ("done",)  # what every reader asks of an entry
+
+
+class DamagedRecord(UserError):
+    """stages.json is not what askexpert writes; `--overwrite true` (which trains every stage again) repairs it."""
+
+
+def load_record(layout: RunLayout, overwrite: bool = False) -> dict:
+    """The run's stages.json ({} before its first stage), checked: a mapping of stage name -> entry, each entry's
+    keys of the types askexpert writes. A damaged file is refused with the command that repairs it; with
+    `overwrite` (that command) it reads as no record: every stage trains again and the file is written anew."""
     path = stages_file(layout)
     if not os.path.isfile(path):
         return {}
     try:
+        return _checked_record(path)
+    except DamagedRecord:
+        if overwrite:
+            return {}
+        raise
+
+
+def _checked_record(path: str) -> dict:
+    try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        record = None
-    # a mapping of stage name -> a mapping per stage; anything else was not written by askexpert
-    if not isinstance(record, dict) or not all(isinstance(entry, dict) for entry in record.values()):
-        raise UserError(f"{path} is damaged; use --overwrite to start this run again")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _damaged(path, f"not JSON: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if not isinstance(record, dict):
+        raise _damaged(path, f"a {type(record).__name__} instead of a mapping of stages")
+    for name, entry in record.items():
+        if not isinstance(entry, dict):
+            raise _damaged(path, f"stage {name!r} is a {type(entry).__name__}, not a mapping")
+        for key in REQUIRED_KEYS:
+            if key not in entry:
+                raise _damaged(path, f"stage {name!r} has no {key!r}")
+        for key, expected in ENTRY_TYPES.items():
+            if key in entry and not _valid(entry[key], expected):
+                raise _damaged(path, f"stage {name!r} has {key} {entry[key]!r}")
     return record
+
+
+def _valid(value, expected: type | tuple[type, ...]) -> bool:
+    """Of the type askexpert writes; a number (a time, a count) also finite and not negative."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):  # bool is an int in Python: a time or a count that is true or false is damaged too
+        return bool in types
+    if isinstance(value, (int, float)):
+        return isinstance(value, types) and math.isfinite(value) and value >= 0
+    return isinstance(value, types)
+
+
+def _damaged(path: str, reason: str) -> DamagedRecord:
+    return DamagedRecord(
+        f"{path} is damaged; use --overwrite true with the `pipeline` (or `ablate`) command that made the run to "
+        f"train its stages again and write it anew (found: {reason})"
+    )
 
 
 def save_record(layout: RunLayout, record: dict) -> None:
@@ -50,6 +114,11 @@ def check_finished(layout: RunLayout) -> None:
             raise UserError(
                 f"stage {name} of {layout.root} diverged (step {found.get('step')}, epoch {found.get('epoch')}), so "
                 "the run has no result; rerun the pipeline with a changed config for that stage"
+            )
+        if entry.get("interrupted") and not entry.get("done"):
+            raise UserError(
+                f"stage {name} of {layout.root} was interrupted ({entry['interrupted']}); rerun the pipeline "
+                "with the same command to resume it"
             )
         if not entry.get("done"):
             raise UserError(f"stage {name} of {layout.root} has not finished; rerun the pipeline to finish it")
@@ -74,6 +143,11 @@ def mark_done(entry: dict) -> None:
     entry["done"] = True
     if "started" in entry:  # the minutes a stage costs, for the docs' "minutes per seed" (stages.json)
         entry["seconds"] = round(time.time() - entry["started"], 1)
+
+
+def mark_interrupted(entry: dict, signum: int) -> None:
+    """A stage stopped by SIGTERM or SIGINT is not done: the pipeline run again resumes it from its last.ckpt."""
+    entry["interrupted"] = signal.Signals(signum).name
 
 
 def mark_diverged(entry: dict, err: DivergenceError) -> None:

@@ -10,9 +10,11 @@ folder links to it, so runs that share a stage train it once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 from askexpert.errors import DivergenceError, UserError
 from askexpert.files.atomic import atomic_write_bytes, atomic_write_text
 from askexpert.files.checkpoints import check_checkpoint_file, has_training_state
+from askexpert.interrupts import interruption
 from askexpert.lightning_cli.cli import run_lightning_command
 from askexpert.pipeline.launcher import (
     Job,
@@ -29,11 +32,19 @@ from askexpert.pipeline.launcher import (
     gpus_for,
     last_line,
     launch_jobs,
+    raise_if_interrupted,
     visible_gpus,
 )
 from askexpert.pipeline.partitioning import partition_from_settings, validation_confusion
 from askexpert.pipeline.prepare import PreparedRun
-from askexpert.pipeline.record import is_done, mark_diverged, mark_done, save_record, started_entry
+from askexpert.pipeline.record import (
+    is_done,
+    mark_diverged,
+    mark_done,
+    mark_interrupted,
+    save_record,
+    started_entry,
+)
 from askexpert.pipeline.stages import Stage, StageKind
 from askexpert.pipeline.wandb_runs import stage_environment, wandb_stage_env
 from askexpert.runs.folder import last_checkpoint
@@ -63,19 +74,21 @@ def execute(prepared: PreparedRun, store=None) -> None:
         start = _start_stage(prepared, stage, f"[{number}/{len(stages)}] {stage.name}", store)
         if start is StageStart.SKIPPED:
             continue
-        if not stage.trains:
-            _build_partition(prepared, stage, store)
-        elif parallel > 1 and stage.kind is StageKind.EXPERT:
+        if parallel > 1 and stage.trains and stage.kind is StageKind.EXPERT:
             side_by_side.append((stage, start is StageStart.RESUMED))
             continue
-        else:
-            try:
-                run_fit(stage, prepared.layout, start is StageStart.RESUMED, prepared.settings)
-            except DivergenceError as err:
-                raise _diverged(prepared, stage, err) from None
+        with _recorded_if_interrupted(prepared, [stage]):
+            if not stage.trains:
+                _build_partition(prepared, stage, store)
+            else:
+                try:
+                    run_fit(stage, prepared.layout, start is StageStart.RESUMED, prepared.settings)
+                except DivergenceError as err:
+                    raise _diverged(prepared, stage, err) from None
         _finish_stage(prepared, stage, store)
     if side_by_side:
-        _run_side_by_side(prepared, side_by_side, parallel, store)
+        with _recorded_if_interrupted(prepared, [stage for stage, _ in side_by_side]):
+            _run_side_by_side(prepared, side_by_side, parallel, store)
 
 
 def begin(prepared: PreparedRun, store=None) -> None:
@@ -180,6 +193,23 @@ def _diverged(prepared: PreparedRun, stage: Stage, err: DivergenceError) -> Dive
     save_record(prepared.layout, prepared.record)
     message = f"stage {stage.name} diverged, so nothing was evaluated: {err}"
     return DivergenceError(message, step=err.step, epoch=err.epoch, last_good=err.last_good, stage=stage.name)
+
+
+@contextlib.contextmanager
+def _recorded_if_interrupted(prepared: PreparedRun, stages: list[Stage]) -> Iterator[None]:
+    """SIGTERM or SIGINT while `stages` run (askexpert/interrupts.py): each one not finished is recorded as
+    interrupted in stages.json before the interruption goes on; the pipeline run again resumes it."""
+    try:
+        yield
+    except BaseException as err:
+        signum = interruption(err)
+        if signum is not None:
+            for stage in stages:
+                entry = prepared.record.get(stage.name, {})
+                if not entry.get("done") and not entry.get("diverged"):
+                    mark_interrupted(entry, signum)
+            save_record(prepared.layout, prepared.record)
+        raise
 
 
 def can_resume(folder: str, header: str) -> bool:
@@ -307,6 +337,7 @@ def _run_side_by_side(prepared: PreparedRun, stages: list[tuple[Stage, bool]], p
         job = results.no_checkpoint[0]
         raise UserError(f"stage {job.name} finished without a best checkpoint (log: {job.log})")
     failed = [job for job in jobs if codes.get(job.name, 0) != 0]
+    raise_if_interrupted(failed, codes)
     if failed:
         raise UserError(f"stage {failed[0].name} failed: {last_line(failed[0].log)} (log: {failed[0].log})")
 

@@ -40,7 +40,9 @@ def read_yaml(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as handle:
             return yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError) as err:
+    except UnicodeDecodeError:
+        raise UserError(f"cannot read config file {path}: not UTF-8 text (a YAML file is)") from None
+    except (OSError, yaml.YAMLError, RecursionError) as err:  # RecursionError: YAML nested too deeply
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot read config file {path}: {reason}") from None
 

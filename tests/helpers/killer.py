@@ -31,6 +31,24 @@ class KillOnce(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAtBatch(Callback):
+    """Send `signal` (SIGTERM, SIGINT: what a scheduler or Ctrl+C sends) to the process before batch `batch` of epoch
+    `epoch`, once: only while the file `KILL_ONCE_MARKER` names does not exist (it is created), and never without the
+    variable, so the same config runs uninterrupted the second time."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1, signal: str = "SIGTERM") -> None:
+        self.epoch = epoch
+        self.batch = batch
+        self.signal = signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        marker = os.environ.get("KILL_ONCE_MARKER")
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch or not marker or os.path.exists(marker):
+            return
+        open(marker, "w").close()
+        os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class KillAtBatch(Callback):
     """SIGKILL the process before batch `batch` of epoch `epoch` (mid-epoch: that epoch has logged rows), once:
     only while the file `KILL_ONCE_MARKER` names does not exist (it is created), and never without the variable,
