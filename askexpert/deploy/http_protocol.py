@@ -273,3 +273,14 @@ def allow_open_connections(count: int = rules.MAX_CONNECTIONS + 256) -> None:
     wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def uvicorn_settings() -> dict:
+    """Keyword arguments for `uvicorn.Config` (LitServe's `run(**kwargs)` passes them on). The drain's timeout is
+    not among them: LitServe sets `timeout_graceful_shutdown` itself; the inline engine passes DRAIN_TIMEOUT_S."""
+    return {
+        "http": BoundedHttpProtocol,  # every rule of the connection level (httptools, bounded)
+        "limit_concurrency": rules.MAX_CONNECTIONS,  # answered with a JSON 503 by BoundedHttpProtocol
+        "timeout_keep_alive": rules.KEEP_ALIVE_S,
+        "ws": "none",  # no endpoint speaks WebSocket: an upgrade request is served as plain HTTP
+    }

@@ -2,7 +2,7 @@
 
 Both engines answer HTTP with uvicorn (the inline engine in its one process, LitServe in its HTTP process), so
 the rules sit at the two levels every engine has:
-- the connection: `uvicorn_settings()` selects askexpert/deploy/http_protocol.py's protocol (uvicorn's httptools
+- the connection: `http_protocol.uvicorn_settings()` selects that module's protocol (uvicorn's httptools
   one, bounded), which limits the request head in size and time and the open connections, answers a request that
   arrives on a kept-alive connection during a drain with 503 instead of dropping it, and closes a connection
   whose request body is unread without losing the reply to a TCP reset;
@@ -135,16 +135,3 @@ class BodyUnreadCloses:
             await send(message)
 
         await self.app(scope, receive_noting, send_closing)
-
-
-def uvicorn_settings() -> dict:
-    """Keyword arguments for `uvicorn.Config` (LitServe's `run(**kwargs)` passes them on). The drain's timeout is
-    not among them: LitServe sets `timeout_graceful_shutdown` itself; the inline engine passes DRAIN_TIMEOUT_S."""
-    from askexpert.deploy.http_protocol import BoundedHttpProtocol
-
-    return {
-        "http": BoundedHttpProtocol,  # every rule of the connection level (httptools, bounded)
-        "limit_concurrency": MAX_CONNECTIONS,  # answered with a JSON 503 by BoundedHttpProtocol
-        "timeout_keep_alive": KEEP_ALIVE_S,
-        "ws": "none",  # no endpoint speaks WebSocket: an upgrade request is served as plain HTTP
-    }

@@ -15,7 +15,8 @@ import signal
 import socket
 from collections.abc import Callable
 
-from askexpert.deploy.http_rules import DRAIN_TIMEOUT_S, uvicorn_settings
+from askexpert.deploy.http_protocol import uvicorn_settings
+from askexpert.deploy.http_rules import DRAIN_TIMEOUT_S
 
 
 def serve_inline(

@@ -24,7 +24,7 @@ import uvicorn
 
 from askexpert.deploy import http_rules as rules
 from askexpert.deploy.http_protocol import DrainingServer as HttpServer
-from askexpert.deploy.http_protocol import allow_open_connections
+from askexpert.deploy.http_protocol import allow_open_connections, uvicorn_settings
 from askexpert.errors import UserError
 
 # the HTTP process's drain, its idle connections' grace and lingering closes, and its exit
@@ -264,7 +264,7 @@ def serve_litserve(args, host: str, token: str | None, bundle, metadata: dict, a
             log_level=args.log_level,
             generate_client_file=False,
             api_server_worker_type="process",
-            **rules.uvicorn_settings(),  # head size and time, connections, keep-alive: as the inline engine's
+            **uvicorn_settings(),  # head size and time, connections, keep-alive: as the inline engine's
         )
     except RuntimeError as err:
         if "workers failed to start" not in str(err):
