@@ -6,6 +6,7 @@ import json
 import shutil
 
 import yaml
+from helpers.processes import dead_pid
 
 from askexpert.adapt.reexport import ExportTools, reexport
 from askexpert.commands import export as export_command
@@ -86,8 +87,11 @@ def test_a_reexport_writes_the_card_of_the_new_version(tiny_pipeline_run, tiny_e
     tools = ExportTools(e.export_model, e.compare, e.onnx_logits, e.MIN_AGREEMENT, report=report)
     old = load_bundle(str(folder))
     point = {"threshold": old.operating_point["threshold"] + 0.01, "temperature_value": 1.0}
+    left_by_a_killed_adapt = tmp_path / f".export.adapt-{dead_pid()}"
+    left_by_a_killed_adapt.mkdir()
     new = reexport(old, checkpoint, point, test_set, tools, 256)
     assert new != old.version
+    assert not left_by_a_killed_adapt.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     matter, body = card_parts(folder)
     assert matter["model-index"][0]["name"] == f"askexpert-{new}" and f"Version `{new}`" in body
     assert f"threshold τ = {point['threshold']:.4f}" in body and "temperature: 1.0000" in body

@@ -20,6 +20,7 @@ import yaml
 from conftest import HELPERS, TINY_ARGS, run_subprocess_env
 from helpers.cli import run_main
 from helpers.pipelines import write_configs
+from helpers.processes import dead_pid
 
 import askexpert.cli
 from askexpert.cli import cli_main, on_interrupt
@@ -229,12 +230,6 @@ def test_sigterm_inside_an_expert_stops_the_pipeline_with_143_and_a_rerun_resume
 
 
 # -- export ---------------------------------------------------------------------------------------------------------
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def test_an_export_removes_the_partial_folders_that_killed_exports_left(tmp_path):
     out = tmp_path / "system"
     dead, alive = dead_pid(), os.getppid()

@@ -25,7 +25,7 @@ from askexpert.deploy.bundle import ExportBundle, load_bundle
 from askexpert.errors import UserError
 from askexpert.export.int8 import model_figures, quantize, system_figures
 from askexpert.export.model_card import CARD_NAME, write_model_card
-from askexpert.files.atomic import write_json
+from askexpert.files.atomic import staging_folder, write_json
 from askexpert.files.hashing import file_sha256
 from askexpert.modules.loading import load_classifier
 from datamodules.partitions import Partition
@@ -84,9 +84,8 @@ def reexport(bundle: ExportBundle, checkpoint: str, point: dict, test_set, tools
     if unchanged(bundle, checkpoint, point):
         return bundle.version
     parent, name = os.path.dirname(folder), os.path.basename(folder)
-    staging = os.path.join(parent, f".{name}.adapt-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(folder, staging)
+    staging = staging_folder(folder, "adapt")  # also removes what a killed `adapt` left (`.NAME.adapt-PID`)
+    shutil.copytree(folder, staging, dirs_exist_ok=True)
     try:
         manifest = _changed_manifest(bundle, staging, checkpoint, point, test_set, tools, batch_size)
         write_json(os.path.join(staging, "manifest.json"), manifest)
