@@ -74,12 +74,12 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "export": Command(
         "a finished run's generalist and experts as verified ONNX files + manifest", _lazy("askexpert.commands.export")
     ),
-    # None: `serve` handles SIGTERM itself (a drain, then exit 0: README, "Deploy"); `edge` keeps Python's defaults
+    # None: `serve` handles SIGTERM itself (a drain, then exit 0: README, "Deploy")
     "serve": Command("serve an export's experts over HTTP", _lazy("askexpert.commands.serve"), None),
     "edge": Command(
         "the edge side: generalist here, unsure images offloaded to a server, to CSV",
         _lazy("askexpert.commands.edge"),
-        None,
+        "run the same command again (its CSV is written at the end, atomically: nothing half-written is left)",
     ),
     "adapt": Command(
         "fine-tune the generalist on its experts' answers, round by round (adapt.csv)",
@@ -118,7 +118,7 @@ def cli_main(args: list[str] | None = None):
 
 def on_interrupt(command: str) -> str | None:
     """What the line after SIGTERM or SIGINT says to do for `command`; None for a command that handles the
-    signals itself (`serve`, `edge`) or for no command at all (the overview)."""
+    signals itself (`serve`) or for no command at all (the overview)."""
     if command in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[command].on_interrupt
     if command == "fit":

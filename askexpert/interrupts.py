@@ -2,7 +2,7 @@
 
 A scheduler (SLURM, systemd, Kubernetes) stops a job with SIGTERM and decides from the exit status whether it
 finished; a requeue needs "did not finish". So inside `stop_on_signals` (installed by `askexpert.cli.main` for
-every command but `serve`, which drains instead, and `edge`) either signal raises `Interrupted` in the main thread,
+every command but `serve`, which drains instead) either signal raises `Interrupted` in the main thread,
 and `main` prints one line and exits with 128 + the signal's number, as a shell reports a process the signal
 killed: 143 for SIGTERM, 130 for SIGINT (Ctrl+C).
 

@@ -124,17 +124,25 @@ def test_a_signal_that_some_code_caught_or_turned_into_an_error_still_exits_non_
         assert err.strip().startswith(f"askexpert: interrupted by {name}; run the same command again: finished stages")
 
 
-def test_serve_and_edge_keep_their_own_signal_handling(monkeypatch, capsys):
-    """A server's SIGTERM drains and exits 0 (askexpert/commands/serve.py): main installs nothing for them."""
-    assert on_interrupt("serve") is None and on_interrupt("edge") is None
+def test_serve_keeps_its_own_signal_handling_and_every_other_command_exits_128_plus_the_signal(monkeypatch, capsys):
+    """A server's SIGTERM drains and exits 0 (askexpert/commands/serve.py): main installs nothing for it. Every
+    other command, `edge` included, stops on SIGTERM/SIGINT with one line and 143/130, no traceback."""
+    assert on_interrupt("serve") is None
     seen = []
-    with_run(monkeypatch, "edge", lambda argv: seen.append(signal.getsignal(signal.SIGTERM)))
-    code, _, _ = run_main(["edge"], capsys)
+    with_run(monkeypatch, "serve", lambda argv: seen.append(signal.getsignal(signal.SIGTERM)))
+    code, _, _ = run_main(["serve"], capsys)
     assert code == 0 and seen == [signal.SIG_DFL]
-    for command in ("fit", "validate", "test", "predict", "pipeline", "experts", "ablate", "adapt", "partition"):
-        assert on_interrupt(command)
-    for command in ("evaluate", "export", "route", "profile"):
-        assert on_interrupt(command)
+    commands = ("fit", "validate", "test", "predict", "pipeline", "experts", "ablate", "adapt", "partition")
+    for command in (*commands, "evaluate", "export", "route", "profile", "edge"):
+        assert on_interrupt(command), command
+
+    def interrupted(argv):
+        raise KeyboardInterrupt  # Ctrl+C in the middle of `edge`'s requests
+
+    with_run(monkeypatch, "edge", interrupted)
+    code, _, err = run_main(["edge"], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == "askexpert: interrupted by SIGINT; " + on_interrupt("edge")
 
 
 def test_what_counts_as_an_interruption():
