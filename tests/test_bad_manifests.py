@@ -274,3 +274,52 @@ def test_a_manifest_that_is_not_utf8_is_one_line(export_copy, capsys):
     (export_copy / "manifest.json").write_bytes(b'{"format_version": 1, "x": "\xff"}')
     code, _, err = run_main(["serve", "--export", str(export_copy)], capsys)
     one_line(code, err, "manifest.json is damaged or not an askexpert manifest (not UTF-8 text)")
+
+
+# -- the routing options askexpert writes into a report, checked by the rule that reads them back ----------------
+ROUTING_VALUES = {
+    "a negative seed": ({"seed": -1}, False),
+    "a seed past torch's generator": ({"seed": 2**64}, False),
+    "the largest seed": ({"seed": 2**64 - 1}, True),
+    "an infinite latency budget": ({"budget": {"latency_ms": math.inf}}, False),
+    "a NaN energy budget": ({"budget": {"energy_mj": math.nan}}, False),
+    "a constrained offload of 2": ({"constrained": {"offload_ratio": 2.0}}, False),
+    "a latency budget of 5 ms": ({"budget": {"latency_ms": 5.0}}, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTING_VALUES))
+def test_routing_options_and_the_report_reader_follow_one_rule(tiny_pipeline_run, case):
+    """What `--routing.*` accepts is what report.json is read back with: askexpert never writes a report that it
+    then refuses (`--routing.seed -1` was accepted, and the report it wrote refused)."""
+    from askexpert.collab.report_file import check_report
+    from askexpert.collab.system import RoutingConfig
+    from askexpert.files.fields import BadField
+
+    _, run = tiny_pipeline_run
+    change, valid = ROUTING_VALUES[case]
+    report = json.loads((run / "report.json").read_text())
+    report["routing"].update(change)
+    config = RoutingConfig(**change)
+    if valid:
+        config.check(100)
+        check_report(report)
+    else:
+        with pytest.raises(UserError):
+            config.check(100)
+        with pytest.raises(BadField):
+            check_report(report)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--routing.seed", "-1"], "--routing.seed must be at least 0, got -1"),
+        (["--routing.budget.latency_ms", ".inf"], "budget latency_ms must be a finite number, got inf"),
+        (["--routing.constrained.energy_mj", ".nan"], "constrained budget energy_mj must be a finite number, got nan"),
+    ],
+)
+def test_evaluate_refuses_routing_options_whose_report_would_be_refused(run_copy, tmp_path, capsys, extra, message):
+    code, _, err = run_main(["evaluate", "--run", str(run_copy), "--out", str(tmp_path / "e"), *extra], capsys)
+    one_line(code, err, message)
+    assert not (tmp_path / "e").exists()

@@ -50,10 +50,11 @@ DAMAGED_STAGES = {
     "done as a string": '{"generalist": {"done": "yes", "identity": "x"}}',
     "no done": '{"generalist": {"identity": "x"}}',
     "identity as a number": '{"generalist": {"done": true, "identity": 7}}',
-    "seconds as a bool": '{"generalist": {"done": true, "seconds": true}}',
-    "negative seconds": '{"generalist": {"done": true, "seconds": -3}}',
-    "NaN seconds": '{"generalist": {"done": true, "seconds": NaN}}',
     "config as a list": '{"generalist": {"done": true, "config": []}}',
+    "interrupted as a number": '{"generalist": {"done": false, "interrupted": 15}}',
+    "diverged as a list": '{"generalist": {"done": false, "diverged": [1, 2]}}',
+    "nested too deeply": "[" * 100_000,
+    "a number of 5000 digits": '{"generalist": {"done": true, "seconds": ' + "1" * 5000 + "}}",
 }
 
 
@@ -82,6 +83,43 @@ def test_the_repair_is_not_refused_when_the_file_is_read(tiny_pipeline_run, tmp_
     planned = [line for line in stdout.splitlines() if line.startswith(("generalist ", "base ", "experts/"))]
     assert len(planned) == 6 and all(line.rstrip().endswith("to train") for line in planned), stdout
     assert (copy / "stages.json").read_text() == "{not json"  # a dry run writes nothing
+
+
+def test_a_time_askexpert_could_have_written_is_not_damage(tiny_pipeline_run, tmp_path, capsys):
+    """A negative `seconds` (the wall clock stepped back while a stage trained, before they were clamped), a NaN or
+    a text in a timing field is dropped when read: the repair a damaged file names would retrain every stage."""
+    from askexpert.pipeline.record import load_record
+    from askexpert.runs.layout import RunLayout
+
+    config, run = tiny_pipeline_run
+    copy = records_of(run, tmp_path / "run")
+    record = json.loads((copy / "stages.json").read_text())
+    bad = {"seconds": -3.2, "started": float("nan"), "side_by_side": True, "resumed": "yes"}
+    for entry in record.values():
+        entry.update(bad)
+    (copy / "stages.json").write_text(json.dumps(record))
+    read = load_record(RunLayout(str(copy)))
+    assert all(not set(bad) & entry.keys() and entry["done"] for entry in read.values())
+    assert read_settings(str(copy)).seed == 0
+    argv = ["pipeline", "--config", str(config), "--out", str(copy), "--dry_run", "true"]
+    code, _, err = run_main(argv, capsys)
+    assert code == 0, err
+
+
+def test_a_stage_time_is_never_negative_when_the_clock_steps_back(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from askexpert.ablation.store import StageStore
+    from askexpert.pipeline import record
+
+    entry = record.started_entry("abc", {}, resumed=False)
+    monkeypatch.setattr(record.time, "time", lambda: entry["started"] - 60)  # NTP stepped back a minute
+    record.mark_done(entry)
+    assert entry["seconds"] == 0.0 and entry["done"] is True
+    store = StageStore(str(tmp_path / "store"))
+    stage = SimpleNamespace(name="generalist", identity="abc", config={})
+    store.mark_done(stage, {"run": str(tmp_path), "started": entry["started"], "resumed": False})
+    assert store.job_record(stage, str(tmp_path)) == {"seconds": 0.0}
 
 
 @pytest.mark.slow  # ~40 s: every stage of the tiny pipeline trains again
@@ -125,6 +163,9 @@ def test_a_deleted_data_key_is_refused_not_filled_with_its_default(tiny_pipeline
         (lambda s: s["data"].update(synthetic_test_per_class=100), ["data.synthetic_test_per_class is 100 there", "3"]),
         (lambda s: s["data"].update(source="cifar100"), ["data.source is 'cifar100' there", "'synthetic'"]),
         (lambda s: s["data"].update(val_fraction=0.5), ["data.val_fraction is 0.5 there", "0.2"]),
+        (lambda s: s["data"].update(seed=7), ["data.seed is 7 there", "0"]),
+        (lambda s: s["data"].update(image_size=64), ["data.image_size is 64 there", "32"]),
+        (lambda s: s["data"].update(synthetic_train_per_class=20), ["data.synthetic_train_per_class is 20 there"]),
         (lambda s: s["partition"].update(num_experts=4), ["partition.num_experts is 4 there", "2"]),
         (lambda s: s["partition"].update(method="random"), ["partition.method is 'random' there", "'superclass'"]),
         (lambda s: s.update(seed=5), ["seed is 5 there", "0"]),
@@ -137,6 +178,30 @@ def test_pipeline_yaml_at_odds_with_stages_json_is_refused(tiny_pipeline_run, tm
     copy = changed_settings(run, tmp_path / "run", change)
     code, _, err = run_main(["evaluate", "--run", str(copy)], capsys)
     one_line(code, err, f"{copy / 'pipeline.yaml'} does not match {copy / 'stages.json'}", *fragments)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("root", "/mnt/elsewhere/data"), ("download", True), ("verify_checksums", False), ("max_memory_gb", 2.5)],
+)
+def test_a_run_copied_to_another_machine_with_its_data_root_edited_opens(tiny_pipeline_run, tmp_path, key, value):
+    """Where the data lies on this machine and how it is loaded is not which data: docs/architecture.md's
+    "Relocatable" (the keys that define the data are refused when changed, above)."""
+    _, run = tiny_pipeline_run
+    copy = changed_settings(run, tmp_path / "run", lambda s: s["data"].update({key: value}))
+    assert read_settings(str(copy)).data.as_dict()[key] == value
+
+
+def test_a_copied_run_with_its_data_root_edited_evaluates(tiny_pipeline_run, tmp_path, capsys):
+    _, run = tiny_pipeline_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    settings = yaml.safe_load((copy / "pipeline.yaml").read_text())
+    settings["data"]["root"] = str(tmp_path / "data elsewhere")
+    (copy / "pipeline.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    code, _, err = run_main(["evaluate", "--run", str(copy), "--out", str(tmp_path / "report")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "report" / "report.json").is_file()
 
 
 @pytest.mark.parametrize("cut", [0.25, 0.5, 0.75, 0.95])
@@ -154,8 +219,11 @@ def test_a_truncated_pipeline_yaml_says_so(tiny_pipeline_run, tmp_path, capsys, 
 @pytest.mark.parametrize(
     "content, reason",
     [
-        (b"data: {source: synthetic\n", "not YAML"),
+        (b"data: {source: synthetic\n", "not valid YAML"),
         (b"\xff\xfe\x00garbage", "not UTF-8"),
+        (b"a: " + b"[" * 5000, "not valid YAML: nested too deeply"),
+        (b"seed: 2020-13-45\n", "not valid YAML: month must be in 1..12"),
+        (b"seed: !!bool 3\n", "not valid YAML: a tagged value"),
         (b"# nothing\n", "empty"),
         (b"- a list\n", "empty, or not a mapping"),
     ],
@@ -204,27 +272,41 @@ def test_the_run_as_written_reads_back(tiny_pipeline_run, tmp_path):
 
 # -- a full disk ------------------------------------------------------------------------------------------------
 class FullDisk:
-    """An open file whose writes fail as a full disk's do: an OSError with an errno (`code`) and no file name."""
+    """A file really opened (the temporary file exists on disk, as it would) whose writes fail as a full disk's
+    do: an OSError with an errno (`code`) and no file name."""
 
     code = errno.ENOSPC
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        self.handle = open(*args, **kwargs)  # noqa: SIM115 (closed by __exit__, as `with open()` would)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self.handle.close()
 
     def write(self, data) -> int:
         raise OSError(self.code, os.strerror(self.code))
 
 
+def fail_like_a_full_disk(monkeypatch, where: str, code: int = errno.ENOSPC) -> None:
+    """The write fails after the temporary file was created: in `write`, or (the data cached) in `fsync`."""
+    if where == "write":
+        monkeypatch.setattr(FullDisk, "code", code)
+        monkeypatch.setattr(atomic, "open", FullDisk, raising=False)
+    else:
+
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(atomic.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
-def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, code):
-    monkeypatch.setattr(FullDisk, "code", code)
-    monkeypatch.setattr(atomic, "open", FullDisk, raising=False)
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, code, where):
+    fail_like_a_full_disk(monkeypatch, where, code)
     target = tmp_path / "report.json"
     with pytest.raises(OSError) as raised:
         write_json(str(target), {"a": 1})
@@ -241,10 +323,57 @@ def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch, code):
     assert raised.value.filename == "/elsewhere"
 
 
-def test_a_full_disk_is_one_line_naming_the_file_from_the_cli(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(atomic, "open", FullDisk, raising=False)
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_full_disk_is_one_line_naming_the_file_from_the_cli(tmp_path, monkeypatch, capsys, where):
+    fail_like_a_full_disk(monkeypatch, where)
     out = tmp_path / "partition.json"
     argv = ["partition", "--num_experts", "2", "--out", str(out), "--data.synthetic_train_per_class", "2"]
     code, _, err = run_main([*argv, "--data.synthetic_test_per_class", "1"], capsys)
     one_line(code, err, f"cannot write {out}: No space left on device (free some space and run again)")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a signal at a stage's start or finish -------------------------------------------------------------------
+@pytest.mark.parametrize("at", ["_ready_folder", "save_record"])
+def test_a_signal_while_a_stage_starts_records_it_interrupted(tiny_pipeline_run, tmp_path, monkeypatch, capsys, at):
+    """SIGTERM while the stage's folder is made ready, or its record written, and not only while it trains: the
+    stage is recorded as interrupted and the pipeline exits 143."""
+    from askexpert.interrupts import Interrupted
+    from askexpert.pipeline import runner
+
+    config, run = tiny_pipeline_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    record = json.loads((copy / "stages.json").read_text())
+    record["generalist"]["done"] = False  # so that the pipeline starts it again (a resume)
+    (copy / "stages.json").write_text(json.dumps(record))
+    real = getattr(runner, at)
+
+    def signalled(*args, **kwargs):
+        monkeypatch.setattr(runner, at, real)  # once: the record of the interruption is written after it
+        raise Interrupted(15)
+
+    monkeypatch.setattr(runner, at, signalled)
+    code, _, err = run_main(["pipeline", "--config", str(config), "--out", str(copy)], capsys)
+    assert code == 143, err
+    assert json.loads((copy / "stages.json").read_text())["generalist"]["interrupted"] == "SIGTERM"
+
+
+# -- the same reader for every record ---------------------------------------------------------------------------
+def test_every_record_nested_too_deeply_is_one_line(tiny_pipeline_run, tiny_export, tmp_path, capsys):
+    """JSON and YAML nested past the parser's recursion (a RecursionError inside json or PyYAML) through every
+    reader: the run's report, an export's manifest."""
+    from askexpert.collab.report_file import read_report
+    from askexpert.deploy.bundle import load_bundle
+    from askexpert.errors import UserError
+
+    _, run = tiny_pipeline_run
+    copy = records_of(run, tmp_path / "run")
+    (copy / "report.json").write_text("[" * 100_000)
+    with pytest.raises(UserError, match=r"report.json is damaged \(not valid JSON: nested too deeply\); write it"):
+        read_report(str(copy))
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export[0], export)
+    (export / "manifest.json").write_text('{"a": ' + "[" * 100_000)
+    with pytest.raises(UserError, match=r"not an askexpert manifest \(not valid JSON: nested too deeply\); export"):
+        load_bundle(str(export))

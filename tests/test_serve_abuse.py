@@ -278,3 +278,41 @@ def test_a_drain_cut_short_by_its_timeout_exits_143(tiny_export, tmp_path):
             assert server.process.wait(timeout=rules.DRAIN_TIMEOUT_S + 20) == 128 + signal.SIGTERM
     finally:
         server.kill()
+
+
+def test_a_body_whose_chunked_framing_breaks_gets_400_at_once(server):  # review E: not a 408 after --timeout_s
+    def count_400() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sample_sum(text, "askexpert_requests_total", 'path="/predict",status="400"')
+
+    before = count_400()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        sock.sendall(b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"exp\r\n')  # one good chunk: the app reads the body
+        time.sleep(0.3)
+        start = time.monotonic()
+        sock.sendall(b"zz\r\nnot a chunk\r\n")  # then a chunk size that is not hexadecimal
+        status, headers, body = read_reply(sock)
+        assert_json_error(status, headers, body, 400)
+        assert time.monotonic() - start < 1 and headers["connection"] == "close"
+        assert closed_soon(sock, rules.LINGER_S + 1)
+    deadline = time.monotonic() + 3
+    while count_400() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert count_400() == before + 1
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_a_second_ctrl_c_abandons_the_drain_and_exits_130(tiny_export, tmp_path):  # review G: not 0
+    server = Server(tiny_export[0], tmp_path, "--timeout_s", "120").wait_ready()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
+            stalled.sendall(predict(b"x" * 100)[:-50])  # a body that never ends: the drain would wait for it
+            time.sleep(0.3)
+            server.process.send_signal(signal.SIGINT)
+            time.sleep(1.5)
+            assert server.process.poll() is None  # draining
+            server.process.send_signal(signal.SIGINT)  # uvicorn's force exit: the stalled request is abandoned
+            assert server.process.wait(timeout=10) == 128 + signal.SIGINT
+    finally:
+        server.kill()

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import selectors
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import httpx
@@ -21,6 +23,7 @@ from test_deploy import Server, random_image, request
 
 from askexpert.deploy import http_rules as rules
 from askexpert.deploy.http_protocol import HEAD_TOO_LONG, allow_open_connections
+from askexpert.deploy.litserve_server import UNDRAINED, UNDRAINED_EXIT, stop_http_process
 from askexpert.deploy.metrics import sample_sum
 from askexpert.files.atomic import atomic_write_text
 
@@ -216,31 +219,29 @@ def http_process(server: Server) -> int:
     raise AssertionError("no child of serve listens")
 
 
-def fuzz_litserve(export, folder, count: int, seeds: range) -> None:
-    server = Server(export, folder, "--engine", "litserve", "--timeout_s", "1").wait_ready()
-    try:
-        for seed in seeds:
-            report = fuzz(server.port, http_process(server), count, seed=seed)
-            assert not report.broken, "\n".join(report.broken[:20])
-            assert report.sent == count and set(report.statuses) == set(KINDS)
-            assert sum(c.get("200", 0) for c in report.statuses.values()) > 0  # the valid ones were served
-        assert httpx.post(f"{server.url}/predict", content=BODY, headers=JSON).status_code == 200
-        log = open(server.log.name).read()
-        assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
-    finally:
-        server.kill()
+def fuzz_litserve(server: Server, count: int, seeds: range) -> None:
+    """On the module's server (its token on every exchange): LitServe starts slowly, so no server of its own."""
+    for seed in seeds:
+        report = fuzz(server.port, http_process(server), count, seed=seed, token=TOKEN)
+        assert not report.broken, "\n".join(report.broken[:20])
+        assert report.sent == count and set(report.statuses) == set(KINDS)
+        assert sum(c.get("200", 0) for c in report.statuses.values()) > 0  # the valid ones were served
+    assert httpx.post(f"{server.url}/predict", content=BODY, headers={**AUTH, **JSON}).status_code == 200
+    log = open(server.log.name).read()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
-def test_random_and_mutated_requests_leave_litserve_up_answering_and_bounded(tiny_export, tmp_path):
-    fuzz_litserve(tiny_export[0], tmp_path, count=300, seeds=range(1))
+def test_random_and_mutated_requests_leave_litserve_up_answering_and_bounded(litserve):
+    fuzz_litserve(litserve[0], count=300, seeds=range(1))
 
 
 @pytest.mark.slow
-def test_thousands_of_random_and_mutated_requests_on_litserve(tiny_export, tmp_path):
-    fuzz_litserve(tiny_export[0], tmp_path, count=1000, seeds=range(1, 6))
+def test_thousands_of_random_and_mutated_requests_on_litserve(litserve):
+    fuzz_litserve(litserve[0], count=1000, seeds=range(1, 6))
 
 
 # ---- item 17: SIGTERM under load (benchmarks/drain_load.py: 16 kept-alive clients, SIGTERM, every request followed)
+@pytest.mark.slow  # the inline engine's drain test covers the shared drain in the default run
 def test_sigterm_under_16_keep_alive_clients_loses_no_request(tiny_export):  # item 17, one round
     result = load_script(REPO / "benchmarks" / "drain_load.py").run(str(tiny_export[0]), "litserve", 1, 16)
     assert result["passed"] and result["totals"]["lost"] == 0 and result["totals"]["answered_200"] > 0, result
@@ -276,3 +277,48 @@ def test_a_request_head_not_complete_in_time_gets_408_and_a_close(litserve):  # 
     with socket.create_connection(("127.0.0.1", server.port), timeout=rules.HEADER_TIMEOUT_S + 5) as idle:
         start = time.monotonic()
         assert idle.recv(100) == b"" and abs(time.monotonic() - start - rules.HEADER_TIMEOUT_S) < 2  # silent: closed
+
+
+def _ignore_sigterm_then_sleep() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "said"),
+    [
+        (_ignore_sigterm_then_sleep, (), "killed"),  # would hold the port: killed, not left behind
+        (sys.exit, (UNDRAINED_EXIT,), UNDRAINED),
+        (sys.exit, (1,), "failed (exit status 1)"),  # a crash is not reported as a drain's timeout
+        (sys.exit, (0,), None),
+    ],
+)
+def test_the_http_process_is_stopped_and_its_exit_reported_for_what_it_means(target, args, said):  # review F
+    process = multiprocessing.get_context("fork").Process(target=target, args=args)
+    process.start()
+    time.sleep(0.2)  # its SIGTERM handler in place
+    problem = stop_http_process(process, timeout_s=0.5)
+    assert not process.is_alive()
+    assert problem is None if said is None else said in problem
+
+
+def test_a_body_whose_chunked_framing_breaks_gets_400_at_once(litserve):  # review E: not a 408 after TIMEOUT_S
+    server, _, _ = litserve
+    before = predict_statuses(server)
+    chunked = post_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(chunked + b'5\r\n{"exp\r\n')  # one good chunk: the gate is reading the body
+        time.sleep(0.3)
+        start = time.monotonic()
+        sock.sendall(b"zz\r\nnot a chunk\r\n")  # then a chunk size that is not hexadecimal
+        sock.settimeout(TIMEOUT_S + 3)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    status, headers, body = parse(raw)
+    assert (status, headers["connection"]) == (400, "close") and body["detail"]
+    assert time.monotonic() - start < 1
+    deadline = time.monotonic() + 3
+    while predict_statuses(server)["400"] == before["400"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert predict_statuses(server)["400"] == before["400"] + 1

@@ -55,7 +55,8 @@ class StageStore:
         record = {"name": stage.name, "identity": stage.identity, "config": stage.config}
         if trained is not None:
             now = time.time()
-            record |= {**trained, "finished": now, "seconds": round(now - trained["started"], 1)}
+            # never negative: the wall clock may step back (NTP) while a stage trains
+            record |= {**trained, "finished": now, "seconds": max(0.0, round(now - trained["started"], 1))}
         write_json(self._marker(stage), record, indent=None, default=str)
 
     def job_record(self, stage: Stage, run_root: str) -> dict:

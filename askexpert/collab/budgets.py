@@ -5,9 +5,20 @@ Torch-free on purpose: the ablation's result tables and the docs script read bud
 
 from __future__ import annotations
 
+import math
+
 from askexpert.errors import UserError
+from askexpert.files.fields import BadField, number
 
 BUDGETS = ("offload_ratio", "latency_ms", "energy_mj")
+
+
+def check_limit(key: str, value, label: str) -> float:
+    """One limit (`key` one of BUDGETS) of a budget, by the one rule both `--routing.budget.*` and a report.json
+    read back follow, so that askexpert never writes a report it then refuses: a finite number (an infinite
+    limit is no limit: leave it unset), in [0, 1] for the offload ratio, at least 0 for a cost. Raises BadField
+    naming the value as `label`."""
+    return number(value, label, 0.0, 1.0 if key == "offload_ratio" else math.inf)
 
 
 def check_budget(budget: dict[str, float | None] | None, name: str = "budget") -> dict[str, float]:
@@ -16,10 +27,10 @@ def check_budget(budget: dict[str, float | None] | None, name: str = "budget") -
     for key, value in active.items():
         if key not in BUDGETS:
             raise UserError(f"unknown {name} {key!r}; limits: {', '.join(BUDGETS)}")
-        if value < 0 or (key == "offload_ratio" and value > 1):
-            raise UserError(
-                f"{name} {key} must be {'in [0, 1]' if key == 'offload_ratio' else 'non-negative'}, got {value}"
-            )
+        try:
+            check_limit(key, value, f"{name} {key}")
+        except BadField as err:
+            raise UserError(str(err)) from None
     return active
 
 

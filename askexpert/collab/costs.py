@@ -38,6 +38,7 @@ from functools import lru_cache
 import torch
 
 from askexpert.errors import UserError
+from askexpert.files.reading import DamagedFile, read_yaml_file
 
 DEVICE_FIELDS = ("name", "gflops", "overhead_ms", "active_power_w", "idle_power_w")
 LINK_FIELDS = ("name", "uplink_mbps", "rtt_ms", "radio_w_per_mbps", "radio_base_w")
@@ -165,21 +166,12 @@ def profile_from_dict(raw: dict, path: str | None = None) -> Profile:
 
 def load_profile(path: str) -> Profile:
     """Read and check a profile YAML: every field present, numbers non-negative (rates positive)."""
-    import yaml
-
     if not os.path.isfile(path):
         raise UserError(f"device profile not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except UnicodeDecodeError:
-        raise UserError(f"device profile {path} is not UTF-8 text (a YAML file is)") from None
-    except RecursionError:  # PyYAML builds nested lists recursively: thousands of `[` exhaust the stack
-        raise UserError(f"device profile {path} is not valid YAML: nested too deeply") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"device profile {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise UserError(f"cannot read device profile {path}: {err.strerror or err}") from None
+        raw = read_yaml_file(path, "device profile")
+    except DamagedFile as err:
+        raise UserError(f"device profile {path} is {err.reason}") from None
     return profile_from_dict(raw, path)
 
 

@@ -8,13 +8,13 @@ names the file, the field and the command that writes it again (`evaluate --run 
 
 from __future__ import annotations
 
-import json
 import os
 
-from askexpert.collab.budgets import BUDGETS
-from askexpert.collab.routing import FUSIONS, GATES, SECOND_FUSIONS
+from askexpert.collab.budgets import BUDGETS, check_limit
+from askexpert.collab.routing import FUSIONS, GATES, SECOND_FUSIONS, check_seed
 from askexpert.errors import UserError
 from askexpert.files.fields import BadField, choice, field, flag, mapping, number, sequence, whole
+from askexpert.files.reading import DamagedFile, read_json_file
 
 REPORT_FILE = "report.json"
 # the figures of an operating point that a reader shows or compares: shares of images, or costs
@@ -35,14 +35,9 @@ def read_report(run_dir: str) -> dict:
         raise UserError(f"{run_dir} has no report.json yet: finish it with `python -m askexpert pipeline` first")
     rewrite = f"write it again with `python -m askexpert evaluate --run {run_dir}`"
     try:
-        with open(path, encoding="utf-8") as f:
-            report = json.load(f)
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is damaged (not UTF-8 text); {rewrite}") from None
-    except (json.JSONDecodeError, RecursionError):
-        raise UserError(f"{path} is damaged (not JSON); {rewrite}") from None
+        report = read_json_file(path)
+    except DamagedFile as err:
+        raise UserError(f"{err}; {rewrite}") from None
     try:
         check_report(report)
     except BadField as err:
@@ -84,9 +79,9 @@ def _routing(routing: dict, num_classes: int) -> None:
             if limit not in BUDGETS:
                 raise BadField(f"routing.{key} has an unknown limit {limit!r} (limits: {', '.join(BUDGETS)})")
             if value is not None:
-                number(value, f"routing.{key}.{limit}", 0.0, 1.0 if limit == "offload_ratio" else float("inf"))
+                check_limit(limit, value, f"routing.{key}.{limit}")
     if "seed" in routing:
-        whole(routing["seed"], "routing.seed", 0)
+        check_seed(routing["seed"])
 
 
 def _point(point, name: str) -> dict:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from askexpert.errors import UserError
+from askexpert.files.fields import BadField, whole
 
 GATES = ("max_prob", "margin", "entropy")
 FUSIONS = ("expert", "product", "mean")
@@ -76,6 +77,14 @@ def check_margin(margin: float | None) -> None:
 def check_threshold(threshold: float | None) -> None:
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UserError(f"the routing threshold must be in [0, 1], got {threshold}")
+
+
+def check_seed(seed, label: str = "routing.seed") -> int:
+    """The random_expert baseline's seed, by the one rule `--routing.seed` and a report.json read back follow: a
+    whole number torch's generator takes (0 to 2**64 - 1). Raises BadField naming it as `label`."""
+    if whole(seed, label, 0) >= 2**64:
+        raise BadField(f"{label} must be below 2**64 (torch's generator takes no larger seed), got {seed}")
+    return seed
 
 
 def check_top_k(top_k: int, num_classes: int) -> None:

@@ -31,6 +31,7 @@ from askexpert.collab.routing import (
     NO_EXPERT,
     check_fusion,
     check_gate,
+    check_seed,
     check_threshold,
     check_top_k,
     decide,
@@ -47,6 +48,7 @@ from askexpert.collab.sweep import (
     sweep,
 )
 from askexpert.errors import UserError
+from askexpert.files.fields import BadField
 
 NO_CALIBRATION_SPLIT = (
     "choosing the threshold (also the constrained point's) and fitting the temperature need a validation split or "
@@ -106,6 +108,10 @@ class RoutingConfig:
         check_fusion(self.fusion)
         check_budget(self.budget_dict())
         check_budget(self.constrained_dict(), "constrained budget")
+        try:
+            check_seed(self.seed, "--routing.seed")
+        except BadField as err:
+            raise UserError(str(err)) from None
         self.second_expert.check()
 
     def budget_dict(self) -> dict[str, float]:

@@ -11,12 +11,12 @@ operating point) is a new version, and every reply of the server carries it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 
 from askexpert.deploy.manifest_checks import BadField, check_manifest
 from askexpert.errors import UserError
+from askexpert.files.reading import DamagedFile, parse_json, read_bytes
 
 SUPPORTED_FORMAT = 1
 
@@ -160,16 +160,12 @@ def load_bundle(folder: str) -> ExportBundle:
         raise UserError(f"export folder not found: {folder} (write one with `python -m askexpert export`)")
     if not os.path.isfile(path):
         raise UserError(f"{folder} has no manifest.json: it is not an export (or one still being written)")
+    raw = read_bytes(path)  # hashed below: the version is of these bytes
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        manifest = json.loads(raw.decode("utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is damaged or not an askexpert manifest (not UTF-8 text); export again") from None
-    except (json.JSONDecodeError, RecursionError):
-        raise UserError(f"{path} is damaged or not an askexpert manifest (not JSON); export the run again") from None
+        manifest = parse_json(raw, path)
+    except DamagedFile as err:
+        reason = err.reason
+        raise UserError(f"{path} is damaged or not an askexpert manifest ({reason}); export the run again") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version is None:
         raise UserError(f"{path} is damaged or not an askexpert manifest (no format_version); export the run again")

@@ -1,6 +1,6 @@
 """The connection-level HTTP rules of askexpert/deploy/http_rules.py, as a uvicorn protocol and server (both engines).
 
-`BoundedHttpProtocol` is uvicorn's httptools protocol (its fastest: h11 costs about a fifth more CPU per request
+`BoundedHttpProtocol` is uvicorn's httptools protocol (its fastest: h11 costs about a quarter more CPU per request
 here, docs/deploy.md) with:
 - a bounded request head: over MAX_HEADER_BYTES it is answered 431 (JSON) and the connection closed (httptools
   itself would keep a head of any size in memory), and a head not complete within HEADER_TIMEOUT_S closes the
@@ -9,21 +9,26 @@ here, docs/deploy.md) with:
   (uvicorn's own `limit_concurrency` answers in plain text);
 - a drain that drops nothing: when uvicorn shuts down, a request in flight is answered (with `Connection:
   close`), and an idle kept-alive connection is kept open DRAIN_GRACE_S so that a request already on its way
-  is answered 503 + `Connection: close` instead of meeting a closed socket;
+  is answered 503 + `Connection: close` instead of meeting a closed socket (bytes already in the kernel's buffer
+  when the grace ends are read and answered first);
 - a lingering close: a close sends FIN after the reply and discards what the client still sends (LINGER_S at
   most), so a reply sent before the request's body was read is not destroyed by a TCP reset.
 
 `DrainingServer` is uvicorn's server whose shutdown first makes the kernel refuse new connections and accepts the
-ones it had already completed (their requests are answered, 503), then drains as uvicorn does.
+ones it had already completed (their requests are answered, 503), then drains as uvicorn does; a second Ctrl+C
+(uvicorn's force exit) abandons what still runs, and `drained` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
+import select
 import socket
 import struct
 import sys
+import termios
 import time
 
 import uvicorn
@@ -33,7 +38,8 @@ from askexpert.deploy import http_rules as rules
 
 HEAD_TOO_LONG = f"the request's line and headers exceed {rules.MAX_HEADER_BYTES} bytes"
 REFUSAL = "askexpert.refusal"  # scope key: (status, detail) of a request refused as soon as its head arrived
-ACCEPT_SWEEP_S = 0.05  # after new connections are refused: time for the event loop to accept those already queued
+ACCEPT_SWEEP_S = 0.5  # after new connections are refused: the longest wait for the loop to accept those queued
+LAST_READ_S = 0.1  # a grace that ends with bytes unread in the kernel's buffer: time to read and answer them
 _SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
 _DROP_EVERY_PACKET = struct.pack("HBBI", 0x06, 0, 0, 0)  # classic BPF: BPF_RET | BPF_K, keep 0 bytes
 
@@ -53,16 +59,41 @@ def stop_new_connections(sock) -> None:
         pass
 
 
+def connections_queued(listeners) -> bool:
+    """Whether a listening socket has a completed connection waiting for accept() (poll: no limit on fd numbers)."""
+    poller = select.poll()
+    for sock in listeners:
+        poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def unread_bytes(transport) -> int:
+    """Bytes the kernel holds for this connection that the event loop has not read yet (0 if unknown)."""
+    try:
+        fileno = transport.get_extra_info("socket").fileno()
+        return struct.unpack("i", fcntl.ioctl(fileno, termios.FIONREAD, b"\0" * 4))[0]
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server; `drained` says, after `run`, whether the drain answered everything it accepted."""
 
     drained = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # server-wide, before anything else: a request on any connection, even one accepted below, gets 503
+        self.server_state.draining = True
         listeners = sockets or [sock for server in getattr(self, "servers", []) for sock in server.sockets or ()]
         for sock in listeners:
             stop_new_connections(sock)
-        await asyncio.sleep(ACCEPT_SWEEP_S)
+        # the connections the kernel completed before the filter are accepted (a sleep of fixed length could end
+        # with some still queued: reset when the socket closes, their requests sent)
+        deadline = time.monotonic() + ACCEPT_SWEEP_S
+        while listeners and connections_queued(listeners) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for _ in range(3):  # accept() done: let their connection_made run (each one starts its drain grace)
+            await asyncio.sleep(0)
         await super().shutdown(sockets)
 
     async def _wait_tasks_to_complete(self) -> None:
@@ -73,6 +104,9 @@ class DrainingServer(uvicorn.Server):
         except asyncio.CancelledError:  # timeout_graceful_shutdown passed: uvicorn cancels what still runs
             self.drained = False
             raise
+        # a second Ctrl+C (force_exit) makes uvicorn return at once, abandoning what still runs
+        if self.force_exit and (self.server_state.tasks or self.server_state.connections):
+            self.drained = False
 
 
 class _LingeringTransport:
@@ -122,6 +156,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.refuse(503, f"more than {self.max_in_flight} open connections; retry later")
             return
         self.later("head", rules.HEADER_TIMEOUT_S, self.head_timed_out)
+        if getattr(self.server_state, "draining", False):  # accepted after uvicorn told every connection to drain
+            self.shutdown()
 
     def connection_lost(self, exc) -> None:
         for timer in self.timers.values():
@@ -201,12 +237,22 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def refuse(self, status: int, detail: str) -> None:
         """A reply before (or instead of) a parsed request, then a lingering close."""
+        running = self.running_cycle
         if self.request_in_progress():
-            # what came after a request still being answered is unusable (a broken pipelined request): the
-            # replies already due are written first, in order, then the connection closes; the rest is dropped
-            self.cycle.keep_alive = False
-            self.reading_done = True
-            return
+            if self.cycle is running and running.more_body and not running.response_started:
+                # the body of the request being answered broke off (a bad chunk): its app, waiting for the rest,
+                # sees the client gone (counted 400) and the client gets this reply now, as from stock uvicorn,
+                # not a 408 after --timeout_s
+                running.disconnected = True
+                running.message_event.set()
+            else:
+                # what came after a request still being answered is unusable (a broken pipelined request, or
+                # the rest of a body answered early): the replies already due are written first, in order,
+                # then the connection closes; the rest is dropped
+                for cycle in {self.cycle, running} - {None}:
+                    cycle.keep_alive = False
+                self.reading_done = True
+                return
         if not self.transport.is_closing():
             self.real_transport.write(rules.raw_error_response(status, detail))
         self.close_connection()
@@ -230,8 +276,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     # the drain
     def shutdown(self) -> None:
-        """uvicorn's drain calls this on every connection once it stopped accepting."""
-        self.server_state.draining = True
+        """uvicorn's drain calls this on every connection once it stopped accepting (and connection_made, on one
+        accepted after that)."""
         if self.transport.is_closing():
             return
         if self.request_in_progress():
@@ -240,10 +286,15 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # idle: a request its client sent before it could know of the drain may be on its way; answer it (503)
         self.later("grace", rules.DRAIN_GRACE_S, self.close_if_idle)
 
-    def close_if_idle(self) -> None:
+    def close_if_idle(self, last_read: bool = False) -> None:
         self.timers.pop("grace", None)
-        if not self.request_in_progress():
-            self.close_connection()
+        if self.request_in_progress():
+            return
+        if not last_read and unread_bytes(self.real_transport):
+            # a request that arrived as the grace ended: read and answered (503) rather than dropped at the close
+            self.later("grace", LAST_READ_S, lambda: self.close_if_idle(last_read=True))
+            return
+        self.close_connection()
 
     def _refusal(self) -> tuple[int, str] | None:
         """Why the request whose head just arrived is refused, if it is: (status, detail)."""

@@ -8,7 +8,9 @@ the rules sit at the two levels every engine has:
   whose request body is unread without losing the reply to a TCP reset;
 - the request (ASGI, Starlette): every error body is JSON `{"detail": ...}` (`error_response`, `send_error`,
   `EXCEPTION_HANDLERS` for 404/405), a reply sent before the request's body was read closes the connection
-  (`BodyUnreadCloses`), and a body that is not JSON is refused with 415 (`unsupported_media_type`).
+  (`BodyUnreadCloses`), and a body that is not JSON is refused with 415 (`unsupported_media_type`);
+- the /predict request (`PredictGate`, before either engine's handler): token 401, then 415, then the body read
+  within `--timeout_s` (408) and the size limit (413), with the same JSON replies on both engines.
 
 The numbers (documented in docs/deploy.md and README's serve section):
 """
@@ -26,6 +28,7 @@ DRAIN_GRACE_S = 1.0  # in a drain, an idle kept-alive connection may still send 
 LINGER_S = 2.0  # after a reply that closes with the body unread: discard what still arrives, this long at most
 
 JSON_MEDIA_TYPE = "application/json"
+READ_BODY = "askexpert.body"  # scope key: the request body PredictGate read
 _CLOSE = (b"connection", b"close")
 
 
@@ -135,3 +138,91 @@ class BodyUnreadCloses:
             await send(message)
 
         await self.app(scope, receive_noting, send_closing)
+
+
+def info_body(engine: str, args, metadata: dict, model_version: str) -> dict:
+    """GET /info's reply, the same on both engines: the served export (`metadata`, with the version the models
+    answer with now) and the server's settings."""
+    settings = {
+        "engine": engine,
+        "max_batch_size": args.max_batch_size,
+        "batch_window_ms": args.batch_window_ms,
+        "timeout_s": args.timeout_s,
+        "precision": args.precision,
+    }
+    return {"model": {**metadata, "model_version": model_version}, "server": settings}
+
+
+class PredictGate:
+    """ASGI middleware before either engine's POST /predict handler: the checks made before a request is parsed,
+    with their JSON replies. (FastAPI would read any body, for as long as its client takes, before the route's
+    checks ran; LitServe's own size middleware reads up to the limit first.)
+
+    The token (401), the Content-Type (415), the declared size (413), then the body, read whole within
+    `timeout_s` (408) and no larger than `max_body_bytes` (413); a client gone mid-body raises ClientDisconnect (the
+    metrics count a 400; no reply can reach it). The body read whole is handed on (and kept in scope[READ_BODY])."""
+
+    def __init__(self, app, *, path: str, token: str | None, max_body_bytes: int, timeout_s: float) -> None:
+        self.app, self.path, self.token = app, path, token
+        self.max_body_bytes, self.timeout_s = max_body_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        import asyncio
+
+        from starlette.datastructures import Headers
+
+        from askexpert.deploy.wire import token_matches
+
+        headers = Headers(scope=scope)
+        if self.token and not token_matches(headers.get("authorization", ""), self.token):
+            await error_response(401, "missing or wrong bearer token")(scope, receive, send)
+            return
+        if refused := unsupported_media_type(headers.get("content-type")):
+            await refused(scope, receive, send)
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):  # a stalled upload must not hold a handler (or the drain)
+                body = await self._body(headers, receive)
+        except TimeoutError:
+            body = 408
+        if isinstance(body, int):
+            await error_response(body, self._detail(body))(scope, receive, send)
+            return
+        scope[READ_BODY] = body
+        handed_on = False
+
+        async def replay():
+            nonlocal handed_on
+            if handed_on:
+                return await receive()  # the next message is the client's disconnect
+            handed_on = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _body(self, headers, receive) -> bytes | int:
+        """The body, or the status that refuses it (413: too large)."""
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return 413
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                from starlette.requests import ClientDisconnect
+
+                raise ClientDisconnect()
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return 413
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _detail(self, status: int) -> str:
+        if status == 408:
+            return f"the request was not received within {self.timeout_s:g} s"
+        return f"request larger than {self.max_body_bytes} bytes"

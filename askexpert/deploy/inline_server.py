@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 
 from askexpert.deploy.http_protocol import uvicorn_settings
-from askexpert.deploy.http_rules import DRAIN_TIMEOUT_S
+from askexpert.deploy.http_rules import DRAIN_TIMEOUT_S, info_body
 
 
 def serve_inline(
@@ -36,20 +36,13 @@ def serve_inline(
         os.path.abspath(args.export), args.threads, args.device, bundle.contract(), precision=args.precision
     ).start()
     batcher = Batcher(models.predict, args.max_batch_size, args.batch_window_ms / 1000.0)
-    settings = {
-        "engine": "inline",
-        "max_batch_size": args.max_batch_size,
-        "batch_window_ms": args.batch_window_ms,
-        "timeout_s": args.timeout_s,
-        "precision": args.precision,
-    }
     app = build_app(
         batcher,
         bundle.stored_size,
         token,
         max_request_bytes(bundle.stored_size),
         args.timeout_s,
-        info=lambda: {"model": {**metadata, "model_version": models.version}, "server": settings},
+        info=lambda: info_body("inline", args, metadata, models.version),
     )
     config = uvicorn.Config(
         app,

@@ -3,7 +3,7 @@ the inline engine's HTTP rules (askexpert/deploy/http_rules.py), and its drain.
 
 LitServe answers HTTP in a forked process (uvicorn + FastAPI) and runs the models in a spawned one. This module
 builds that server: its HTTP process runs askexpert's uvicorn protocol and server (bounded heads and connections,
-a drain that drops nothing), PredictGate checks and reads a request's body as the inline engine's handler does
+a drain that drops nothing), http_rules.PredictGate checks and reads a request's body as on the inline engine
 (401/415/413/408, before FastAPI reads it), `/metrics` is added, `/info` names the version the models answer
 with now, and SIGTERM drains the HTTP process before the models stop (LitServe's own shutdown stops the models
 first, failing requests in flight). The differences left are in docs/deploy.md.
@@ -11,7 +11,6 @@ first, failing requests in flight). The differences left are in docs/deploy.md.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import multiprocessing
 import os
@@ -30,18 +29,35 @@ from askexpert.errors import UserError
 # the HTTP process's drain, its idle connections' grace and lingering closes, and its exit
 HTTP_EXIT_S = rules.DRAIN_TIMEOUT_S + rules.DRAIN_GRACE_S + rules.LINGER_S + 5
 UNDRAINED = f"requests still unanswered after {rules.DRAIN_TIMEOUT_S} s were cancelled"
-READ_BODY = "askexpert.body"  # scope key: the request body PredictGate read
+UNDRAINED_EXIT = 3  # the HTTP process's exit status for UNDRAINED (1 is also any uncaught exception's)
 
 
 def _http_process(server: HttpServer, sockets) -> None:
-    """The HTTP process: uvicorn until SIGTERM has drained it; exit status 1 if it had to cancel requests."""
+    """The HTTP process: uvicorn until SIGTERM has drained it; exit status UNDRAINED_EXIT if it had to cancel
+    requests."""
     os.environ["LITSERVE_WORKER_ID"] = "0"  # what LitServe's own HTTP process sets
     # uvicorn raises the signal again once it has drained; the handler inherited from `serve` would exit there
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     signal.signal(signal.SIGINT, lambda signum, frame: None)
     allow_open_connections()
     server.run(sockets)
-    sys.exit(0 if server.drained else 1)
+    sys.exit(0 if server.drained else UNDRAINED_EXIT)
+
+
+def stop_http_process(process, timeout_s: float = HTTP_EXIT_S) -> str | None:
+    """SIGTERM the HTTP process (it drains, then exits) and wait for it; killed if it has not exited within
+    `timeout_s`, so that it cannot keep the port. What went wrong, for the log, or None after a complete drain."""
+    process.terminate()  # uvicorn: stop accepting, answer the requests it holds, exit
+    process.join(timeout=timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        return f"the HTTP process had not exited {timeout_s:g} s after SIGTERM: killed, requests may be lost"
+    if process.exitcode == UNDRAINED_EXIT:
+        return UNDRAINED
+    if process.exitcode != 0:
+        return f"the HTTP process failed (exit status {process.exitcode}): requests may be lost"
+    return None
 
 
 def draining_server_class():
@@ -86,90 +102,14 @@ def draining_server_class():
 
         def _drain_then_stop(self, signum: int):
             print("askexpert serve: draining in-flight requests ...", file=sys.stderr, flush=True)
-            for process in self._http_workers.values():
-                process.terminate()  # uvicorn: stop accepting, answer the requests it holds, exit
-            for process in self._http_workers.values():
-                process.join(timeout=HTTP_EXIT_S)
-                if process.exitcode != 0:
-                    print(f"askexpert serve: {UNDRAINED}", file=sys.stderr, flush=True)
+            for process in self._http_workers.values():  # one (_start_server)
+                if problem := stop_http_process(process):
+                    print(f"askexpert serve: {problem}", file=sys.stderr, flush=True)
                     self.undrained_by = signum
-            self._http_workers.clear()  # exited: nothing left for LitServe's shutdown to stop (or warn about)
+            self._http_workers.clear()  # ended (killed if need be): nothing left for LitServe's shutdown to stop
             self._shutdown_event.set()
 
     return DrainingServer
-
-
-class PredictGate:
-    """ASGI middleware before LitServe's POST /predict: what the inline engine checks before it parses a request
-    (askexpert/deploy/inline_app.py), with the same JSON replies. FastAPI would read any body, for as long as its
-    client takes, before the route's checks ran; LitServe's own size middleware reads up to the limit first.
-
-    The token (401), the Content-Type (415), the declared size (413), then the body, read whole within
-    `timeout_s` (408) and no larger than `max_body_bytes` (413); a client gone mid-body raises ClientDisconnect (the
-    metrics count a 400; no reply can reach it). The body read whole is handed on to FastAPI."""
-
-    def __init__(self, app, *, path: str, token: str | None, max_body_bytes: int, timeout_s: float) -> None:
-        self.app, self.path, self.token = app, path, token
-        self.max_body_bytes, self.timeout_s = max_body_bytes, timeout_s
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        from starlette.datastructures import Headers
-
-        from askexpert.deploy.wire import token_matches
-
-        headers = Headers(scope=scope)
-        if self.token and not token_matches(headers.get("authorization", ""), self.token):
-            await rules.error_response(401, "missing or wrong bearer token")(scope, receive, send)
-            return
-        if refused := rules.unsupported_media_type(headers.get("content-type")):
-            await refused(scope, receive, send)
-            return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                body = await self._body(headers, receive)
-        except TimeoutError:
-            body = 408
-        if isinstance(body, int):
-            await rules.error_response(body, self._detail(body))(scope, receive, send)
-            return
-        scope[READ_BODY] = body  # for the 422 handler: the inline engine's errors for these bytes
-        handed_on = False
-
-        async def replay():
-            nonlocal handed_on
-            if handed_on:
-                return await receive()  # the next message is the client's disconnect
-            handed_on = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _body(self, headers, receive) -> bytes | int:
-        """The body, or the status that refuses it (413: too large)."""
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return 413
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                from starlette.requests import ClientDisconnect
-
-                raise ClientDisconnect()
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return 413
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def _detail(self, status: int) -> str:
-        if status == 408:
-            return f"the request was not received within {self.timeout_s:g} s"
-        return f"request larger than {self.max_body_bytes} bytes"
 
 
 def drop_route(app, path: str) -> None:
@@ -207,14 +147,14 @@ def serve_litserve(args, host: str, token: str | None, bundle, metadata: dict, a
         contract=bundle.contract(),
         precision=args.precision,
     )
-    max_body, timeout_s = max_request_bytes(bundle.stored_size), args.timeout_s
+    gate = {"path": "/predict", "token": token, "max_body_bytes": max_request_bytes(bundle.stored_size)}
     server = draining_server_class()(
         api,
         accelerator="cpu",  # LitServe's worker placement; the models' device is ONNX Runtime's (--device)
         timeout=args.timeout_s,
         # innermost first; LitServe adds its GZip outside them. No max_payload_size: PredictGate bounds the body.
         middlewares=[
-            (PredictGate, {"path": "/predict", "token": token, "max_body_bytes": max_body, "timeout_s": timeout_s}),
+            (rules.PredictGate, {**gate, "timeout_s": args.timeout_s}),
             rules.BodyUnreadCloses,
             RequestMetricsMiddleware,
         ],
@@ -226,17 +166,9 @@ def serve_litserve(args, host: str, token: str | None, bundle, metadata: dict, a
     async def prometheus_metrics() -> Response:
         return Response(content=exposition(), media_type="text/plain; version=0.0.4")
 
-    settings = {
-        "engine": "litserve",
-        "max_batch_size": args.max_batch_size,
-        "batch_window_ms": args.batch_window_ms,
-        "timeout_s": args.timeout_s,
-        "precision": args.precision,
-    }
-
     async def server_info() -> JSONResponse:
         # LitServe's own /info shows the metadata it was built with: the version at start, stale after a reload
-        return JSONResponse({"model": {**metadata, "model_version": api.served_version()}, "server": settings})
+        return JSONResponse(rules.info_body("litserve", args, metadata, api.served_version()))
 
     drop_route(server.app, "/info")
     server.app.add_api_route("/info", server_info, methods=["GET"], dependencies=[Depends(api.authorize)])
@@ -250,7 +182,7 @@ def serve_litserve(args, host: str, token: str | None, bundle, metadata: dict, a
         # FastAPI's own 422 echoes the whole input back (for an image, the request again), and words and places
         # its errors its own way: the inline engine's validation of the same bytes says what is wrong instead
         try:
-            ExpertRequest.model_validate_json(request.scope.get(READ_BODY, b""))
+            ExpertRequest.model_validate_json(request.scope.get(rules.READ_BODY, b""))
         except ValidationError as err:
             return JSONResponse(status_code=422, content={"detail": short_errors(err.errors())})
         return JSONResponse(status_code=422, content={"detail": short_errors(exc.errors())})  # (never seen)

@@ -15,10 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from askexpert.collab.report_file import read_report
 from askexpert.errors import UserError
+from askexpert.files.reading import DamagedFile, read_yaml_file
 from askexpert.pipeline.record import check_finished, load_record, stages_file
 from askexpert.pipeline.settings import DATASET_KEYS, LATER_DATA_DEFAULTS, expert_count
 from askexpert.pipeline.settings import parser as pipeline_parser
@@ -37,6 +36,9 @@ REQUIRED_SETTINGS = {
     "routing": ("gate", "threshold", "top_k", "temperature", "fusion", "seed"),
     "data": tuple(key for key in DATASET_KEYS if key not in LATER_DATA_DEFAULTS),
 }
+# Dataset keys that say where this machine keeps the data and how it loads it, not which data: a run copied to
+# another machine has them edited (docs/architecture.md, "Relocatable"), and evaluates and routes the same.
+MACHINE_LOCAL_DATA_KEYS = ("root", "download", "verify_checksums", "max_memory_gb")
 
 
 def read_settings(run_dir: str):
@@ -68,14 +70,9 @@ def _damaged(path: str, reason: str) -> UserError:
 def _raw_settings(path: str) -> dict:
     """pipeline.yaml as plain YAML, with every key of `REQUIRED_SETTINGS` (a truncated file lacks some)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except UnicodeDecodeError:
-        raise _damaged(path, "not UTF-8 text") from None
-    except yaml.YAMLError as err:
-        raise _damaged(path, f"not YAML: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+        raw = read_yaml_file(path)
+    except DamagedFile as err:
+        raise _damaged(path, err.reason) from None
     if not isinstance(raw, dict):
         raise _damaged(path, "empty, or not a mapping of settings")
     for section, keys in REQUIRED_SETTINGS.items():
@@ -90,9 +87,10 @@ def _raw_settings(path: str) -> dict:
 
 
 def _check_against_record(settings, raw: dict, layout: RunLayout) -> None:
-    """pipeline.yaml against what stages.json recorded of the run's training: the dataset keys and the partition
-    (the partition stage's config, else a training stage's data), the seed (the generalist's), and the stages
-    (each recorded one must be one of the settings' stages)."""
+    """pipeline.yaml against what stages.json recorded of the run's training: the keys that define the dataset
+    (where it lies on this machine may differ) and the partition (the partition stage's config, else a training
+    stage's data), the seed (the generalist's), and the stages (each recorded one must be one of the settings'
+    stages)."""
     record = load_record(layout)
 
     def refuse(difference: str) -> UserError:
@@ -129,12 +127,14 @@ def _recorded_config(record: dict, name: str) -> dict:
 
 
 def _recorded_dataset(record: dict) -> dict:
-    """The dataset keys the run's stages were trained with: the partition stage's, else the generalist's or the
-    base model's `data` (an interrupted run may have no partition yet)."""
+    """The dataset keys that define the data the run's stages were trained with (not `MACHINE_LOCAL_DATA_KEYS`):
+    the partition stage's, else the generalist's or the base model's `data` (an interrupted run may have no
+    partition yet)."""
+    defining = set(DATASET_KEYS) - set(MACHINE_LOCAL_DATA_KEYS)
     for name in ("partition", "generalist", "base"):
         data = _recorded_config(record, name).get("data")
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if key in DATASET_KEYS}
+            return {key: value for key, value in data.items() if key in defining}
     return {}
 
 

@@ -9,7 +9,6 @@ of a run (indent 2, sorted keys, one newline).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,6 +16,7 @@ import time
 
 from askexpert.errors import DivergenceError, UserError
 from askexpert.files.atomic import write_json
+from askexpert.files.reading import DamagedFile, read_json_file
 from askexpert.runs.layout import RunLayout
 
 STAGES_FILE = "stages.json"
@@ -26,19 +26,25 @@ def stages_file(layout: RunLayout) -> str:
     return os.path.join(layout.root, STAGES_FILE)
 
 
-# The type of each key an entry may hold (a tuple: any of them).
-ENTRY_TYPES: dict[str, type | tuple[type, ...]] = {
+# The type of each key that decides what becomes of a stage (skipped, resumed, trained again, refused by the
+# commands that read the run): one of another type makes the file damaged.
+ENTRY_TYPES: dict[str, type] = {
     "identity": str,
     "done": bool,
     "config": dict,
-    "started": (int, float),
-    "seconds": (int, float),
-    "resumed": bool,
-    "side_by_side": int,
     "interrupted": str,
     "diverged": dict,
     "failed": str,
     "not_started": str,
+}
+# What a stage cost (a finite number >= 0, or a flag): only reported. One askexpert cannot have written now (a
+# negative time from before writes were clamped, when the wall clock stepped back; a NaN; a text) is dropped when
+# read, not fatal: the repair a damaged file names, --overwrite, would train every stage again for a figure.
+TIMING_TYPES: dict[str, type | tuple[type, ...]] = {
+    "started": (int, float),
+    "seconds": (int, float),
+    "side_by_side": int,
+    "resumed": bool,
 }
 REQUIRED_KEYS = ("done",)  # what every reader asks of an entry
 
@@ -64,12 +70,9 @@ def load_record(layout: RunLayout, overwrite: bool = False) -> dict:
 
 def _checked_record(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _damaged(path, f"not JSON: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+        record = read_json_file(path)
+    except DamagedFile as err:
+        raise _damaged(path, err.reason) from None
     if not isinstance(record, dict):
         raise _damaged(path, f"a {type(record).__name__} instead of a mapping of stages")
     for name, entry in record.items():
@@ -81,13 +84,16 @@ def _checked_record(path: str) -> dict:
         for key, expected in ENTRY_TYPES.items():
             if key in entry and not _valid(entry[key], expected):
                 raise _damaged(path, f"stage {name!r} has {key} {entry[key]!r}")
+        for key, expected in TIMING_TYPES.items():
+            if key in entry and not _valid(entry[key], expected):
+                del entry[key]
     return record
 
 
 def _valid(value, expected: type | tuple[type, ...]) -> bool:
     """Of the type askexpert writes; a number (a time, a count) also finite and not negative."""
     types = expected if isinstance(expected, tuple) else (expected,)
-    if isinstance(value, bool):  # bool is an int in Python: a time or a count that is true or false is damaged too
+    if isinstance(value, bool):  # bool is an int in Python: a time or a count that is true or false is invalid too
         return bool in types
     if isinstance(value, (int, float)):
         return isinstance(value, types) and math.isfinite(value) and value >= 0
@@ -142,7 +148,8 @@ def started_entry(identity: str, config: dict, resumed: bool) -> dict:
 def mark_done(entry: dict) -> None:
     entry["done"] = True
     if "started" in entry:  # the minutes a stage costs, for the docs' "minutes per seed" (stages.json)
-        entry["seconds"] = round(time.time() - entry["started"], 1)
+        # never negative: the wall clock may step back (NTP) while a stage trains
+        entry["seconds"] = max(0.0, round(time.time() - entry["started"], 1))
 
 
 def mark_interrupted(entry: dict, signum: int) -> None:

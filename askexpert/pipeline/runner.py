@@ -71,13 +71,15 @@ def execute(prepared: PreparedRun, store=None) -> None:
     side_by_side: list[tuple[Stage, bool]] = []  # experts to train once everything before them is done
     stages = prepared.stages
     for number, stage in enumerate(stages, 1):
-        start = _start_stage(prepared, stage, f"[{number}/{len(stages)}] {stage.name}", store)
-        if start is StageStart.SKIPPED:
-            continue
-        if parallel > 1 and stage.trains and stage.kind is StageKind.EXPERT:
-            side_by_side.append((stage, start is StageStart.RESUMED))
-            continue
-        with _recorded_if_interrupted(prepared, [stage]):
+        # the whole of a stage's turn, its start and finish too: a signal while its folder is made ready or its
+        # record written still marks it (and the experts queued so far) interrupted
+        with _recorded_if_interrupted(prepared, [stage, *(queued for queued, _ in side_by_side)]):
+            start = _start_stage(prepared, stage, f"[{number}/{len(stages)}] {stage.name}", store)
+            if start is StageStart.SKIPPED:
+                continue
+            if parallel > 1 and stage.trains and stage.kind is StageKind.EXPERT:
+                side_by_side.append((stage, start is StageStart.RESUMED))
+                continue
             if not stage.trains:
                 _build_partition(prepared, stage, store)
             else:
@@ -85,7 +87,7 @@ def execute(prepared: PreparedRun, store=None) -> None:
                     run_fit(stage, prepared.layout, start is StageStart.RESUMED, prepared.settings)
                 except DivergenceError as err:
                     raise _diverged(prepared, stage, err) from None
-        _finish_stage(prepared, stage, store)
+            _finish_stage(prepared, stage, store)
     if side_by_side:
         with _recorded_if_interrupted(prepared, [stage for stage, _ in side_by_side]):
             _run_side_by_side(prepared, side_by_side, parallel, store)

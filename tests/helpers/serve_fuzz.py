@@ -321,15 +321,22 @@ def check_reply(kind: str, sent: bytes, data: bytes, report: FuzzReport) -> str:
     return str(status)
 
 
-def fuzz(port: int, pid: int, count: int, seed: int = 0, max_growth_mib: float = 64, workers: int = 8) -> FuzzReport:
-    """Send `count` exchanges of random kinds (at most 30 s each are allowed to hang) and check the server."""
-    info = httpx.get(f"http://{HOST}:{port}/info", timeout=10).json()["model"]
+def fuzz(
+    port: int, pid: int, count: int, seed: int = 0, max_growth_mib: float = 64, workers: int = 8, token: str = ""
+) -> FuzzReport:
+    """Send `count` exchanges of random kinds (at most 30 s each are allowed to hang) and check the server; with
+    a `token`, every exchange carries it after its first line (a server with a token answers the rest 401)."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    info = httpx.get(f"http://{HOST}:{port}/info", headers=auth, timeout=10).json()["model"]
     kinds = Kinds(info["experts"], info["stored_size"])
     rng = random.Random(seed)
     plan = []
     for i in range(count):
         kind = KINDS[i % len(KINDS)] if i < len(KINDS) else rng.choice(KINDS)  # every kind at least once
-        plan.append((kind, *getattr(kinds, kind)(random.Random(rng.getrandbits(32)))))
+        data, half_close = getattr(kinds, kind)(random.Random(rng.getrandbits(32)))
+        if token:
+            data = data.replace(b"\r\n", f"\r\nAuthorization: Bearer {token}\r\n".encode(), 1)
+        plan.append((kind, data, half_close))
     report = FuzzReport(rss_before_mib=rss_mib(pid))
     start = time.monotonic()
 
