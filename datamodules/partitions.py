@@ -7,7 +7,8 @@ A partition is a list of class-id lists, one per expert. Methods:
 - `random`: a seeded balanced shuffle (the control);
 - `explicit`: lists given by the user (class ids or names).
 `overlap` adds to every expert the K outside classes the generalist confuses most with its members, so a
-sample the generalist half-recognises still reaches an expert that knows its class.
+sample the generalist half-recognises still reaches an expert that knows its class; K stops short of giving any
+expert every class (`check_overlap`).
 
 The JSON artefact records class ids and names per expert plus how it was built; training, evaluation and
 deployment all read the same file, and `Partition.load` refuses a file whose classes differ from the data.

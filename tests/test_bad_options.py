@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,7 +71,7 @@ def test_an_accelerator_this_machine_lacks_is_one_line(accelerator, tmp_path, ca
 
 
 def test_only_lightnings_own_refusals_lose_their_traceback():
-    from askexpert.lightning_cli.hardware import lightning_hardware_refusals
+    from askexpert.lightning_cli.trainer_options import lightning_hardware_refusals
 
     with pytest.raises(ValueError, match="a bug"), lightning_hardware_refusals():
         raise ValueError("a bug")  # not raised inside Lightning's accelerator connector: stays a bug
@@ -245,3 +246,72 @@ def test_the_config_saver_survives_pickling():
 
     copy = pickle.loads(pickle.dumps(_AtomicSaving(SimpleNamespace(prog="fit"))))
     assert copy.prog == "fit"
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [  # each divided by zero in the first epoch (a traceback, the run folder written) or was silently ignored
+        (["--trainer.val_check_interval", "0"], "--trainer.val_check_interval must be a number of batches"),
+        (["--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches must be a whole number of 1"),
+        (["--trainer.check_val_every_n_epoch", "0"], "--trainer.check_val_every_n_epoch must be a whole number of 1"),
+        (["--trainer.gradient_clip_val", "-1"], "--trainer.gradient_clip_val must be 0 (off) or more, got -1.0"),
+        (["--trainer.num_sanity_val_steps", "-5"], "--trainer.num_sanity_val_steps must be a whole number of -1"),
+        (["--trainer.min_epochs", "5"], "--trainer.min_epochs 5 is more than --trainer.max_epochs 1"),
+        (["--model.drop_path_rate", "2"], "--model.drop_path_rate must be in [0, 1), got 2.0"),
+        (["--model.mixup_alpha", "-1"], "--model.mixup_alpha must be 0 (off) or more, got -1.0"),
+        (["--model.weight_decay", "-1"], "--model.weight_decay must be 0 or more, got -1.0"),
+        (["--model.min_lr_ratio", "2"], "--model.min_lr_ratio must be in [0, 1], got 2.0"),
+        (["--model.num_classes", "5"], "--model.num_classes is set from the data's classes"),
+        (["--model.image_size", "64"], "--model.image_size is set from --data.image_size, not by the model"),
+    ],
+)
+def test_loop_and_recipe_options_out_of_range_are_one_line(extra, fragment, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run_main(fit_args(run_dir, *extra), capsys)
+    assert_clean_failure(code, err, run_dir, fragment)
+
+
+def test_an_empty_run_folder_is_refused(tmp_path, capsys, monkeypatch):
+    """Before: the run was split between the current folder (config.yaml, best.ckpt, .lock) and runs/default."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(["fit", *TINY_ARGS, "--trainer.default_root_dir", ""], capsys)
+    one_line(code, err, "--trainer.default_root_dir is empty; give the run's folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_experts_refuses_repeated_gpus_and_gpus_for_a_cpu_trainer(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    root = tmp_path / "experts"
+    args = ["experts", "--partition", str(trained["partition"]), "--root", str(root)]
+    fit = ["--", *TINY_ARGS, "--model", "askexpert.modules.ExpertModule", "--model.init", "scratch"]
+    code, _, err = run_main([*args, "--devices", "0,0", *fit], capsys)
+    assert_clean_failure(code, err, root, "--devices 0,0 names a GPU twice", "--per_device N")
+    code, _, err = run_main([*args, "--devices", "0,1", *fit], capsys)  # TINY_ARGS: --trainer.accelerator cpu
+    assert_clean_failure(code, err, root, "--devices 0,1 names GPUs but the experts' --trainer.accelerator is 'cpu'")
+
+
+def test_a_negative_overlap_names_the_range_without_a_generalist(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, _, err = run_main(["partition", "--overlap", "-1", "--out", str(out)], capsys)
+    one_line(code, err, "--overlap must be between 0 and 74, got -1")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("saved", "fragment"),
+    [
+        ({"other_output": True}, "holds an expert with an 'other' output (dustbin) but this run's expert has no"),
+        ({"subset": [5, 6], "expert_index": 1}, "holds expert 1 of 2 classes but --partition --expert_index 0"),
+    ],
+)
+def test_an_expert_checkpoint_must_be_the_same_expert(saved, fragment):
+    """A resumed expert with another strategy's head, or another expert's classes, is refused before it loads."""
+    from askexpert.lightning_cli.ckpt_path import check_same_model
+    from askexpert.modules import ExpertModule
+
+    expert = ExpertModule(subset=[0, 1, 2], init="scratch", model_name="vit_micro_patch8_32", num_classes=100)
+    record = {"_class_path": "askexpert.modules.ExpertModule", "model_name": "vit_micro_patch8_32", "subset": [0, 1, 2]}
+    check_same_model(record, expert, "checkpoint e.ckpt", resuming=True)  # the same expert: accepted
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        check_same_model({**record, **saved}, expert, "checkpoint e.ckpt", resuming=True)

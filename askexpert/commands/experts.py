@@ -35,6 +35,8 @@ def parse_devices(spec: str) -> list[str]:
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices or not all(d.isdigit() for d in devices):
         raise UserError(f"--devices must be auto, cpu or GPU ids like 0,1; got {spec!r}")
+    if len(set(devices)) != len(devices):
+        raise UserError(f"--devices {spec} names a GPU twice; for several experts at once per GPU use --per_device N")
     check_gpus_exist(devices)
     return devices
 
@@ -117,7 +119,13 @@ def run(argv: list[str]) -> list[Job]:
     folders = {i: os.path.join(args.root, f"expert{i}") for i in chosen}
     # resolved once in this process, so a typo fails here instead of once per expert in a subprocess
     config = print_config(expert_fit_arguments(fit_args, args.partition, chosen[0], folders[chosen[0]]))
-    devices = gpus_for(config.get("trainer") or {}, lambda: devices)  # CPU experts share the cores: one at a time
+    trainer = config.get("trainer") or {}
+    given, devices = devices, gpus_for(trainer, lambda: devices)  # CPU experts share the cores: one at a time
+    if given and not devices:  # GPU ids for experts whose Trainer does not run on CUDA: they would be ignored
+        raise UserError(
+            f"--devices {args.devices} names GPUs but the experts' --trainer.accelerator is "
+            f"{trainer.get('accelerator')!r}; set --trainer.accelerator gpu (after --) or use --devices cpu"
+        )
     concurrent = len(devices) > 1 or args.per_device > 1
     one_device = ["--trainer.devices", "1"] if concurrent and devices else []  # each subprocess sees one GPU
     jobs = [

@@ -86,11 +86,11 @@ def run(argv: list[str]) -> Partition:
         raise UserError(f"unknown partition method {args.method!r}; methods: {', '.join(METHODS)}")
     check_output_path(args.out, "--out", "file")
     data = args.data.as_dict()
-    needs_generalist = args.method == "confusion" or args.overlap
+    needs_generalist = args.method == "confusion" or args.overlap > 0  # a negative overlap is refused below
     if needs_generalist and not args.generalist:
         needs = "--method confusion" if args.method == "confusion" else f"--overlap {args.overlap}"
         raise UserError(f"{needs} needs a trained generalist: --generalist CHECKPOINT")
-    if args.generalist and not needs_generalist:
+    if args.generalist and not needs_generalist and not args.overlap:
         raise UserError("--generalist is read by --method confusion and --overlap only")
     if needs_generalist:
         given = parser().parse_args(argv, defaults=False).get("data")  # what the user set, not the defaults

@@ -6,7 +6,7 @@ One module per job, in the order a run meets them:
 - `ckpt_path`: the checkpoint a run reads, checked before Lightning unpickles it;
 - `config`: the parsed config rewritten before any class is built (loggers, sweeps, evaluations, experts);
 - `trainer`: the callbacks and checkpoint IO every Trainer gets;
-- `hardware`: the accelerator, strategy, devices and node count, checked before Lightning builds the Trainer;
+- `trainer_options`: the Trainer's hardware and loop options, checked before Lightning builds the Trainer;
 - `preflight`: everything checked after the objects are built and before the run writes, and the run lock;
 - `report`: the results JSON and headline line after `validate` / `test`;
 - `cli`: `AskExpertCLI`, the LightningCLI hooks that call the modules above.

@@ -18,11 +18,16 @@ from askexpert.callbacks import AtomicSaveConfigCallback
 from askexpert.files.checkpoints import strip_training_state
 from askexpert.lightning_cli.ckpt_path import resolve_ckpt_path
 from askexpert.lightning_cli.config import EVALUATION_COMMANDS, rewrite_config
-from askexpert.lightning_cli.hardware import lightning_hardware_refusals
-from askexpert.lightning_cli.parser import AskExpertArgumentParser, add_askexpert_arguments, map_specialization_names
+from askexpert.lightning_cli.parser import (
+    AskExpertArgumentParser,
+    add_askexpert_arguments,
+    map_specialization_names,
+    refuse_model_settings_of_data,
+)
 from askexpert.lightning_cli.preflight import check_before_run, prepare_weights, run_folder_lock
 from askexpert.lightning_cli.report import report_results
 from askexpert.lightning_cli.trainer import DEFAULT_ROOT_DIR, add_house_parts
+from askexpert.lightning_cli.trainer_options import lightning_hardware_refusals
 from askexpert.modules import ClassifierModule, ExpertModule
 from askexpert.runs.folder import last_checkpoint, sweep_run
 from datamodules.datamodule import ImageDataModule
@@ -52,6 +57,11 @@ class AskExpertCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_askexpert_arguments(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        refuse_model_settings_of_data(self.config[subcommand] if subcommand else self.config)
 
     # -- before anything is built ------------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:

@@ -7,7 +7,9 @@ slots, the expert options, data sizes linked into the model), one-line errors in
 
 from __future__ import annotations
 
-from jsonargparse import set_parsing_settings
+import inspect
+
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -15,6 +17,7 @@ import strategies
 from askexpert.callbacks import PredictionCSVWriter
 from askexpert.errors import UserError, one_line_parse_error, undecodable_config
 from askexpert.lightning_cli.commands import LIGHTNING_COMMANDS
+from askexpert.modules import ClassifierModule
 from askexpert.runs.folder import checkpoint_dir
 from strategies import SpecializationStrategy
 
@@ -49,6 +52,24 @@ def precision_choices() -> list[str]:
     from lightning.fabric.connector import _PRECISION_INPUT_STR
 
     return [str(v) for a in typing.get_args(_PRECISION_INPUT_STR) for v in (typing.get_args(a) or (a,))]
+
+
+# The model settings the data decides (linked when the classes are built, see `add_askexpert_arguments`); a value
+# given for one is replaced by the data's without a word, so it is refused instead (`refuse_model_settings_of_data`).
+LINKED_FROM_DATA = ("num_classes", "class_to_superclass", "superclass_names", "class_names", "image_size")
+
+
+def refuse_model_settings_of_data(config: Namespace) -> None:
+    """Refuse `--model.image_size`, `--model.num_classes`, ... given on the command line or in a --config file (the
+    data sets them). Until the link applies, the parsed config holds the module's own default where nothing was
+    given, so a value other than that default was given by the user (the default itself cannot be told apart, and
+    is what the data gives in the common case)."""
+    defaults = inspect.signature(ClassifierModule.__init__).parameters
+    init_args = (config.get("model") or Namespace()).get("init_args")
+    for key in LINKED_FROM_DATA if isinstance(init_args, Namespace) else ():
+        if key in init_args and init_args[key] != defaults[key].default:
+            source = "--data.image_size" if key == "image_size" else "the data's classes (--data.source, --data.root)"
+            raise UserError(f"--model.{key} is set from {source}, not by the model: leave it out")
 
 
 def add_askexpert_arguments(parser: LightningArgumentParser) -> None:

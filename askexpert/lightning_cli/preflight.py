@@ -70,6 +70,8 @@ def check_image_size(model, datamodule) -> None:
 def check_outputs(subcommand: str, config: Namespace) -> None:
     """Outputs that cannot be written (a file as the run folder, a folder as the predictions CSV, no write
     permission), refused before the run starts instead of at its first write."""
+    if not config.trainer.default_root_dir:  # "" would split a run between this folder and runs/default
+        raise UserError("--trainer.default_root_dir is empty; give the run's folder")
     if subcommand == "fit":
         check_output_path(config.trainer.default_root_dir, "--trainer.default_root_dir", "folder")
     output = (config.get("prediction_writer") or {}).get("output")

@@ -113,7 +113,7 @@ def trainer_devices(accelerator: object, devices: object) -> int | None:
     """How many devices per node the Trainer will use (Lightning's own parsing of `devices`); None when this
     cannot tell (an accelerator other than CPU or CUDA, GPUs asked for where none is visible): Lightning then
     says what is wrong itself."""
-    from askexpert.lightning_cli.hardware import accelerator_kind
+    from askexpert.lightning_cli.trainer_options import accelerator_kind
 
     kind = accelerator_kind(accelerator)
     if kind is None:

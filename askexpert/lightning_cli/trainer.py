@@ -1,6 +1,6 @@
 """What every Trainer the CLI builds gets beyond its config: a current last.ckpt, the non-finite guard, saved
-random states, a progress bar that does not wait for the GPU, and checkpoints written atomically; its accelerator,
-strategy and devices checked (lightning_cli/hardware.py) and, inside a SLURM job, SLURM's tasks checked against its
+random states, a progress bar that does not wait for the GPU, and checkpoints written atomically; its hardware and
+loop options checked (lightning_cli/trainer_options.py) and, inside a SLURM job, SLURM's tasks checked against its
 devices x nodes before Lightning builds it (lightning_cli/slurm.py).
 
 `AskExpertCLI._instantiate_trainer` calls `add_house_parts` just before Lightning builds the Trainer (and stays
@@ -16,8 +16,8 @@ from askexpert.callbacks.guard import NonFiniteGuard
 from askexpert.callbacks.progress import IntervalProgressBar
 from askexpert.callbacks.rng import RandomStateCheckpoint
 from askexpert.files.checkpoint_io import AtomicCheckpointIO
-from askexpert.lightning_cli.hardware import check_hardware_options
 from askexpert.lightning_cli.slurm import check_slurm_tasks
+from askexpert.lightning_cli.trainer_options import check_trainer_options
 from askexpert.runs.folder import checkpoint_dir
 
 DEFAULT_ROOT_DIR = "runs/default"
@@ -25,8 +25,9 @@ DEFAULT_ROOT_DIR = "runs/default"
 
 def add_house_parts(config: dict, callbacks: list) -> list[Callback]:
     """The callbacks the Trainer is built with (`config`'s own callbacks and plugins are completed in place)."""
-    # Lightning refuses unknown accelerators, strategies and devices from inside Trainer.__init__ (a traceback)
-    check_hardware_options(config)
+    # Lightning refuses unknown accelerators, strategies and devices from inside Trainer.__init__ (a traceback),
+    # and some loop options only when the first epoch divides by them
+    check_trainer_options(config)
     # Lightning reads ranks from SLURM inside Trainer.__init__: a layout that cannot work is one line here instead
     check_slurm_tasks(config)
     # the specialization slot is empty (None) for generalists and base models

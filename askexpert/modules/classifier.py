@@ -128,6 +128,13 @@ class ClassifierModule(WeightEma, pl.LightningModule):
             compile_mode,
             ema_decay,
             ema_warmup,
+            regularisation={
+                "weight_decay": weight_decay,
+                "min_lr_ratio": min_lr_ratio,
+                "drop_path_rate": drop_path_rate,
+                "mixup_alpha": mixup_alpha,
+                "cutmix_alpha": cutmix_alpha,
+            },
         )
         self.save_hyperparameters()
         self.net = create_network(model_name, self.num_outputs, drop_path_rate, image_size, img_size)

@@ -22,6 +22,7 @@ def check_recipe(
     compile_mode: str,
     ema_decay: float | None = None,
     ema_warmup: bool = False,
+    regularisation: dict[str, float] | None = None,
 ) -> None:
     """Refuse, in one line, a training recipe no module can run (before anything is built)."""
     if compile_mode not in COMPILE_MODES:
@@ -44,3 +45,24 @@ def check_recipe(
         raise UserError(f"--model.ema_decay is the weight EMA's decay in (0, 1), e.g. 0.9998, got {ema_decay}")
     if ema_warmup and ema_decay is None:
         raise UserError("--model.ema_warmup needs the weight EMA: set --model.ema_decay too")
+    for name, value in (regularisation or {}).items():
+        check_regularisation(name, value)
+
+
+# The valid range of each regularisation setting (`regularisation` above). Out of it, the value is not refused by
+# what reads it but silently means something else: Mixup/CutMix below 0 are off, a negative weight decay grows the
+# weights, a floor above 1 makes the cosine schedule climb; a drop-path rate of 1 or more fails mid-epoch.
+REGULARISATION_RANGES = {  # name: (lowest, highest or None, whether the highest itself is allowed, in words)
+    "weight_decay": (0.0, None, True, "0 or more"),
+    "min_lr_ratio": (0.0, 1.0, True, "in [0, 1]"),
+    "drop_path_rate": (0.0, 1.0, False, "in [0, 1)"),
+    "mixup_alpha": (0.0, None, True, "0 (off) or more"),
+    "cutmix_alpha": (0.0, None, True, "0 (off) or more"),
+}
+
+
+def check_regularisation(name: str, value: float) -> None:
+    low, high, high_allowed, words = REGULARISATION_RANGES[name]
+    below_high = high is None or value < high or (high_allowed and value == high)
+    if not (value >= low and below_high):  # written so that NaN fails too
+        raise UserError(f"--model.{name} must be {words}, got {value}")

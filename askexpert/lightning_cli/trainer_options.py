@@ -1,9 +1,16 @@
-"""`--trainer.accelerator`, `--trainer.strategy` and `--trainer.devices`, checked before Lightning builds the Trainer.
+"""The Trainer's options Lightning checks too late or not at all, checked before it builds the Trainer.
 
-Lightning refuses a wrong name or device list from deep inside `Trainer.__init__` with a ValueError or TypeError,
-which a user sees as a traceback. These are Lightning's own checks (its registries, its accelerators' parsing of
-`devices`), said in one line that names the valid choices. `AskExpertCLI._instantiate_trainer` runs them through
-`add_house_parts` (askexpert/lightning_cli/trainer.py); `--trainer.precision` is refused by the parser already.
+- Hardware (`--trainer.accelerator`, `strategy`, `devices`, `num_nodes`): Lightning refuses a wrong name or device
+  list from deep inside `Trainer.__init__` with a ValueError or TypeError, which a user sees as a traceback. These
+  are Lightning's own checks (its registries, its accelerators' parsing of `devices`), said in one line that names
+  the valid choices; what only Lightning's reader can tell (a combination) is made one line by
+  `lightning_hardware_refusals`. `--trainer.precision` is refused by the parser already.
+- The loop (`accumulate_grad_batches`, `val_check_interval`, `check_val_every_n_epoch`, ...): a 0 divides by zero
+  in the first epoch, after the run folder is written; a negative clip value or a minimum above the maximum is
+  silently ignored.
+
+`AskExpertCLI._instantiate_trainer` runs `check_trainer_options` through `add_house_parts`
+(askexpert/lightning_cli/trainer.py).
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ from askexpert.errors import UserError
 
 # Lightning's reader of --trainer.accelerator, strategy, devices, num_nodes and precision (`_AcceleratorConnector`)
 CONNECTOR_FILE = "lightning/pytorch/trainer/connectors/accelerator_connector.py"
+
+
+class MissingDevice(UserError, MisconfigurationException):
+    """An accelerator this machine does not have. Also Lightning's MisconfigurationException, which Lightning raised
+    for it before this check existed: callers that treat that case apart keep doing so (a pipeline's early check
+    points at `--dry_run true`, askexpert/pipeline/resolve.py)."""
 
 
 def accelerator_names() -> list[str]:
@@ -65,6 +78,12 @@ def accelerator_kind(accelerator: object) -> type[Accelerator] | None:
     return kind if kind in (CPUAccelerator, CUDAAccelerator) else None
 
 
+def check_trainer_options(trainer: dict) -> None:
+    """Every check of the Trainer's own options (the `trainer` section of the config)."""
+    check_hardware_options(trainer)
+    check_loop_options(trainer)
+
+
 def check_hardware_options(trainer: dict) -> None:
     """Refuse an accelerator or strategy Lightning does not know, an accelerator this machine does not have, a node
     count below 1, and devices the accelerator cannot parse (or does not have), each in one line."""
@@ -79,7 +98,7 @@ def check_hardware_options(trainer: dict) -> None:
     available = available_accelerators()
     named = {"gpu": "cuda"}.get(accelerator, accelerator) if isinstance(accelerator, str) else None
     if named is not None and named not in available:
-        raise UserError(
+        raise MissingDevice(
             f"--trainer.accelerator {accelerator}: this machine has no {named} device; it runs: {', '.join(available)}"
         )
     kind = accelerator_kind(accelerator)
@@ -105,6 +124,29 @@ def devices_refusal(kind: type[Accelerator], devices: object) -> str:
         f"--trainer.devices {devices!r}: this machine has {count} GPU{'s' if count != 1 else ''} (ids 0 to "
         f"{count - 1}); give a number of GPUs, ids like 0,1 or [0, 1], -1 (all) or auto"
     )
+
+
+def check_loop_options(trainer: dict) -> None:
+    """Loop options that would divide by zero in the first epoch, or that Lightning ignores without a word."""
+    at_least = {"accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "log_every_n_steps": 0}
+    at_least |= {"num_sanity_val_steps": -1}  # -1: every validation batch
+    for key, low in at_least.items():
+        value = trainer.get(key)
+        if value is not None and not (isinstance(value, int) and value >= low):
+            raise UserError(f"--trainer.{key} must be a whole number of {low} or more, got {value!r}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not clip >= 0:  # Lightning skips clipping at <= 0: a negative value means "off" silently
+        raise UserError(f"--trainer.gradient_clip_val must be 0 (off) or more, got {clip!r}")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (interval >= 1 if isinstance(interval, int) else 0 < interval <= 1):
+        raise UserError(
+            f"--trainer.val_check_interval must be a number of batches (1 or more) or a fraction of an epoch in "
+            f"(0, 1], got {interval!r}"
+        )
+    for unit in ("epochs", "steps"):
+        low, high = trainer.get(f"min_{unit}"), trainer.get(f"max_{unit}")
+        if low is not None and high is not None and high != -1 and low > high:
+            raise UserError(f"--trainer.min_{unit} {low} is more than --trainer.max_{unit} {high}")
 
 
 @contextlib.contextmanager
