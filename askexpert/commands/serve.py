@@ -128,19 +128,29 @@ def run(argv: list[str]) -> None:
     from askexpert.deploy.bundle import load_bundle, providers
     from askexpert.deploy.wire import set_contract
 
-    signal.signal(signal.SIGTERM, _stop_while_starting)
-    providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
-    bundle = load_bundle(args.export)
-    for name in bundle.expert_names:
-        bundle.model_entry(name, args.precision)  # an unknown precision, or int8 files the export lacks: one line
-    set_contract(bundle.contract())  # what /predict accepts (LitServe's forked HTTP process inherits it)
-    metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
+    # The process is left as it was found (the handler, the metrics folder's variable), whether serving ended or
+    # failed to start: a caller that goes on (a test, a notebook) must not meet a handler or a folder of ours.
+    previous_handler = signal.signal(signal.SIGTERM, _stop_while_starting)
+    previous_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    metrics_dir = None
     try:
+        providers(args.device)  # refuses `cuda` without the CUDA provider, here, in one line
+        bundle = load_bundle(args.export)
+        for name in bundle.expert_names:
+            bundle.model_entry(name, args.precision)  # an unknown precision, or int8 files the export lacks: one line
+        set_contract(bundle.contract())  # what /predict accepts (LitServe's forked HTTP process inherits it)
+        metrics_dir = tempfile.mkdtemp(prefix="askexpert-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before any metric exists, in any process
         serve = _serve_inline if args.engine == "inline" else _serve_litserve
         serve(args, host, token, bundle)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if previous_metrics_dir is None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            else:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous_metrics_dir
+        signal.signal(signal.SIGTERM, previous_handler if previous_handler is not None else signal.SIG_DFL)
 
 
 def _metadata(args, bundle) -> dict:

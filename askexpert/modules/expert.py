@@ -34,15 +34,19 @@ from askexpert.modules.classifier import ClassifierModule
 from askexpert.modules.metrics import ClassificationMetrics
 
 INITS = ("scratch", "base", "pretrained")
-# what a base checkpoint may record as its class (`askexpert_class`, or LightningCLI's `_class_path`)
-BASE_CLASS_PATHS = ("askexpert.modules.BaseModule", MODULE_CLASSES["BaseModule"])
+# what a base checkpoint may record as its class (`askexpert_class`, or LightningCLI's `_class_path`): an all-class
+# model. The generalist is one too: experiments/strategy_table.py starts the demo experts from it on purpose (on
+# CPU the demo base model has the generalist's network), so only subset models and unknown files are refused.
+BASE_CLASS_PATHS = tuple(
+    path for name in ("BaseModule", "GeneralistModule") for path in (f"askexpert.modules.{name}", MODULE_CLASSES[name])
+)
 
 
 def check_base_kind(checkpoint: dict, path: str) -> None:
-    """An expert starts from (and distils) the base model: an all-class model of the expert's architecture trained
-    as such. Another expert's weights (trained on a subset) or the generalist's (another role, often another size)
-    would train without complaint and silently measure something else, so the kind the file records must be
-    BaseModule's."""
+    """An expert starts from (and distils) the base model: an all-class model of the expert's architecture. Another
+    expert's weights (trained on a subset) would train without complaint and silently measure something else, so
+    the kind the file records must be an all-class one (BaseModule, or GeneralistModule; another architecture
+    is refused when the weights are loaded)."""
     kind = checkpoint.get("askexpert_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
     if kind in BASE_CLASS_PATHS:
         return
@@ -54,7 +58,7 @@ def check_base_kind(checkpoint: dict, path: str) -> None:
     else:
         what = "records no askexpert module, so it is not"
     raise UserError(
-        f"--model.base_path {path} {what} a base model's: give the all-class BaseModule checkpoint "
+        f"--model.base_path {path} {what} an all-class model's: give the BaseModule checkpoint "
         "(a pipeline's RUN/base/checkpoints/best.ckpt, or `fit --model askexpert.modules.BaseModule`)"
     )
 
