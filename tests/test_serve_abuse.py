@@ -175,6 +175,8 @@ def test_request_heads_are_bounded_in_size_and_memory(server):  # item 18: size
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+# slow: it waits out the 10 s header timeout; the head's size bound is tested in the default run just above
+@pytest.mark.slow
 def test_half_sent_heads_are_closed_after_the_header_timeout_and_connections_are_bounded(server):  # item 18
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 3500:

@@ -231,6 +231,8 @@ def fuzz_litserve(server: Server, count: int, seeds: range) -> None:
     assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
 
 
+# slow: the same fuzz runs on the inline engine in the default run (tests/test_serve_fuzz.py)
+@pytest.mark.slow
 def test_random_and_mutated_requests_leave_litserve_up_answering_and_bounded(litserve):
     fuzz_litserve(litserve[0], count=300, seeds=range(1))
 
